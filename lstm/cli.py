@@ -1,0 +1,74 @@
+"""The command line every job shares: config flags, run flags, fit, a short summary.
+
+``jobs/<task>.py`` is three lines around :func:`train_main`; a task adds flags only for what
+is not a config field (e.g. the char task's ``sample`` sub-command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Callable, Optional, Sequence
+
+from lstm import config as cfg
+from lstm.task import Task, get_task
+
+
+def build_parser(task: Task, description: Optional[str] = None) -> argparse.ArgumentParser:
+    """Flags: --config PRESET, --config-file, one flag per config field, run/scaling flags."""
+    p = argparse.ArgumentParser(
+        prog=f"jobs/{task.name}.py",
+        description=description or f"Train the {task.name} task with Ray Train.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    if task.presets:
+        p.add_argument("--config", default=None, metavar="PRESET",
+                       help=f"named config: {', '.join(task.presets)} (default {task.default_preset})")
+    p.add_argument("--config-file", default=None, help="JSON file of config fields (e.g. a search's best_config.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run called --name from its latest checkpoint")
+    p.add_argument("--gpu", dest="run__use_gpu", action="store_const", const=True, default=None,
+                   help="one GPU per worker, nccl backend")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    cfg.add_config_flags(p, task.config_class, group_title=f"{task.name} config (override any preset field)")
+    cfg.add_config_flags(p, cfg.RunSettings, prefix="run", group_title="run and scaling", exclude=("use_gpu",))
+    return p
+
+
+def resolve_configs(task: Task, args: argparse.Namespace) -> tuple[cfg.TaskConfig, cfg.RunSettings]:
+    """Task config (defaults <- preset <- file <- flags) and run settings from parsed args."""
+    preset = getattr(args, "config", None)
+    if preset is None and not args.config_file:
+        preset = task.default_preset
+    config = cfg.resolve(task.config_class, task.presets, preset=preset, config_file=args.config_file,
+                         overrides=cfg.flags_given(args), task_name=task.name)
+    settings = cfg.build(cfg.RunSettings, cfg.flags_given(args, prefix="run"), source="run setting")
+    return config, settings
+
+
+def train_main(task_name: str, argv: Optional[Sequence[str]] = None, *,
+               add_commands: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
+    """Parse ``argv``, train, print where the outputs are. Returns the exit status."""
+    from lstm.trainer import fit
+
+    task = get_task(task_name)
+    parser = build_parser(task)
+    args = parser.parse_args(argv)
+    config, settings = resolve_configs(task, args)
+    if args.print_config:
+        print(json.dumps({"task": task.name, **cfg.to_dict(config)}, indent=2))
+        return 0
+    result = fit(task.name, config, settings, resume=args.resume)
+    print_summary(result)
+    return 0
+
+
+def print_summary(result: Any) -> None:
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    headline = ", ".join(f"{k} {v:.4g}" for k, v in final.items()
+                         if k.startswith(("valid_", "test_")) and not k.endswith("_loss"))
+    print(f"done: {result.task} run in {result.run_dir}" + (f" ({headline})" if headline else ""))
+    if result.results_path:
+        print(f"  results:    {result.results_path}")
+    for plot in result.plots:
+        print(f"  plot:       {plot}")
+    print(f"  checkpoint: {result.checkpoint_path}")

@@ -1,0 +1,246 @@
+"""Configs as frozen dataclasses: presets are data, every field is overridable.
+
+A config is built from, in order of precedence (last wins):
+
+1. the dataclass defaults,
+2. a named preset (``--config small``),
+3. a JSON file (``--config-file best_config.json``; it may name its own ``preset``),
+4. command-line flags, one per field (``--hidden-size 650``, ``--lr-decay 1/1.15``).
+
+:func:`add_config_flags` derives the flags from the dataclass, so a new field is a new flag
+with no extra code. Unknown names and bad values raise :class:`~lstm.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Type, TypeVar
+
+from lstm.errors import UserError
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Fields every task config has. Subclasses add their hyperparameters."""
+
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise UserError for impossible values. Subclasses extend this."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How and where a run executes (not what it learns): scaling, storage, fault tolerance.
+
+    These are not part of a task config, so a ``best_config.json`` from a search carries the
+    hyperparameters and the user picks the scale at launch.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
+    storage_path: str = ""  # '' -> <repo>/runs
+    name: str = ""  # '' -> <task>-<timestamp>
+    max_failures: int = 3
+    checkpoints_to_keep: int = 2
+    data_dir: str = ""  # '' -> $LSTM_DATA_DIR or the download cache
+    # Testing aid: "EPOCH:STEP" makes rank 0 exit abruptly at that (1-based epoch, 0-based
+    # step) on the first attempt only, to exercise FailureConfig recovery.
+    inject_failure: str = ""
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.cpus_per_worker < 1:
+            raise UserError(f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"--precision must be fp32, bf16 or fp16 (got {self.precision!r})")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise UserError("--precision fp16 needs --gpu; on CPU use bf16 or fp32")
+        if self.max_failures < -1:
+            raise UserError(f"--max-failures must be -1 (retry forever) or >= 0 (got {self.max_failures})")
+        if self.checkpoints_to_keep < 1:
+            raise UserError("--checkpoints-to-keep must be >= 1")
+        if self.inject_failure and not _parse_failure_spec(self.inject_failure):
+            raise UserError(f"--inject-failure must look like EPOCH:STEP (got {self.inject_failure!r})")
+
+
+def _parse_failure_spec(spec: str) -> Optional[tuple[int, int]]:
+    try:
+        epoch, step = (int(p) for p in spec.split(":"))
+    except ValueError:
+        return None
+    return (epoch, step) if epoch >= 1 and step >= 0 else None
+
+
+def failure_spec(settings: RunSettings) -> Optional[tuple[int, int]]:
+    """``(epoch, step)`` of the injected failure, or None."""
+    return _parse_failure_spec(settings.inject_failure) if settings.inject_failure else None
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def parse_value(tp: Any, raw: Any, name: str) -> Any:
+    """Convert ``raw`` (a string from the command line, or a JSON value) to type ``tp``."""
+    base, optional = _unwrap_optional(tp)
+    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UserError(f"{name} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw) if not isinstance(raw, str) else int(raw.replace("_", ""))
+        if base is float:
+            if isinstance(raw, str) and "/" in raw:  # "1/1.15", as the tutorial writes lr_decay
+                num, den = raw.split("/", 1)
+                return float(num) / float(den)
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if base is str:
+            return str(raw)
+        if typing.get_origin(base) is tuple:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            (elem,) = set(typing.get_args(base)) - {Ellipsis}
+            return tuple(parse_value(elem, x.strip() if isinstance(x, str) else x, name) for x in items)
+    except (ValueError, TypeError, ZeroDivisionError):
+        pass
+    else:
+        raise TypeError(f"unsupported config field type {tp!r} for {name}")
+    tname = getattr(base, "__name__", str(base))
+    raise UserError(f"{name} must be {'an' if tname[0] in 'aeiou' else 'a'} {tname} (got {raw!r})")
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build(cls: Type[C], overrides: Mapping[str, Any], *, source: str = "config") -> C:
+    """Instantiate ``cls`` from defaults + ``overrides`` (raw values), then validate."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(
+            f"unknown {source} field(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"known fields: {', '.join(sorted(known))}"
+        )
+    values = {k: parse_value(_field_type(cls, k), v, k) for k, v in overrides.items()}
+    config = cls(**values)
+    config.validate()  # type: ignore[attr-defined]
+    return config
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON config file (a dict of field -> value; optional 'task' and 'preset')."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist; pass the path of a JSON file such as a search's best_config.json")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it")
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a JSON object of field names to values")
+    if isinstance(data.get("config"), dict):  # accept a results.json too: its 'config' section
+        data = {**data["config"], **({"task": data["task"]} if "task" in data else {})}
+    return data
+
+
+def resolve(
+    cls: Type[C],
+    presets: Mapping[str, Mapping[str, Any]],
+    *,
+    preset: Optional[str] = None,
+    config_file: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    task_name: Optional[str] = None,
+) -> C:
+    """defaults <- preset <- config file <- overrides, validated."""
+    values: dict[str, Any] = {}
+    file_values: dict[str, Any] = {}
+    if config_file:
+        file_values = read_config_file(config_file)
+        file_task = file_values.pop("task", None)
+        if task_name and file_task and file_task != task_name:
+            raise UserError(f"config file {config_file} is for task {file_task!r}, not {task_name!r}; use jobs/{file_task}.py")
+        preset = preset or file_values.pop("preset", None)
+        file_values.pop("preset", None)
+    if preset is not None:
+        if preset not in presets:
+            raise UserError(f"unknown config {preset!r}; choose one of: {', '.join(presets)}")
+        values.update(presets[preset])
+    values.update(file_values)
+    values.update(overrides or {})
+    return build(cls, values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "cfg",
+                     group_title: Optional[str] = None, exclude: tuple[str, ...] = ()) -> None:
+    """Add one ``--field-name`` flag per dataclass field. Values stay raw strings (default
+    None = not given) so that precedence and validation happen in :func:`resolve`."""
+    group = parser.add_argument_group(group_title or f"{cls.__name__} fields")
+    defaults = {f.name: f.default for f in fields(cls)}
+    for f in fields(cls):
+        if f.name in exclude:
+            continue
+        base, _ = _unwrap_optional(_field_type(cls, f.name))
+        kwargs: dict[str, Any] = dict(dest=f"{prefix}__{f.name}", default=None)
+        if base is bool:
+            group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
+                               help=f"(default {defaults[f.name]})", **kwargs)
+        else:
+            group.add_argument(flag_name(f.name), metavar=getattr(base, "__name__", "VALUE").upper(),
+                               help=f"(default {defaults[f.name]!r})", **kwargs)
+
+
+def flags_given(args: argparse.Namespace, prefix: str = "cfg") -> dict[str, Any]:
+    """The ``--field`` values the user actually passed, keyed by field name."""
+    head = f"{prefix}__"
+    return {k[len(head):]: v for k, v in vars(args).items() if k.startswith(head) and v is not None}

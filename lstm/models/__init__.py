@@ -1,0 +1,1 @@
+"""Models: ShapeLSTM (dense or mixture-density head), CharLSTM, WordLM (Zaremba et al.)."""

@@ -1,0 +1,3 @@
+"""Built-in tasks; importing this package registers them."""
+
+from lstm.tasks import rectangle  # noqa: F401
