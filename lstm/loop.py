@@ -98,6 +98,19 @@ def load_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
         ) from None
 
 
+def _wait_for_reports(timeout_s: float = 30.0) -> None:
+    """Block until Ray Train's controller has registered every reported checkpoint. It polls
+    the workers every ~2 s, so a crash right after a report (as an injected failure early in
+    a short test epoch would be) can lose that report's checkpoint and cost one more epoch;
+    a real crash minutes into an epoch cannot. Used only by the fault injection."""
+    try:
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(timeout_s=timeout_s)
+    except Exception:  # noqa: BLE001 - outside Ray Train, or an older Ray: just crash
+        pass
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -119,8 +132,9 @@ def quiet_ray_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config`` = {"task", "config", "run", "run_dir"}."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str]]:
+    """Ray Train entry point. ``loop_config`` = {"task", "config", "run", "run_dir"} and
+    optionally "init_checkpoint": a checkpoint to start from when the run has none of its own."""
     import ray.train
     import ray.train.torch
 
@@ -137,13 +151,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], checkpoint: Optional["ray.train.Checkpoint"] = None) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    init_checkpoint = loop_config.get("init_checkpoint")
+
+    def get_checkpoint() -> Optional["ray.train.Checkpoint"]:
+        own = ray.train.get_checkpoint()
+        return own if own is not None or not init_checkpoint else ray.train.Checkpoint(init_checkpoint)
+
     try:
         run_training(task, config, settings, worker, loop_config.get("run_dir", ""),
-                     get_checkpoint=ray.train.get_checkpoint, report=report)
+                     get_checkpoint=get_checkpoint, report=report)
     except UserError as e:
         # Deterministic user errors hit every rank alike; reporting them (instead of raising)
-        # keeps FailureConfig from retrying something a retry cannot fix.
+        # keeps FailureConfig from retrying something a retry cannot fix. Ray Train V2's
+        # Result.metrics are those of the latest *checkpoint*, so a metrics-only report is
+        # lost there: the error is also returned (Result.return_value is rank 0's return).
         report({"user_error": str(e)})
+        return {"user_error": str(e)}
+    return None
 
 
 def run_training(task: Task, config: cfg.TaskConfig, settings: cfg.RunSettings, worker: WorkerInfo,
@@ -206,6 +230,7 @@ def run_training(task: Task, config: cfg.TaskConfig, settings: cfg.RunSettings, 
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text("injected\n")
                 print(f"[{task.name}] injecting a worker failure at epoch {epoch + 1} step {step}", flush=True)
+                _wait_for_reports()
                 os._exit(1)
             with _autocast(settings.precision, worker.device):
                 out = task.train_step(model, batch, state, config, worker)

@@ -79,6 +79,18 @@ def shape_grid(rows: Sequence[tuple[str, Sequence[Sequence[Sequence[float]]]]], 
     return save(fig, path)
 
 
+def shape_series(items: Sequence[tuple[str, Sequence[Sequence[float]]]], path: Path,
+                 limits: tuple[float, float, float, float], *, title: str = "") -> Path:
+    """One row of shapes, each titled (e.g. the one shape a deterministic model draws after N examples)."""
+    fig, axes = plt.subplots(1, len(items), figsize=(2.0 * len(items), 2.5), squeeze=False)
+    for ax, (label, points) in zip(axes[0], items):
+        draw_shape(ax, points, limits)
+        ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return save(fig, path)
+
+
 def xy_curve(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, xlabel: str, ylabel: str,
              title: str = "", log_x: bool = False, log_y: bool = False, extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Curves of (x, y) points, one per label."""

@@ -89,8 +89,13 @@ def _has_checkpoints(run_dir: str) -> bool:
 
 
 def make_trainer(task: Task, config: cfg.TaskConfig, settings: cfg.RunSettings, storage: str, name: str,
-                 run_dir: str, callbacks: Sequence[Any] = ()) -> Any:
-    """The TorchTrainer for one run (also used by Tune's trial function)."""
+                 run_dir: str, callbacks: Sequence[Any] = (), *, init_checkpoint: Optional[str] = None) -> Any:
+    """The TorchTrainer for one run (also used by Tune's trial function).
+
+    ``init_checkpoint`` (a checkpoint folder or URI) is where a *new* run starts from, as Tune's
+    PopulationBasedTraining needs when it clones another trial's weights; a run that has its
+    own checkpoints (a restored run) resumes from those instead.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -109,7 +114,8 @@ def make_trainer(task: Task, config: cfg.TaskConfig, settings: cfg.RunSettings, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task.name, "config": cfg.to_dict(config),
-                           "run": cfg.to_dict(settings), "run_dir": run_dir},
+                           "run": cfg.to_dict(settings), "run_dir": run_dir,
+                           **({"init_checkpoint": init_checkpoint} if init_checkpoint else {})},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=run_config,
@@ -137,14 +143,29 @@ def fit(task_name: str, config: cfg.TaskConfig, settings: cfg.RunSettings, *, re
     task.check(config, settings.data_dir or None)
     ensure_ray()
     check_multinode_storage(storage)
-    settings = cfg.build(cfg.RunSettings, {**cfg.to_dict(settings), "storage_path": storage, "name": name})
+    # Ray Train workers run in their own working directory: a relative --data-dir must be
+    # made absolute here, where the user meant it.
+    data_dir = settings.data_dir
+    if data_dir and not is_remote(data_dir):
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    settings = cfg.build(cfg.RunSettings, {**cfg.to_dict(settings), "storage_path": storage, "name": name,
+                                           "data_dir": data_dir})
 
     trainer = make_trainer(task, config, settings, storage, name, run_dir, callbacks)
     result = trainer.fit()
-    user_error = (result.metrics or {}).get("user_error")
+    user_error = returned_user_error(result)
     if user_error:
         raise UserError(user_error)
     return collect_outputs(task, config, run_dir, result.checkpoint, write_outputs=write_outputs)
+
+
+def returned_user_error(result: Any) -> Optional[str]:
+    """The one-line UserError a run stopped with, if any: returned by the loop (Ray Train V2
+    keeps only the metrics reported with a checkpoint) or, on older Ray, reported as a metric."""
+    returned = getattr(result, "return_value", None)
+    if isinstance(returned, dict) and returned.get("user_error"):
+        return str(returned["user_error"])
+    return (result.metrics or {}).get("user_error")
 
 
 def collect_outputs(task: Task, config: cfg.TaskConfig, run_dir: str, checkpoint: Any,

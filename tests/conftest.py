@@ -26,10 +26,27 @@ def ray_session():
     from lstm.trainer import WORKER_ENV
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)},
-                 logging_level="WARNING")
+        # Pin the GCS port and tell this cluster's processes its address: Ray Train's
+        # placement-group cleaner looks the controller up through Ray's state API, which
+        # otherwise auto-detects "the" cluster and can pick another one on this machine
+        # (e.g. the head a job-submission test starts), then frees a live run's workers.
+        port = free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+                     runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}})
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -220,9 +220,12 @@ class RectangleTask(Task):
             rows.append((f"final ({epochs[-1]['samples_seen']:,})", epochs[-1]["extras"]["shapes"]))
         limits = shape_limits(config["shape"])
         made = []
-        if rows:
-            made.append(plots.shape_grid(rows, out_dir / "shapes_grid.png", limits,
-                                         title=f"{config['shape']} ({config['head']} head): generated from [0, 0]"))
+        title = f"{config['shape']} ({config['head']} head): generated from [0, 0]"
+        if rows and config["head"] == "dense":  # deterministic: every draw is the same shape
+            made.append(plots.shape_series([(label, s[0]) for label, s in rows], out_dir / "shapes_grid.png",
+                                           limits, title=title))
+        elif rows:
+            made.append(plots.shape_grid(rows, out_dir / "shapes_grid.png", limits, title=title))
         made.append(plots.xy_curve(
             {"consistency error (64 generated shapes)": [(s["examples"], s["consistency"]) for s in steps],
              "valid consistency (per epoch)": [(e["samples_seen"], e["valid_consistency"]) for e in epochs],

@@ -1,0 +1,1 @@
+"""Data: shape generators, text corpora, PTB reader and the checksummed downloader."""

@@ -1,0 +1,203 @@
+"""Penn Treebank reader, vocabulary and batching, as the TensorFlow PTB tutorial does them.
+
+Reader (``reader.py`` of the tutorial):
+
+* a file is split on whitespace and every newline becomes the token ``<eos>``;
+* the vocabulary comes from the **training** file only, ordered by (descending count, word),
+  so word id 0 is the most frequent word and ties are broken alphabetically;
+* valid/test are mapped with that vocabulary; a word it lacks is dropped, as the tutorial's
+  ``_file_to_word_ids`` does (PTB has ``<unk>`` in its training file, so nothing is dropped).
+
+The tutorial writes ``f.read().replace("\\n", "<eos>").split()``, which glues ``<eos>`` to a
+neighbouring word unless the line ends and starts with a space; every PTB line does, so the
+``" <eos> "`` used here gives the identical token stream on PTB (a test checks it) and a
+sensible one on other text.
+
+Batching (``ptb_producer`` of the tutorial)::
+
+    Starting from the token stream, batchify() cuts it into ``batch_size`` contiguous rows
+    (the tail that does not fill a row is dropped). With the alphabet and batch_size 4:
+
+        a b c d e f      <- row 0: tokens 0..5
+        g h i j k l      <- row 1: tokens 6..11
+        m n o p q r
+        s t u v w x      (y and z are dropped)
+
+    Step i of an epoch reads the columns [i*num_steps, (i+1)*num_steps) as inputs and the
+    same columns shifted right by one as targets. With num_steps 2:
+
+        step 0: x = [[a b] [g h] [m n] [s t]]   y = [[b c] [h i] [n o] [t u]]
+        step 1: x = [[c d] [i j] [o p] [u v]]   y = [[d e] [j k] [p q] [v w]]
+
+    so epoch_size = (batch_len - 1) // num_steps = ((len // batch_size) - 1) // num_steps steps
+    (here (6 - 1) // 2 = 2; column f is only ever a target). Row r of step i+1 continues
+    exactly where row r of step i stopped, which is why the LSTM state of each row is carried
+    from step to step: truncated backpropagation through time over num_steps tokens, with
+    the context of the whole row so far.
+
+Sharding for N workers (``shard_rows``): rank k takes rows [k*B/N, (k+1)*B/N) of the same
+B rows, so the union of the workers' batches is exactly the single-worker batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from lstm.errors import UserError
+
+Rows = TypeVar("Rows")  # a numpy array or a torch tensor of shape (rows, row_len)
+
+EOS = "<eos>"
+SPLITS = ("train", "valid", "test")
+
+
+def file_name(split: str) -> str:
+    """``ptb.<split>.txt``: the names in Mikolov's simple-examples archive."""
+    return f"ptb.{split}.txt"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_text(path: str | os.PathLike, *, require_newline: bool = False) -> str:
+    """The text of a data file, with one-line errors for a missing, empty or unreadable file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file {p} does not exist; pass --data-dir with a folder holding "
+                        f"{', '.join(file_name(s) for s in SPLITS)}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {p} is not UTF-8 text (byte {e.start}); pass a folder of plain-text PTB files") from None
+    if not text.split():
+        raise UserError(f"data file {p} is empty; pass --data-dir with a folder of non-empty PTB files")
+    if require_newline and "\n" not in text:
+        raise UserError(f"training file {p} has no newline: the PTB format has one sentence per line "
+                        f"(each newline becomes {EOS}); split the text into lines")
+    return text
+
+
+def tokenize(text: str) -> list[str]:
+    """Whitespace-split words with every newline turned into ``<eos>``."""
+    return text.replace("\n", f" {EOS} ").split()
+
+
+def read_words(path: str | os.PathLike, *, require_newline: bool = False) -> list[str]:
+    """The tokens of a file (see :func:`tokenize`)."""
+    return tokenize(read_text(path, require_newline=require_newline))
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Words ordered by (descending count, word); a word's id is its position."""
+
+    words: tuple[str, ...]
+
+    @classmethod
+    def build(cls, tokens: Sequence[str]) -> "Vocabulary":
+        counts = Counter(tokens)
+        return cls(tuple(w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))))
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @cached_property
+    def ids(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.words)}
+
+    @cached_property
+    def sha256(self) -> str:
+        """Identity of the vocabulary (order included), for checkpoints."""
+        return hashlib.sha256("\n".join(self.words).encode("utf-8")).hexdigest()
+
+    def encode(self, tokens: Sequence[str]) -> np.ndarray:
+        """Word ids (int64); words outside the vocabulary are dropped, as in the tutorial."""
+        ids = self.ids
+        return np.fromiter((ids[w] for w in tokens if w in ids), dtype=np.int64)
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        return [self.words[int(i)] for i in ids]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The three splits as word-id arrays, and the training vocabulary."""
+
+    vocab: Vocabulary
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, name)
+
+
+def load_corpus(folder: str | os.PathLike) -> Corpus:
+    """Read ``ptb.{train,valid,test}.txt`` from ``folder`` (vocabulary from train)."""
+    folder = Path(folder)
+    train = read_words(folder / file_name("train"), require_newline=True)
+    vocab = Vocabulary.build(train)
+    valid = read_words(folder / file_name("valid"))
+    test = read_words(folder / file_name("test"))
+    return Corpus(vocab, vocab.encode(train), vocab.encode(valid), vocab.encode(test))
+
+
+def prefix(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """The leading ``fraction`` of a token stream (a cheap training set for searches)."""
+    if fraction >= 1.0:
+        return ids
+    return ids[: int(len(ids) * fraction)]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def epoch_size(n_tokens: int, batch_size: int, num_steps: int) -> int:
+    """Steps per epoch: ``((n_tokens // batch_size) - 1) // num_steps`` (0 if too little data)."""
+    return max(((n_tokens // batch_size) - 1) // num_steps, 0)
+
+
+def min_tokens(batch_size: int, num_steps: int) -> int:
+    """The fewest tokens that give one step: every row needs num_steps inputs + 1 target."""
+    return batch_size * (num_steps + 1)
+
+
+def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
+    """The token stream as ``batch_size`` contiguous rows, shape (batch_size, len // batch_size)."""
+    batch_len = len(ids) // batch_size
+    return np.ascontiguousarray(ids[: batch_size * batch_len].reshape(batch_size, batch_len))
+
+
+def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous block of rows: [rank*B/N, (rank+1)*B/N)."""
+    batch_size = rows.shape[0]
+    if batch_size % world_size:
+        raise UserError(f"batch size {batch_size} is not divisible by {world_size} workers; "
+                        f"pass a --batch-size that is a multiple of --num-workers")
+    per = batch_size // world_size
+    return rows[rank * per:(rank + 1) * per]
+
+
+def iterate(rows: Rows, num_steps: int, n_steps: int | None = None) -> Iterator[tuple[Rows, Rows]]:
+    """(inputs, targets) pairs of shape (rows, num_steps), step by step along the rows.
+
+    ``n_steps`` defaults to the epoch size of these rows; a worker passes the global one (the
+    same for every shard, since all rows have the same length)."""
+    if n_steps is None:
+        n_steps = (rows.shape[1] - 1) // num_steps
+    for i in range(n_steps):
+        start = i * num_steps
+        yield rows[:, start:start + num_steps], rows[:, start + 1:start + num_steps + 1]

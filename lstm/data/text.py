@@ -1,0 +1,193 @@
+"""Character corpora for the char task: reading, vocabulary, and 40-char windows by index.
+
+The Keras char-LSTM example cuts the text into windows of ``maxlen`` characters every ``step``
+characters, each with the character that follows as its target::
+
+    for i in range(0, len(text) - maxlen, step):
+        sentences.append(text[i: i + maxlen])
+        next_chars.append(text[i + maxlen])
+
+and then builds a ``(windows x maxlen x chars)`` one-hot array of all of them. Here a window is
+only its start offset into the encoded corpus (:class:`Windows`); a batch gathers its windows'
+indices on the fly (:meth:`Windows.batch`), and the model one-hot encodes just that batch.
+
+The corpus is split by position: the head ``1 - valid_fraction`` trains, the tail is held out,
+and no window crosses the split.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from lstm.errors import UserError
+
+CORPORA = ("nietzsche", "tinyshakespeare")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def corpus_path(corpus: str, corpus_name: str, data_dir: Optional[str | os.PathLike]) -> Path:
+    """The text file to read: ``corpus`` if given, else ``<corpus_name>.txt`` found (or
+    downloaded, checksummed) by :func:`lstm.data.download.locate`."""
+    if corpus:
+        return Path(corpus).expanduser()
+    if corpus_name not in CORPORA:
+        raise UserError(f"unknown --corpus-name {corpus_name!r}; choose one of {', '.join(CORPORA)}, "
+                        "or pass --corpus with a text file")
+    from lstm.data.download import locate
+
+    return locate(corpus_name, data_dir) / f"{corpus_name}.txt"
+
+
+def read_corpus(path: str | os.PathLike, *, lowercase: bool = True, max_chars: int = 0) -> str:
+    """The text of ``path`` (UTF-8), lower-cased as in the Keras example if asked, cut to its
+    first ``max_chars`` characters if that is positive. Raises UserError if it is missing,
+    unreadable or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"corpus file {p} does not exist; pass --corpus with a text file "
+                        "(or omit it to use the Nietzsche text)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus file {p} is not UTF-8 text (bad byte at offset {e.start}); "
+                        "convert it to UTF-8 or pass another --corpus") from None
+    except OSError as e:
+        raise UserError(f"cannot read corpus file {p} ({e.strerror}); check its permissions or pass another --corpus") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if lowercase:
+        text = text.lower()
+    if max_chars > 0:
+        text = text[:max_chars]
+    if not text:
+        raise UserError(f"corpus file {p} is empty; pass --corpus with a file that holds some text")
+    return text
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The sorted distinct characters of a corpus (the example's ``sorted(set(text))``)."""
+
+    chars: tuple[str, ...]
+
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        return cls(tuple(sorted(set(text))))
+
+    @classmethod
+    def from_list(cls, chars: Sequence[str]) -> "Vocab":
+        """Rebuild from :meth:`to_list` (e.g. a checkpoint's meta)."""
+        return cls(tuple(chars))
+
+    def to_list(self) -> list[str]:
+        return list(self.chars)
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.chars)}
+
+    def missing(self, text: str) -> list[str]:
+        """Characters of ``text`` this vocabulary lacks, sorted."""
+        known = set(self.chars)
+        return sorted(set(text) - known)
+
+    def encode(self, text: str, what: str = "the text") -> np.ndarray:
+        """int64 indices of ``text``; UserError naming any characters not in the vocabulary
+        (``what`` names the text in that message, e.g. "--seed-text")."""
+        missing = self.missing(text)
+        if missing:
+            shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
+            raise UserError(f"{what} has {len(missing)} character(s) the model's vocabulary lacks: {shown}; "
+                            "remove or replace them (the vocabulary is the training corpus' characters)")
+        lookup = self.index
+        return np.fromiter((lookup[c] for c in text), dtype=np.int64, count=len(text))
+
+    def decode(self, indices: Iterable[int]) -> str:
+        return "".join(self.chars[int(i)] for i in indices)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def window_starts(begin: int, end: int, window: int, step: int) -> np.ndarray:
+    """Start offsets of the windows inside ``[begin, end)`` whose target is inside too:
+    ``range(begin, end - window, step)``, as in the example with ``begin=0, end=len(text)``."""
+    return np.arange(begin, max(end - window, begin), step, dtype=np.int64)
+
+
+@dataclass
+class Windows:
+    """Windows of an encoded corpus given by their start offsets; nothing is copied."""
+
+    codes: torch.Tensor  # (n_chars,) int64, the whole encoded corpus
+    starts: np.ndarray  # (n_windows,) int64
+    window: int
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, which: np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs ``(b, window)`` and next-char targets ``(b,)`` of the windows ``starts[which]``."""
+        starts = torch.from_numpy(np.ascontiguousarray(self.starts[which]))
+        offsets = starts[:, None] + torch.arange(self.window)
+        return self.codes[offsets], self.codes[starts + self.window]
+
+    def shard(self, rank: int, world_size: int) -> "Windows":
+        """A contiguous ``1/world_size`` share (sizes differ by at most one), for evaluation."""
+        return Windows(self.codes, np.array_split(self.starts, world_size)[rank], self.window)
+
+
+@dataclass
+class CharCorpus:
+    """An encoded corpus, its vocabulary and its train / held-out windows."""
+
+    text: str
+    vocab: Vocab
+    codes: torch.Tensor
+    train: Windows
+    valid: Windows
+    split: int  # first character of the held-out tail
+
+
+def build_corpus(text: str, *, window: int, step: int, valid_fraction: float,
+                 vocab: Optional[Vocab] = None, source: str = "the corpus") -> CharCorpus:
+    """Encode ``text`` and index its windows: the head trains, the tail ``valid_fraction`` is
+    held out. Raises UserError if either part holds no window."""
+    if window <= 0 or step <= 0:
+        raise UserError(f"window and step must be positive (got window {window}, step {step})")
+    if len(text) <= window:
+        raise UserError(f"{source} has {len(text)} characters, fewer than one window of {window} plus its "
+                        f"target; use a longer corpus or a smaller --window")
+    vocab = vocab or Vocab.from_text(text)
+    codes = torch.from_numpy(vocab.encode(text))
+    split = int(len(text) * (1.0 - valid_fraction))
+    train = Windows(codes, window_starts(0, split, window, step), window)
+    valid = Windows(codes, window_starts(split, len(text), window, step), window)
+    for name, part, chars in (("training head", train, split), ("held-out tail", valid, len(text) - split)):
+        if len(part) == 0:
+            raise UserError(f"the {name} of {source} ({chars} characters) is shorter than one window of "
+                            f"{window} plus its target; use a longer corpus, a smaller --window, "
+                            "or change --valid-fraction")
+    return CharCorpus(text=text, vocab=vocab, codes=codes, train=train, valid=valid, split=split)
+
+
+def epoch_shard(n_windows: int, epoch_seed: Sequence[int], rank: int, world_size: int) -> np.ndarray:
+    """This rank's window numbers for one epoch: one permutation shared by every rank (seeded
+    by ``epoch_seed``), dealt round-robin and cut so every rank gets ``n_windows // world_size``."""
+    order = np.random.default_rng(list(epoch_seed)).permutation(n_windows)
+    per_rank = n_windows // world_size
+    return order[rank::world_size][:per_rank]

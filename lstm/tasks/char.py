@@ -1,0 +1,263 @@
+"""The char task: the Keras char-LSTM text-generation example, as a Ray Train job.
+
+As the example: the corpus (Nietzsche by default) lower-cased, windows of 40 characters every
+3, each predicting the next character; LSTM(128) and a softmax over the corpus' characters;
+Adam (lr 0.01), batch 128, categorical cross-entropy; after every epoch 400 characters sampled
+from a random seed window at diversities 0.2, 0.5, 1.0 and 1.2.
+
+Beyond it: windows are indexed, never materialised as one-hot arrays; the tail 10% of the
+corpus is held out and its loss reported in bits per character every epoch; a checkpoint
+carries its vocabulary, so :func:`sample_from_checkpoint` (``jobs/char.py sample``) generates
+from a saved run without the corpus.
+
+With several workers, ``batch_size`` is the global batch: each rank takes ``batch_size //
+world_size`` windows per step from its share of one epoch-wide permutation (every rank gets
+``windows // world_size`` of them, so all ranks run the same number of steps).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lstm.config import TaskConfig
+from lstm.data import text as textdata
+from lstm.errors import UserError
+from lstm.models.char import CharLSTM
+from lstm.task import StepOutput, Task, WorkerInfo, register
+
+LN2 = math.log(2.0)
+SAMPLE_SEED_OFFSET = 7_777  # keeps the sampling generators apart from the data-order ones
+
+
+@dataclass(frozen=True)
+class CharConfig(TaskConfig):
+    corpus: str = ""  # a UTF-8 text file; '' -> <corpus_name>.txt from --data-dir or the download cache
+    corpus_name: str = "nietzsche"  # nietzsche | tinyshakespeare (when --corpus is not given)
+    lowercase: bool = True  # the example lower-cases the text
+    max_chars: int = 0  # > 0: use only the corpus' first N characters (quick runs)
+    window: int = 40  # the example's maxlen
+    step: int = 3
+    valid_fraction: float = 0.1  # the held-out tail of the corpus
+    hidden_size: int = 128
+    batch_size: int = 128  # global, split over the workers
+    learning_rate: float = 0.01
+    max_grad_norm: Optional[float] = None
+    epochs: int = 60
+    sample_length: int = 400  # characters generated per diversity at each epoch end (0: none)
+    diversities: tuple[float, ...] = (0.2, 0.5, 1.0, 1.2)
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        # Ray Train workers run in their own working directory: resolve a relative --corpus
+        # here, where the config is first built.
+        if self.corpus:
+            object.__setattr__(self, "corpus", os.path.abspath(os.path.expanduser(self.corpus)))
+
+    def validate(self) -> None:
+        if not self.corpus and self.corpus_name not in textdata.CORPORA:
+            raise UserError(f"unknown --corpus-name {self.corpus_name!r}; choose one of "
+                            f"{', '.join(textdata.CORPORA)}, or pass --corpus with a text file")
+        for name in ("window", "step", "hidden_size", "batch_size", "epochs", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        for name in ("max_chars", "sample_length"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise UserError(f"--valid-fraction must be between 0 and 1 (got {self.valid_fraction})")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UserError(f"--learning-rate must be positive (got {self.learning_rate})")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise UserError(f"--max-grad-norm must be positive (got {self.max_grad_norm})")
+        if not self.diversities or not all(d > 0 and math.isfinite(d) for d in self.diversities):
+            raise UserError(f"--diversities must be positive temperatures, e.g. 0.2,0.5,1.0,1.2 (got {self.diversities})")
+
+
+def load_corpus(config: CharConfig, data_dir: Optional[str]) -> textdata.CharCorpus:
+    """Read, encode and window the corpus ``config`` names (UserError if unusable)."""
+    path = textdata.corpus_path(config.corpus, config.corpus_name, data_dir)
+    text = textdata.read_corpus(path, lowercase=config.lowercase, max_chars=config.max_chars)
+    return textdata.build_corpus(text, window=config.window, step=config.step,
+                                 valid_fraction=config.valid_fraction, source=f"corpus {path}")
+
+
+@dataclass
+class CharData:
+    """What a worker holds: the whole corpus (a few MB at most) and its own evaluation share."""
+
+    corpus: textdata.CharCorpus
+    valid: textdata.Windows  # this rank's share of the held-out windows
+    rank_batch: int  # windows per step on this rank
+
+
+@register
+class CharTask(Task):
+    name = "char"
+    config_class = CharConfig
+    presets = {
+        "keras": {},
+        "test": {"max_chars": 20_000, "hidden_size": 32, "batch_size": 64, "epochs": 2, "sample_length": 60},
+    }
+    default_preset = "keras"
+    sample_unit = "windows"
+    primary_metric = "valid_bpc"
+
+    # ------------------------------------------------------------------ driver side
+    def check(self, config: CharConfig, data_dir: Optional[str]) -> None:
+        """Read the corpus once on the driver: a missing/empty/short corpus (or a download
+        failure) is reported before any worker starts."""
+        load_corpus(config, data_dir)
+
+    # ------------------------------------------------------------------ data
+    def load_data(self, config: CharConfig, data_dir: Optional[str], worker: WorkerInfo) -> CharData:
+        corpus = load_corpus(config, data_dir)
+        rank_batch = config.batch_size // worker.world_size
+        if rank_batch < 1:
+            raise UserError(f"--batch-size {config.batch_size} is smaller than the {worker.world_size} workers; "
+                            "raise --batch-size or lower --num-workers")
+        if len(corpus.train) < worker.world_size:
+            raise UserError(f"the corpus has {len(corpus.train)} training windows, fewer than the "
+                            f"{worker.world_size} workers; use a longer corpus or fewer workers")
+        return CharData(corpus, corpus.valid.shard(worker.rank, worker.world_size), rank_batch)
+
+    def num_epochs(self, config: CharConfig) -> int:
+        return config.epochs
+
+    def num_train_batches(self, config: CharConfig, data: CharData, worker: WorkerInfo) -> int:
+        per_rank = len(data.corpus.train) // worker.world_size
+        return -(-per_rank // data.rank_batch)
+
+    def train_batches(self, config: CharConfig, data: CharData, epoch: int,
+                      worker: WorkerInfo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of an epoch's shuffled training windows, ``rank_batch`` at a time
+        (the last batch may be smaller, the same on every rank)."""
+        mine = textdata.epoch_shard(len(data.corpus.train), (config.seed, epoch), worker.rank, worker.world_size)
+        for i in range(0, len(mine), data.rank_batch):
+            x, y = data.corpus.train.batch(mine[i:i + data.rank_batch])
+            yield x.to(worker.device), y.to(worker.device)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, config: CharConfig, data: CharData) -> nn.Module:
+        return CharLSTM(len(data.corpus.vocab), config.hidden_size)
+
+    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: Any,
+                   config: CharConfig, worker: WorkerInfo) -> StepOutput:
+        x, y = batch
+        loss_sum = F.cross_entropy(model(x).float(), y, reduction="sum")
+        n = y.numel()
+        return StepOutput(loss=loss_sum / n, sums={"loss_sum": loss_sum.item(), "chars": n}, samples=n)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: nn.Module, data: CharData, split: str, config: CharConfig,
+                 worker: WorkerInfo) -> dict[str, float]:
+        """Summed cross-entropy (nats) over this rank's share of the held-out windows."""
+        windows = data.valid
+        loss_sum = 0.0
+        for i in range(0, len(windows), config.eval_batch_size):
+            x, y = windows.batch(slice(i, i + config.eval_batch_size))
+            logits = model(x.to(worker.device)).float()
+            loss_sum += float(F.cross_entropy(logits, y.to(worker.device), reduction="sum"))
+        return {"loss_sum": loss_sum, "chars": float(len(windows))}
+
+    def summarize(self, sums: Mapping[str, float], prefix: str) -> dict[str, float]:
+        nats = sums.get("loss_sum", 0.0) / max(sums.get("chars", 0.0), 1.0)
+        return {f"{prefix}loss": nats, f"{prefix}bpc": nats / LN2}
+
+    def epoch_extras(self, model: nn.Module, data: CharData, config: CharConfig, epoch: int,
+                     worker: WorkerInfo) -> dict[str, Any]:
+        """The example's end-of-epoch samples: one random seed window, each diversity."""
+        if config.sample_length <= 0:
+            return {}
+        corpus = data.corpus
+        rng = np.random.default_rng([config.seed, epoch, SAMPLE_SEED_OFFSET])
+        start = int(rng.integers(0, len(corpus.text) - config.window))
+        seed = corpus.codes[start:start + config.window]
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        out = model.generate(seed.repeat(len(config.diversities), 1), config.diversities, config.sample_length,
+                             window=config.window, generator=gen)
+        seed_text = corpus.vocab.decode(seed.tolist())
+        samples = [{"diversity": d, "text": corpus.vocab.decode(row.tolist())}
+                   for d, row in zip(config.diversities, out)]
+        lines = [f'----- Generating with seed: "{seed_text}"']
+        for s in samples:
+            lines += [f"----- diversity: {s['diversity']}", seed_text + s["text"]]
+        return {"print": lines, "seed_text": seed_text, "samples": samples}
+
+    def checkpoint_meta(self, data: CharData) -> dict[str, Any]:
+        return {"vocab": data.corpus.vocab.to_list()}
+
+    def check_checkpoint(self, meta: Mapping[str, Any], data: CharData) -> None:
+        theirs = meta.get("vocab")
+        ours = data.corpus.vocab.to_list()
+        if theirs is not None and list(theirs) != ours:
+            extra, lacking = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            raise UserError(
+                f"the checkpoint's vocabulary ({len(theirs)} chars) differs from this corpus' ({len(ours)} chars; "
+                f"new: {''.join(extra)!r}, missing: {''.join(lacking)!r}); resume with the corpus it was "
+                "trained on, or start a new run with another --name")
+
+    def format_epoch_line(self, m: Mapping[str, Any]) -> str:
+        return (f"epoch {m['epoch']:>3}/{m['epochs']} | train_bpc {m['train_bpc']:.4f} | "
+                f"valid_bpc {m['valid_bpc']:.4f} | windows/sec {m.get('windows_per_sec', 0):,.0f} | "
+                f"train {m.get('train_s', 0):.1f}s | elapsed {m.get('elapsed_s', 0):.1f}s")
+
+    # ------------------------------------------------------------------ plots (driver)
+    def plot(self, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+        from lstm import plots
+
+        config = results.get("config", {})
+        source = config.get("corpus") or config.get("corpus_name", "")
+        return [plots.learning_curves(results["epochs"], [("bits per char", ["train_bpc", "valid_bpc"])],
+                                      out_dir / "learning_curve.png",
+                                      title=f"char LSTM({config.get('hidden_size')}) on {os.path.basename(source)}")]
+
+
+# --------------------------------------------------------------------------- sampling a saved run
+
+
+def sample_from_checkpoint(checkpoint: str | os.PathLike, seed_text: str, *, temperature: float = 0.5,
+                           length: int = 400, seed: int = 0) -> str:
+    """Generate ``length`` characters continuing ``seed_text`` from a saved run (a run folder,
+    whose newest checkpoint is used, or a ``checkpoint_*`` folder). Returns the continuation.
+    UserError for a checkpoint of another task, a bad temperature/length, or a seed text with
+    characters the checkpoint's vocabulary lacks."""
+    from lstm import config as cfg
+    from lstm.loop import load_model_state, read_checkpoint_state
+    from lstm.trainer import latest_checkpoint_dir
+
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UserError(f"--temperature must be positive (got {temperature})")
+    if length <= 0:
+        raise UserError(f"--length must be positive (got {length})")
+    if not seed_text:
+        raise UserError("--seed-text is empty; pass some text for the model to continue")
+    if not Path(checkpoint).expanduser().exists():
+        raise UserError(f"checkpoint {checkpoint} does not exist; pass a run folder or one of its checkpoint_* folders")
+    ckpt_dir = latest_checkpoint_dir(Path(checkpoint).expanduser())
+    state = read_checkpoint_state(ckpt_dir)
+    if state.get("task") != CharTask.name:
+        raise UserError(f"{ckpt_dir} is a checkpoint of task {state.get('task')!r}, not 'char'; use jobs/{state.get('task')}.py")
+    config = cfg.build(CharConfig, state["config"])
+    vocab = textdata.Vocab.from_list(state.get("meta", {}).get("vocab") or [])
+    if not len(vocab):
+        raise UserError(f"checkpoint {ckpt_dir} carries no vocabulary; it was not written by the char task")
+    model = CharLSTM(len(vocab), config.hidden_size)
+    load_model_state(model, ckpt_dir)
+    codes = torch.from_numpy(vocab.encode(seed_text.lower() if config.lowercase else seed_text, "--seed-text"))
+    gen = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one window at a time: extra threads only contend (100x slower on a busy CPU)
+    try:
+        out = model.generate(codes[None], [temperature], length, window=config.window, generator=gen)
+    finally:
+        torch.set_num_threads(threads)
+    return vocab.decode(out[0].tolist())

@@ -1,0 +1,285 @@
+"""The PTB word language model (Zaremba et al. 2014; the TensorFlow PTB tutorial's configs).
+
+What a run does, as the tutorial does it: truncated BPTT over ``num_steps`` words on
+``batch_size`` contiguous rows of the training stream (see :mod:`lstm.data.ptb`), the hidden
+state carried from batch to batch and zeroed at each epoch start; loss = cross entropy summed
+over the time steps and averaged over the batch; plain SGD with gradients clipped to the global
+norm ``max_grad_norm``; lr of 0-based epoch i = ``learning_rate * lr_decay ** max(i + 1 -
+max_epoch, 0)``; perplexity = exp(total loss / total words). Validation perplexity every
+epoch, test perplexity after the last.
+
+Workers, batch and learning rate
+--------------------------------
+``batch_size`` is the **global** batch. The training stream is cut into ``batch_size`` rows
+exactly as with one worker, and with N workers rank k trains on rows [k*B/N, (k+1)*B/N)
+(``batch_size`` must be a multiple of N). Each worker's loss is averaged over its own B/N rows
+and DDP averages the workers' gradients, so every step applies the gradient of the whole
+B-row batch: with the same config, 1, 2 or 4 workers take the same steps (up to float
+rounding; dropout masks differ per rank) and reach the same perplexity, with the learning
+rate left as it is. More workers only split each step's work.
+
+To grow the batch instead, raise ``--batch-size`` (e.g. ``20 * N``): each epoch then has N
+times fewer steps of an N-times larger batch. The loss is still averaged over the batch, so
+a step's size does not grow with it; keeping ``learning_rate`` (as the tutorial's 1.0 with
+clipping at 5 expects) means N times fewer updates per epoch, which usually needs more epochs
+(raise ``--max-epoch``/``--max-max-epoch``) to reach the same perplexity. Validation and test
+rows are sharded the same way (``eval_batch_size`` rows, split by rank when it is a multiple
+of N, else rank 0 evaluates all of them) and the sums are all-reduced, so the reported
+perplexities are global.
+
+Evaluation batch
+----------------
+The tutorial validates with the training ``batch_size``/``num_steps`` and tests with batch 1
+and num_steps 1. Here both splits use ``eval_batch_size``/``eval_num_steps`` (0 = the
+training values): the default is the tutorial's validation, and ``--eval-batch-size 1
+--eval-num-steps 1`` is its test evaluation exactly. A test checks that the batched
+evaluation agrees with the batch-1 one to within 0.5%.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from lstm.config import TaskConfig
+from lstm.data import ptb
+from lstm.data.download import locate
+from lstm.errors import UserError
+from lstm.models.word import WordLM, detach_state
+from lstm.task import StepOutput, Task, WorkerInfo, perplexity, register
+
+EVAL_SPLITS = ("valid", "test")
+
+
+@dataclass(frozen=True)
+class PTBConfig(TaskConfig):
+    """The tutorial's config fields (defaults = ``small``), plus a training prefix and the
+    evaluation batch shape."""
+
+    init_scale: float = 0.1
+    learning_rate: float = 1.0
+    max_grad_norm: float = 5.0
+    num_layers: int = 2
+    num_steps: int = 20
+    hidden_size: int = 200
+    max_epoch: int = 4  # epochs at the initial learning rate
+    max_max_epoch: int = 13  # epochs in all
+    keep_prob: float = 1.0  # dropout keeps this fraction; 1.0 = no dropout
+    lr_decay: float = 0.5
+    batch_size: int = 20  # global: split over the workers
+    vocab_size: int = 10000  # softmax size; >= the training vocabulary
+    train_fraction: float = 1.0  # train on this leading fraction of ptb.train.txt
+    eval_batch_size: int = 0  # 0: batch_size (the tutorial's validation); 1: its test
+    eval_num_steps: int = 0  # 0: num_steps
+
+    def validate(self) -> None:
+        if not 0.0 < self.keep_prob <= 1.0:
+            raise UserError(f"--keep-prob must be in (0, 1] (got {self.keep_prob}); 1 means no dropout")
+        for name in ("num_layers", "num_steps", "hidden_size", "max_max_epoch", "batch_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("max_epoch", "eval_batch_size", "eval_num_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        for name in ("init_scale", "learning_rate", "max_grad_norm", "lr_decay"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number (got {value})")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise UserError(f"--train-fraction must be in (0, 1] (got {self.train_fraction})")
+
+    @property
+    def eval_shape(self) -> tuple[int, int]:
+        """(batch, num_steps) of validation and test."""
+        return self.eval_batch_size or self.batch_size, self.eval_num_steps or self.num_steps
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(init_scale=0.1, learning_rate=1.0, max_grad_norm=5, num_layers=2, num_steps=20, hidden_size=200,
+                  max_epoch=4, max_max_epoch=13, keep_prob=1.0, lr_decay=0.5, batch_size=20, vocab_size=10000),
+    "medium": dict(init_scale=0.05, learning_rate=1.0, max_grad_norm=5, num_layers=2, num_steps=35, hidden_size=650,
+                   max_epoch=6, max_max_epoch=39, keep_prob=0.5, lr_decay=0.8, batch_size=20, vocab_size=10000),
+    "large": dict(init_scale=0.04, learning_rate=1.0, max_grad_norm=10, num_layers=2, num_steps=35, hidden_size=1500,
+                  max_epoch=14, max_max_epoch=55, keep_prob=0.35, lr_decay=1 / 1.15, batch_size=20, vocab_size=10000),
+    "test": dict(init_scale=0.1, learning_rate=1.0, max_grad_norm=1, num_layers=1, num_steps=2, hidden_size=2,
+                 max_epoch=1, max_max_epoch=1, keep_prob=1.0, lr_decay=0.5, batch_size=20, vocab_size=10000),
+}
+
+
+@dataclass
+class PTBData:
+    """One rank's share of the corpus, as tensors on its device."""
+
+    vocab: ptb.Vocabulary
+    train: torch.Tensor  # (batch_size / N, batch_len) rows of the training stream
+    epoch_size: int  # steps per epoch (the same on every rank)
+    eval_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> this rank's rows (maybe none)
+    eval_steps: dict[str, int] = field(default_factory=dict)  # split -> steps of eval_num_steps
+
+
+def check_sizes(config: PTBConfig, corpus: ptb.Corpus) -> None:
+    """One-line errors when the vocabulary or a split does not fit the config."""
+    if len(corpus.vocab) > config.vocab_size:
+        raise UserError(f"the training file has {len(corpus.vocab)} distinct words (with {ptb.EOS}), more than "
+                        f"--vocab-size {config.vocab_size}; pass --vocab-size {len(corpus.vocab)} or more")
+    n_train = len(ptb.prefix(corpus.train, config.train_fraction))
+    if ptb.epoch_size(n_train, config.batch_size, config.num_steps) < 1:
+        need = ptb.min_tokens(config.batch_size, config.num_steps)
+        raise UserError(f"the training data ({n_train} words at --train-fraction {config.train_fraction:g}) is too "
+                        f"short for --batch-size {config.batch_size} x --num-steps {config.num_steps}: one step needs "
+                        f"{need} words; lower --batch-size or --num-steps, or raise --train-fraction")
+    batch, steps = config.eval_shape
+    for split in EVAL_SPLITS:
+        n = len(corpus.split(split))
+        if ptb.epoch_size(n, batch, steps) < 1:
+            raise UserError(f"the {split} data ({n} words) is too short for an evaluation batch of {batch} x {steps} "
+                            f"words (needs {ptb.min_tokens(batch, steps)}); lower --eval-batch-size/--eval-num-steps "
+                            f"(0 = --batch-size/--num-steps)")
+
+
+def eval_shard(rows: np.ndarray, worker: WorkerInfo) -> np.ndarray:
+    """This rank's evaluation rows: a contiguous block when the rows split evenly over the
+    workers, else all of them on rank 0 (e.g. the tutorial's batch-1 test) and none elsewhere."""
+    if rows.shape[0] % worker.world_size == 0:
+        return ptb.shard_rows(rows, worker.rank, worker.world_size)
+    return rows if worker.is_chief else rows[:0]
+
+
+@register
+class PTBTask(Task):
+    """Word-level language modelling on Penn Treebank."""
+
+    name = "ptb"
+    config_class = PTBConfig
+    presets = PRESETS
+    default_preset = "small"
+    sample_unit = "words"
+    eval_splits = ("valid",)
+    final_splits = ("test",)
+    primary_metric = "valid_ppl"
+
+    # ------------------------------------------------------------------ driver side
+    def check(self, config: PTBConfig, data_dir: Optional[str]) -> None:
+        """Read the corpus once on the driver (downloading it if needed) and check its sizes."""
+        check_sizes(config, ptb.load_corpus(locate("ptb", data_dir)))
+
+    def plot(self, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+        from lstm import plots
+
+        c = results["config"]
+        title = (f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, keep_prob {c['keep_prob']:g}, "
+                 f"{results['epochs'][-1].get('workers', 1) if results['epochs'] else 1} worker(s)")
+        return [plots.learning_curves(results["epochs"], [("perplexity", ["train_ppl", "valid_ppl", "test_ppl"])],
+                                      out_dir / "learning_curve.png", title=title, log_y=["perplexity"])]
+
+    # ------------------------------------------------------------------ data
+    def load_data(self, config: PTBConfig, data_dir: Optional[str], worker: WorkerInfo) -> PTBData:
+        corpus = ptb.load_corpus(locate("ptb", data_dir))
+        check_sizes(config, corpus)
+        rows = ptb.batchify(ptb.prefix(corpus.train, config.train_fraction), config.batch_size)
+        data = PTBData(vocab=corpus.vocab,
+                       train=torch.from_numpy(ptb.shard_rows(rows, worker.rank, worker.world_size)).to(worker.device),
+                       epoch_size=(rows.shape[1] - 1) // config.num_steps)
+        batch, steps = config.eval_shape
+        for split in EVAL_SPLITS:
+            all_rows = ptb.batchify(corpus.split(split), batch)
+            data.eval_rows[split] = torch.from_numpy(eval_shard(all_rows, worker)).to(worker.device)
+            data.eval_steps[split] = (all_rows.shape[1] - 1) // steps
+        return data
+
+    def num_epochs(self, config: PTBConfig) -> int:
+        return config.max_max_epoch
+
+    def num_train_batches(self, config: PTBConfig, data: PTBData, worker: WorkerInfo) -> int:
+        return data.epoch_size
+
+    def train_batches(self, config: PTBConfig, data: PTBData, epoch: int,
+                      worker: WorkerInfo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same batches every epoch, in order (the tutorial's producer does not shuffle)."""
+        return ptb.iterate(data.train, config.num_steps, data.epoch_size)
+
+    # ------------------------------------------------------------------ model and optimisation
+    def build_model(self, config: PTBConfig, data: PTBData) -> nn.Module:
+        return WordLM(config.vocab_size, config.hidden_size, config.num_layers, config.keep_prob, config.init_scale)
+
+    def build_optimizer(self, config: PTBConfig, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=self.learning_rate(config, 0))
+
+    def learning_rate(self, config: PTBConfig, epoch: int) -> float:
+        return config.learning_rate * config.lr_decay ** max(epoch + 1 - config.max_epoch, 0)
+
+    def max_grad_norm(self, config: PTBConfig) -> Optional[float]:
+        return config.max_grad_norm
+
+    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: Any,
+                   config: PTBConfig, worker: WorkerInfo) -> StepOutput:
+        """Loss summed over time, averaged over this rank's rows; DDP's gradient average over
+        ranks then makes it the average over the global batch."""
+        inputs, targets = batch
+        loss, loss_sum, state = model(inputs, targets, state, 1.0 / inputs.shape[0])
+        words = inputs.numel()
+        return StepOutput(loss=loss, sums={"loss_sum": float(loss_sum), "words": words}, samples=words,
+                          state=detach_state(state))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: nn.Module, data: PTBData, split: str, config: PTBConfig,
+                 worker: WorkerInfo) -> dict[str, float]:
+        return evaluate_rows(model, data.eval_rows[split], config.eval_shape[1], data.eval_steps[split])
+
+    def summarize(self, sums: Mapping[str, float], prefix: str) -> dict[str, float]:
+        words = sums.get("words", 0.0)
+        loss_sum = sums.get("loss_sum", 0.0)
+        return {f"{prefix}loss": loss_sum / max(words, 1.0), f"{prefix}ppl": perplexity(loss_sum, words)}
+
+    def epoch_extras(self, model: nn.Module, data: PTBData, config: PTBConfig, epoch: int,
+                     worker: WorkerInfo) -> dict[str, Any]:
+        """Rank 0's peak resident memory so far (kept in results.json's history)."""
+        return {"peak_rss_mib": round(peak_rss_mib(), 1)}
+
+    # ------------------------------------------------------------------ checkpoints and output
+    def checkpoint_meta(self, data: PTBData) -> dict[str, Any]:
+        return {"vocab_size": len(data.vocab), "vocab_sha256": data.vocab.sha256, "vocab": list(data.vocab.words)}
+
+    def check_checkpoint(self, meta: Mapping[str, Any], data: PTBData) -> None:
+        if meta.get("vocab_sha256") != data.vocab.sha256:
+            raise UserError(
+                f"the checkpoint was trained on another vocabulary ({meta.get('vocab_size')} words, sha256 "
+                f"{str(meta.get('vocab_sha256'))[:12]}) than this data's ({len(data.vocab)} words, sha256 "
+                f"{data.vocab.sha256[:12]}); resume with the --data-dir it was trained on, or start a new run with another --name")
+
+    def format_epoch_line(self, m: Mapping[str, Any]) -> str:
+        parts = [f"epoch {m['epoch']:>2}/{m['epochs']}", f"lr {m['lr']:.4g}", f"train ppl {m['train_ppl']:.2f}",
+                 f"valid ppl {m['valid_ppl']:.2f}"]
+        if "test_ppl" in m:
+            parts.append(f"test ppl {m['test_ppl']:.2f}")
+        parts += [f"words/sec {m.get('words_per_sec', 0):,.0f}", f"elapsed {m.get('elapsed_s', 0):.1f}s"]
+        return " | ".join(parts)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@torch.no_grad()
+def evaluate_rows(model: nn.Module, rows: torch.Tensor, num_steps: int, n_steps: int) -> dict[str, float]:
+    """Summed cross entropy and word count over ``rows``, carrying the state across steps as
+    the tutorial's evaluation does (a model already in eval mode)."""
+    if rows.shape[0] == 0:
+        return {"loss_sum": 0.0, "words": 0.0}
+    total, words, state = 0.0, 0, None
+    for inputs, targets in ptb.iterate(rows, num_steps, n_steps):
+        _, loss_sum, state = model(inputs, targets, state)
+        total += float(loss_sum)
+        words += inputs.numel()
+    return {"loss_sum": total, "words": float(words)}

@@ -1,0 +1,77 @@
+"""The PTB job on Ray Train (one worker): reproducible, writes its outputs, and `--resume`
+with another architecture stops with one line (test_ptb_errors.py has the other refusals)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lstm import config as cfg
+from lstm.errors import UserError
+from lstm.loop import read_checkpoint_state
+from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.trainer import fit
+
+# The tutorial's test config on 2% of the training words (18.6k words, 464 steps per epoch),
+# two epochs so that the second runs at lr * lr_decay; evaluation in steps of 35 words.
+CONFIG = PTBConfig(**{**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.02, "eval_num_steps": 35})
+LOSSES = ("train_loss", "valid_loss")
+
+
+def settings(storage: Path, name: str, data_dir: Path, **kw) -> cfg.RunSettings:
+    return cfg.RunSettings(storage_path=str(storage), name=name, data_dir=str(data_dir), max_failures=0, **kw)
+
+
+def losses(history):
+    return [tuple(e[k] for k in LOSSES) for e in history]
+
+
+@pytest.fixture(scope="module")
+def base(ray_session, tmp_path_factory):
+    from conftest import SHARED_DATA
+
+    data = SHARED_DATA / "ptb"
+    if not (data / "ptb.train.txt").is_file():
+        pytest.skip(f"PTB data not found at {data}")
+    storage = tmp_path_factory.mktemp("runs")
+    return fit("ptb", CONFIG, settings(storage, "base", data)), storage, data
+
+
+def test_a_run_learns_and_writes_its_outputs(base):
+    result, _, _ = base
+    h = result.history
+    assert [e["epoch"] for e in h] == [1, 2] and [e["lr"] for e in h] == [1.0, 0.5]
+    assert h[1]["train_ppl"] < h[0]["train_ppl"] < 2000 and h[1]["valid_ppl"] < 1500
+    assert "test_ppl" in h[1] and "test_ppl" not in h[0]
+    assert h[0]["samples_seen"] == 20 * 2 * 464 and h[0]["words_per_sec"] > 0
+    results = json.loads(Path(result.results_path).read_text())
+    assert results["config"]["train_fraction"] == 0.02 and results["final"]["test_ppl"] == h[1]["test_ppl"]
+    assert results["wall_time_s"] > 0
+    assert [Path(p).name for p in result.plots] == ["learning_curve.png"]
+    assert Path(result.plots[0]).stat().st_size > 5000
+    assert any((Path(result.run_dir) / "tensorboard").iterdir())
+    meta = read_checkpoint_state(result.checkpoint_path)["meta"]
+    assert meta["vocab_size"] == 10000 and meta["vocab"][:3] == ["the", "<unk>", "<eos>"]
+
+
+def test_the_epoch_line_shows_lr_perplexities_speed_and_time(base):
+    line = PTBTask().format_epoch_line(base[0].history[-1])
+    for part in ("epoch  2/2", "lr 0.5", "train ppl ", "valid ppl ", "test ppl ", "words/sec ", "elapsed "):
+        assert part in line
+
+
+def test_same_seed_same_losses(base):
+    first, storage, data = base
+    again = fit("ptb", CONFIG, settings(storage, "again", data))
+    assert losses(again.history) == losses(first.history)
+    assert again.metrics["test_loss"] == first.metrics["test_loss"]
+
+
+def test_resume_with_another_architecture_is_a_one_line_error(base):
+    _, storage, data = base
+    other = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "hidden_size": 3, "max_max_epoch": 3})
+    with pytest.raises(UserError, match="does not match this model's architecture .* resume with the config it was trained with") as info:
+        fit("ptb", other, settings(storage, "base", data), resume=True)
+    assert "\n" not in str(info.value)

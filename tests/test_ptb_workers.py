@@ -1,0 +1,51 @@
+"""The PTB job on 2 Ray Train workers reproduces the 1-worker run, and a diverging loss stops
+both workers with one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from lstm import config as cfg
+from lstm.errors import UserError
+from lstm.tasks.ptb import PRESETS, PTBConfig
+from lstm.trainer import fit
+
+CONFIG = PTBConfig(**{**PRESETS["test"], "max_max_epoch": 1, "train_fraction": 0.02, "eval_num_steps": 35})
+KEYS = ("train_loss", "valid_loss")
+
+
+def settings(storage, name, data_dir, **kw) -> cfg.RunSettings:
+    return cfg.RunSettings(storage_path=str(storage), name=name, data_dir=str(data_dir), **{"max_failures": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    """One 1-worker and one 2-worker run of the same config and seed."""
+    from conftest import SHARED_DATA
+
+    data = SHARED_DATA / "ptb"
+    if not (data / "ptb.train.txt").is_file():
+        pytest.skip(f"PTB data not found at {data}")
+    storage = tmp_path_factory.mktemp("runs")
+    one = fit("ptb", CONFIG, settings(storage, "one", data))
+    two = fit("ptb", CONFIG, settings(storage, "two", data, num_workers=2))
+    return one, two, storage, data
+
+
+def test_two_workers_reproduce_one_worker(runs):
+    """batch_size is global: 2 workers x 10 rows take the same steps as 1 worker x 20 rows."""
+    one, two, _, _ = runs
+    assert all(e["workers"] == 2 for e in two.history)
+    assert [e["samples_seen"] for e in two.history] == [e["samples_seen"] for e in one.history]
+    for a, b in zip(one.history, two.history):
+        for key in KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert two.metrics["test_ppl"] == pytest.approx(one.metrics["test_ppl"], rel=1e-4)
+
+
+def test_nan_loss_stops_all_workers_with_one_line(runs):
+    _, _, storage, data = runs
+    diverging = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "learning_rate": 1e30})
+    with pytest.raises(UserError, match=r"^the loss became (NaN|infinite) at epoch 1 step \d+; lower --learning-rate") as info:
+        fit("ptb", diverging, settings(storage, "nan", data, num_workers=2, max_failures=2))
+    assert "\n" not in str(info.value)

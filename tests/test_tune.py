@@ -1,0 +1,300 @@
+"""Ray Tune search (tune/, jobs/tune_ptb.py).
+
+The searches here use grids, not random samples, so that which trials ASHA stops is fixed:
+with two trials at a time, the two good learning rates run first and the two bad ones, which
+start only after a good one has finished, are stopped at the first rung.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ray.tune import Callback
+
+from lstm.cli import build_parser, resolve_configs
+from lstm.errors import UserError
+from lstm.task import get_task
+from tune import cli, report, runner
+from tune.schedulers import ResumableASHA, pbt_mutations
+from tune.space import SearchSpace, parse_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD_LR, BAD_LR = (0.0001, 0.00003), (0.5,)
+RECT_SEARCH = ["--task", "rectangle", "--base", "test", "--max-epochs", "3", "--num-samples", "1",
+               "--max-concurrent", "2", "--space", "hidden_size=16",
+               "learning_rate=grid:" + ",".join(str(v) for v in GOOD_LR + BAD_LR)]
+
+
+def rect_space(*entries: str) -> SearchSpace:
+    task = get_task("rectangle")
+    return parse_space(task.config_class, list(entries), base_values=dict(task.presets["test"]), task_name="rectangle")
+
+
+# --------------------------------------------------------------------------- search space
+
+
+def test_space_syntax_and_defaults():
+    space = rect_space("learning_rate=log:0.0001:0.1", "hidden_size=4:32", "batch_size=2,4,8",
+                       "epochs=grid:2,3", "points_per_edge=1")
+    p = space.params
+    assert (p["learning_rate"].kind, p["learning_rate"].low, p["learning_rate"].high) == ("loguniform", 0.0001, 0.1)
+    assert (p["hidden_size"].kind, p["hidden_size"].low, p["hidden_size"].high) == ("randint", 4, 32)
+    assert p["batch_size"].kind == "choice" and p["batch_size"].values == (2, 4, 8)
+    assert p["epochs"].kind == "grid" and space.num_grid_points() == 2
+    assert space.fixed == {"points_per_edge": 1}
+    # int ranges include both ends (Tune's randint excludes the upper one)
+    assert p["hidden_size"].to_tune().upper == 33
+    # the default entries apply only to fields the task's config has: rectangle has hidden_size only
+    defaults = rect_space()
+    assert list(defaults.params) == ["hidden_size"]
+    assert defaults.params["hidden_size"].values == (200, 400, 650, 1000, 1500)
+    # "base" takes a default entry out of the search
+    with pytest.raises(UserError, match="search space is empty"):
+        rect_space("hidden_size=base")
+    assert SearchSpace.from_dict(space.to_dict()) == space
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("learning_rate=0.1:0.01", r"learning_rate=0.1:0.01: inverted range \(0.1 > 0.01\)"),
+    ("learning_rate=0.01:0.01", r"empty range \(0.01:0.01\).*learning_rate=0.01"),
+    ("learning_rate=", "empty value"),
+    ("hidden_size=4,,8", "empty value in the list"),
+    ("dropout=0.1:0.5", r"unknown hyperparameter 'dropout' for task rectangle; searchable: .*hidden_size"),
+    ("hidden_size=200,-5", r"hidden_size must be a positive integer \(got '-5'\)"),
+    ("hidden_size=12.5", r"hidden_size must be a positive integer \(got '12.5'\)"),
+    ("hidden_size=big", r"hidden_size must be a positive integer \(got 'big'\)"),
+    ("hidden_size=0:10", r"hidden_size must be a positive integer \(got '0'\)"),
+    ("learning_rate=log:0:1", "a log range needs LOW > 0"),
+    ("learning_rate=-1:1", r"the value -1 is not usable: --learning-rate must be positive"),
+    ("head=dense:mdn", "head is a str field, which has no range"),
+    ("learning_rate", "write NAME=SPEC"),
+])
+def test_space_errors_are_one_line(entry, message):
+    with pytest.raises(UserError, match=message) as e:
+        rect_space(entry)
+    assert "\n" not in str(e.value)
+
+
+def test_pbt_mutations_stay_in_range():
+    task = get_task("rectangle")
+    space = rect_space("learning_rate=0.001:0.01", "hidden_size=16")
+    mutations, clip = pbt_mutations(space, task.presets["test"])
+    assert list(mutations) == ["learning_rate"]
+    assert clip({"learning_rate": 0.012})["learning_rate"] == 0.01  # 0.01 * 1.2, clipped
+    assert clip({"learning_rate": 0.0008})["learning_rate"] == 0.001
+    assert clip({"learning_rate": 0.005})["learning_rate"] == 0.005
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def spec_for(argv: list[str], tmp_path: Path) -> runner.SearchSpec:
+    return cli.spec_from_args(cli.build_parser().parse_args(argv + ["--storage-path", str(tmp_path)]))
+
+
+def test_concurrency_fits_the_cluster(tmp_path):
+    spec = spec_for(["--task", "rectangle", "--base", "test", "--num-samples", "8", "--space", "hidden_size=4,8"],
+                    tmp_path)
+    four_cpus = {"CPU": 4.0, "memory": 8 * 2**30}
+    assert runner.check_resources(spec, four_cpus) == 4  # 1 worker x 1 CPU each; drivers hold no CPU
+    two = spec_for(["--task", "rectangle", "--base", "test", "--workers-per-trial", "2", "--space", "hidden_size=4,8"],
+                   tmp_path)
+    assert runner.check_resources(two, four_cpus) == 2
+    with pytest.raises(UserError, match=r"--max-concurrent 3: only 2 trial\(s\) fit at once .*4 CPUs"):
+        runner.check_resources(runner.dataclasses.replace(two, max_concurrent=3), four_cpus)
+    with pytest.raises(UserError, match="one trial needs 2 worker.*1 GPU.*0 GPUs"):
+        runner.check_resources(runner.dataclasses.replace(two, use_gpu=True), four_cpus)
+    assert runner.check_resources(runner.dataclasses.replace(two, use_gpu=True), {**four_cpus, "GPU": 4.0}) == 2
+    with pytest.raises(UserError, match="one trial needs 2 worker.*but this Ray cluster has 1 CPUs"):
+        runner.check_resources(two, {"CPU": 1.0})
+
+
+# --------------------------------------------------------------------------- bad input, before anything starts
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--space", "learning_rate=0.1:0.01"], "inverted range"),
+    (["--space", "learning_rate=0.01:0.01"], "empty range"),
+    (["--space", "keep_prob=0.3:1.0"], "unknown hyperparameter 'keep_prob' for task rectangle"),
+    (["--space", "hidden_size=64,1.5"], "hidden_size must be a positive integer"),
+    (["--max-concurrent", "5"], r"--max-concurrent 5: only 4 trial\(s\) fit at once"),
+    (["--base", "huge"], "--base 'huge' is not a config of task rectangle"),
+    (["--train-fraction", "0.5"], "--train-fraction applies to tasks with a train_fraction field"),
+    (["--max-epochs", "0"], "--max-epochs must be >= 1"),
+    (["--scheduler", "pbt", "--space", "hidden_size=4,8"], "--scheduler pbt mutates keep_prob and learning_rate"),
+])
+def test_bad_input_fails_before_anything_starts(tmp_path, ray_session, extra, message):
+    argv = ["--task", "rectangle", "--base", "test", "--storage-path", str(tmp_path), "--name", "bad"]
+    with pytest.raises(UserError, match=message):
+        cli.main(argv + extra)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tune_ptb.py"), "--task", "rectangle", "--base", "test",
+                           "--space", "learning_rate=0.1:0.01", "--storage-path", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --space learning_rate=0.1:0.01: inverted range (0.1 > 0.01); write LOW:HIGH with LOW < HIGH"]
+
+
+def test_resume_needs_an_existing_search(tmp_path, ray_session):
+    with pytest.raises(UserError, match="no search at .*nothing"):
+        cli.main(["--task", "rectangle", "--storage-path", str(tmp_path), "--name", "nothing", "--resume"])
+
+
+# --------------------------------------------------------------------------- a search, interrupted and resumed
+
+
+class InterruptAfter(Callback):
+    """Interrupts the search (as Ctrl+C would) once ``n`` trials have finished -- once: the
+    marker file keeps the restored copy of this callback from doing it again."""
+
+    def __init__(self, n: int, marker: str):
+        self.n, self.marker, self.done = n, marker, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        if self.done >= self.n and not os.path.exists(self.marker):
+            Path(self.marker).write_text("interrupted\n")
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's handler saves the state and stops
+
+
+def trial_footprint(exp: Path, trial_id: str) -> tuple:
+    """What a re-run would change: Tune's results of the trial and its Train run's files
+    (checkpoints, TensorBoard events; not the results.json/plots each report rewrites)."""
+    results = (exp / f"trial_{trial_id}" / "result.json").read_text()
+    run = exp / runner.TRAIN_RUNS / f"trial-{trial_id}"
+    files = sorted((str(p.relative_to(run)), p.stat().st_mtime_ns) for p in run.rglob("*")
+                   if p.is_file() and p.name != "results.json" and p.suffix != ".png")
+    assert any(name.startswith("checkpoint_") for name, _ in files)
+    return results, files
+
+
+def max_overlap(rows: list[report.TrialRow], exp: Path) -> int:
+    """Most trials running at one moment, from their reported timestamps (1 s resolution)."""
+    spans = []
+    for r in rows:
+        if not r.history:
+            continue
+        results = [json.loads(ln) for ln in (exp / f"trial_{r.trial_id}" / "result.json").read_text().splitlines()]
+        spans.append((results[0]["timestamp"] - results[0]["time_total_s"] + 1, results[-1]["timestamp"]))
+    return max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+
+
+def test_asha_search_interrupted_then_resumed(tmp_path, ray_session):
+    exp = tmp_path / "rect"
+    argv = RECT_SEARCH + ["--storage-path", str(tmp_path), "--name", "rect"]
+    cli.main(argv, callbacks=[InterruptAfter(2, str(tmp_path / "interrupted"))])
+
+    before = report.read_rows(str(exp), "valid_consistency")
+    finished = [r for r in before if r.status == "TERMINATED"]
+    assert len(finished) == 2
+    assert len(before) < 3 or any(r.status != "TERMINATED" for r in before), "the search was not interrupted"
+    assert {r.hparams["learning_rate"] for r in finished} >= set(GOOD_LR)  # the first two of the grid
+    footprints = {r.trial_id: trial_footprint(exp, r.trial_id) for r in finished}
+    assert max_overlap(before, exp) <= 2
+
+    cli.main(["--storage-path", str(tmp_path), "--name", "rect", "--resume"])
+
+    rep = report.write_report(runner.load_spec(str(exp)))
+    rows = {r.hparams["learning_rate"]: r for r in rep.rows}
+    assert sorted(rows) == sorted(GOOD_LR + BAD_LR)
+    assert all(r.status == "TERMINATED" for r in rep.rows)
+    for trial_id, footprint in footprints.items():  # finished trials were not run again
+        assert trial_footprint(exp, trial_id) == footprint
+    # ASHA stopped the bad learning rate at the first rung -- after the resume, against the
+    # good trials' results from before it
+    for lr in BAD_LR:
+        assert rows[lr].stopped_early and rows[lr].epochs_run == 1, rows[lr]
+    assert rows[GOOD_LR[0]].epochs_run == 3 and not rows[GOOD_LR[0]].stopped_early
+    assert rep.summary["stopped_early"] >= 1
+
+    # outputs: table sorted by best metric, plots, a best config the job accepts
+    best = [r.best("min")[1] for r in rep.rows]
+    assert best == sorted(best)
+    assert rep.best.hparams == {"learning_rate": GOOD_LR[0]}
+    csv_lines = (exp / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("rank,trial,status,learning_rate,epochs run,best valid_consistency")
+    assert len(csv_lines) == 4
+    md = (exp / "results.md").read_text()
+    assert "| 1 | " + rep.best.trial_id in md and md.count("| yes |") >= 1
+    for key in ("curves", "vs_hyperparameters"):
+        png = Path(rep.files[key])
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    task = get_task("rectangle")
+    config, _ = resolve_configs(task, build_parser(task).parse_args(["--config-file", str(exp / "best_config.json")]))
+    assert (config.learning_rate, config.hidden_size) == (GOOD_LR[0], 16)
+    assert config.epochs == task.presets["test"]["epochs"]  # the preset's epochs, not the search budget
+    best_trial = json.loads((exp / "best_trial.json").read_text())
+    assert best_trial["config"]["epochs"] == 3
+    # each trial's Train run has what jobs/rectangle.py writes, the stopped ones included (a
+    # stopped trial's run may get further than Tune saw before it is killed: these epochs
+    # take a fraction of a second)
+    for r in rep.rows:
+        run = exp / runner.TRAIN_RUNS / f"trial-{r.trial_id}"
+        assert json.loads((run / "results.json").read_text())["final"]["epoch"] >= r.epochs_run
+        assert (run / "learning_curve.png").is_file()
+    assert best_trial["run_dir"] == str(exp / runner.TRAIN_RUNS / f"trial-{rep.best.trial_id}")
+    # Tune's TensorBoard files, so that `tensorboard --logdir <storage path>` shows the search
+    assert list((exp / f"trial_{rep.best.trial_id}").glob("events.out.tfevents.*"))
+
+
+def test_resumable_asha_replays_results(tmp_path):
+    """The scheduler rebuilds its rungs from a restored trial's result.json."""
+    from types import SimpleNamespace
+
+    trial_dir = tmp_path / "trial_a"
+    trial_dir.mkdir()
+    (trial_dir / "result.json").write_text(
+        "\n".join(json.dumps({"epoch": e, "m": v}) for e, v in [(1, 0.5), (2, 0.4)]) + "\n{\"epoch\": 3, \"m\"")
+    sched = ResumableASHA(time_attr="epoch", metric="m", mode="min", max_t=4, grace_period=1, reduction_factor=2)
+    restored = SimpleNamespace(trial_id="a", storage=SimpleNamespace(trial_dir_name="trial_a"), path=str(trial_dir),
+                               local_path=None)
+    sched.on_trial_add(None, restored)
+    rungs = {milestone: dict(recorded) for milestone, recorded in sched._trial_info["a"]._rungs}
+    assert rungs[1] == {"a": -0.5} and rungs[2] == {"a": -0.4} and rungs[4] == {}
+    new = SimpleNamespace(trial_id="b", storage=SimpleNamespace(trial_dir_name=None))
+    sched.on_trial_add(None, new)
+    assert sched._trial_info["b"]._rungs[-1][1] == {"a": -0.5}
+
+
+# --------------------------------------------------------------------------- PTB
+
+
+def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_dir):
+    """A tiny PTB search from the test config on a prefix of the data: the bad learning rate
+    (second in the grid, one trial at a time) is stopped after the first epoch; the best
+    config is accepted by jobs/ptb.py as it is."""
+    exp = tmp_path / "ptb"
+    cli.main(["--task", "ptb", "--base", "test", "--data-dir", str(ptb_dir), "--train-fraction", "0.02",
+              "--max-epochs", "2", "--num-samples", "1", "--max-concurrent", "1",
+              "--space", "hidden_size=8", "learning_rate=grid:1.0,0.01",
+              "--storage-path", str(tmp_path), "--name", "ptb"])
+    rep = report.write_report(runner.load_spec(str(exp)))
+    assert rep.metric == "valid_ppl" and rep.params == ["keep_prob", "lr_decay", "learning_rate"]
+    good, bad = sorted(rep.rows, key=lambda r: -r.hparams["learning_rate"])
+    assert (good.status, good.epochs_run, good.stopped_early) == ("TERMINATED", 2, False)
+    assert (bad.status, bad.epochs_run, bad.stopped_early) == ("TERMINATED", 1, True)
+    assert rep.rows[0] is good and good.best("min")[1] < bad.best("min")[1]
+    assert 0.3 <= good.hparams["keep_prob"] <= 1.0 and 0.5 <= good.hparams["lr_decay"] <= 1.0
+    for name in ("results.csv", "results.md", "plots/valid_ppl_per_epoch.png",
+                 "plots/final_valid_ppl_vs_hyperparameters.png"):
+        assert (exp / name).stat().st_size > 0
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "ptb.py"), "--config-file", str(exp / "best_config.json"),
+                           "--print-config"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed == json.loads((exp / "best_config.json").read_text())
+    assert (printed["learning_rate"], printed["hidden_size"], printed["keep_prob"]) == (
+        1.0, 8, good.hparams["keep_prob"])
+    # the test preset's own epochs and all of the training data, not the search's budget
+    assert (printed["max_max_epoch"], printed["train_fraction"]) == (1, 1.0)

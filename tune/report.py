@@ -1,0 +1,391 @@
+"""The report of a search, written into its experiment folder (every file atomically):
+
+* ``results.csv`` / ``results.md`` -- one row per trial, best first: trial, status, the
+  searched hyperparameters, epochs run, best and final metric, stopped early or not
+* ``best_config.json`` -- the base preset with the best trial's hyperparameters, at the
+  preset's own epochs and training data (``--max-epochs``/``--train-fraction`` are search
+  budget, not hyperparameters): ``python jobs/<task>.py --config-file best_config.json``
+* ``best_trial.json`` -- exactly what the best trial ran, plus its scores (also usable with
+  ``--config-file``)
+* ``plots/<metric>_per_epoch.png`` and ``plots/final_<metric>_vs_hyperparameters.png``
+* ``search_summary.json`` -- counts, wall time, the best trial, the paths above
+
+``python -m tune.report <experiment folder>`` rewrites them from what is on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lstm import config as cfg
+from lstm.io import atomic_write_json, atomic_write_text
+
+STATUS_DONE = "TERMINATED"
+STATUS_ERROR = "ERROR"
+
+
+@dataclass
+class TrialRow:
+    """One trial of a search, as the table shows it."""
+
+    trial_id: str
+    status: str  # TERMINATED | ERROR | RUNNING/PENDING/PAUSED (an interrupted search)
+    hparams: dict[str, Any]
+    history: list[tuple[int, float]]  # (epoch, metric) as reported
+    epochs_planned: Optional[int]
+    error: str = ""
+
+    @property
+    def epochs_run(self) -> int:
+        return max((e for e, _ in self.history), default=0)
+
+    @property
+    def final(self) -> Optional[float]:
+        return self.history[-1][1] if self.history else None
+
+    def best(self, mode: str) -> Optional[tuple[int, float]]:
+        """(epoch, value) of the best finite value, or None."""
+        finite = [(e, v) for e, v in self.history if v is not None and math.isfinite(v)]
+        if not finite:
+            return None
+        return (min if mode == "min" else max)(finite, key=lambda ev: ev[1])
+
+    @property
+    def stopped_early(self) -> bool:
+        """Ended (not errored, not interrupted) before its planned epochs: stopped by the
+        scheduler or by the time budget."""
+        return (self.status == STATUS_DONE and self.epochs_planned is not None
+                and self.epochs_run < self.epochs_planned)
+
+
+@dataclass
+class SearchReport:
+    """What :func:`write_report` wrote, and the rows it wrote them from."""
+
+    rows: list[TrialRow]
+    metric: str
+    mode: str
+    params: list[str]
+    best: Optional[TrialRow]
+    files: dict[str, str] = field(default_factory=dict)  # what -> path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stopped_early(self) -> list[TrialRow]:
+        return [r for r in self.rows if r.stopped_early]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_rows(experiment_dir: str, metric: str) -> list[TrialRow]:
+    """The trials of a search, from what Tune saved (experiment state, per-trial results)."""
+    from ray.tune import ExperimentAnalysis
+
+    from tune.schedulers import read_trial_results
+
+    # A trial that had not reported yet when a search was interrupted has no results; that
+    # is expected here, so keep ExperimentAnalysis from warning about it.
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(experiment_dir)
+    finally:
+        quiet.setLevel(level)
+    rows = []
+    for trial in analysis.trials:
+        results = read_trial_results(trial.path)
+        history, planned = [], None
+        for r in results:
+            if "epoch" in r and isinstance(r.get(metric), (int, float)):
+                history.append((int(r["epoch"]), float(r[metric])))
+            if isinstance(r.get("epochs"), int):
+                planned = r["epochs"]
+        rows.append(TrialRow(trial_id=trial.trial_id, status=str(trial.status), hparams=dict(trial.config or {}),
+                             history=_last_per_epoch(history), epochs_planned=planned,
+                             error=_error_line(trial.path) if trial.status == STATUS_ERROR else ""))
+    return rows
+
+
+def _last_per_epoch(history: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """One value per epoch (a resumed trial may report an epoch again): the last one."""
+    by_epoch: dict[int, float] = {}
+    for e, v in history:
+        by_epoch[e] = v
+    return sorted(by_epoch.items())
+
+
+def _error_line(trial_dir: Optional[str]) -> str:
+    """The one-line cause of a trial's error (the UserError message where there is one)."""
+    path = Path(trial_dir or "") / "error.txt"
+    if not trial_dir or not path.is_file():
+        return "error (see the trial's folder)"
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "UserError:" in ln:
+            return ln.split("UserError:", 1)[1].strip()
+    return lines[-1] if lines else "error"
+
+
+def sort_rows(rows: Sequence[TrialRow], mode: str) -> list[TrialRow]:
+    """Best first; trials without a finite value last."""
+    def key(r: TrialRow) -> tuple[int, float]:
+        b = r.best(mode)
+        if b is None:
+            return (1, 0.0)
+        return (0, b[1] if mode == "min" else -b[1])
+
+    return sorted(rows, key=key)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def table(rows: Sequence[TrialRow], params: Sequence[str], metric: str, mode: str) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows (raw values) of the results table."""
+    header = ["rank", "trial", "status", *params, "epochs run", f"best {metric}", "best epoch",
+              f"final {metric}", "stopped early", "error"]
+    out = []
+    for i, r in enumerate(rows, 1):
+        b = r.best(mode)
+        out.append([i, r.trial_id, r.status, *[r.hparams.get(p) for p in params], r.epochs_run,
+                    b[1] if b else None, b[0] if b else None, r.final, r.stopped_early, r.error])
+    return header, out
+
+
+def to_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for row in rows:
+        w.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row])
+    return buf.getvalue()
+
+
+def to_markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return _fmt(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- best config
+
+
+def best_configs(spec: Any, best: TrialRow) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(best_config.json, best_trial.json) contents for the best trial."""
+    from tune.runner import trial_config
+
+    task = spec.task_obj
+    full = cfg.build(task.config_class, {**spec.preset_values, **spec.space.fixed, **best.hparams})
+    ran = trial_config(spec, best.hparams)
+    b = best.best(spec.mode)
+    best_config = {"task": spec.task, **cfg.to_dict(full)}
+    best_trial = {"task": spec.task, "trial_id": best.trial_id, "metric": spec.metric,
+                  "best": b[1] if b else None, "best_epoch": b[0] if b else None, "epochs_run": best.epochs_run,
+                  "hyperparameters": best.hparams, "config": cfg.to_dict(ran)}
+    return best_config, best_trial
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_curves(rows: Sequence[TrialRow], metric: str, path: Path, *, title: str = "") -> Path:
+    """The metric per epoch, one line per trial; an x marks where a trial was stopped early."""
+    from lstm import plots
+
+    plt = plots.plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    values = []
+    for r in rows:
+        pts = [(e, v) for e, v in r.history if math.isfinite(v)]
+        if not pts:
+            continue
+        values += [v for _, v in pts]
+        (line,) = ax.plot(*zip(*pts), marker=".", lw=1.2, label=r.trial_id if len(rows) <= 12 else None)
+        if r.stopped_early:
+            ax.plot([pts[-1][0]], [pts[-1][1]], marker="x", ms=9, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if 0 < len(rows) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or f"{metric} per epoch (x: stopped early)")
+    return plots.save(fig, path)
+
+
+def plot_vs_params(rows: Sequence[TrialRow], params: Sequence[Any], metric: str, path: Path) -> Optional[Path]:
+    """Each trial's final metric against each searched hyperparameter (one panel each);
+    hollow markers are trials stopped early."""
+    from lstm import plots
+
+    plt = plots.plt
+    if not params:
+        return None
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], params):
+        pts = [(r.hparams.get(p.name), r.final, r.stopped_early) for r in rows
+               if r.final is not None and math.isfinite(r.final) and p.name in r.hparams]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in pts)
+        labels: list[Any] = []
+        if not numeric:
+            labels = sorted({str(x) for x, _, _ in pts})
+        for x, y, stopped in pts:
+            xv = x if numeric else labels.index(str(x))
+            ax.scatter([xv], [y], s=30, facecolors="none" if stopped else "tab:blue", edgecolors="tab:blue")
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels)
+        elif p.is_log:
+            ax.set_xscale("log")
+        ys = [y for _, y, _ in pts]
+        if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")
+        ax.set_xlabel(p.name)
+        ax.set_ylabel(f"final {metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"final {metric} per trial (hollow: stopped early)")
+    return plots.save(fig, path)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_report(spec: Any, *, wall_time_s: Optional[float] = None, out_dir: Optional[str] = None) -> SearchReport:
+    """Read the search ``spec`` ran and write its table, best configs, plots and summary."""
+    from lstm.trainer import is_remote
+
+    metric, mode = spec.metric, spec.mode
+    rows = sort_rows(read_rows(spec.experiment_dir, metric), mode)
+    params = list(spec.space.params)
+    out = Path(out_dir or (spec.experiment_dir if not is_remote(spec.experiment_dir) else f"./{spec.name}-report"))
+    header, body = table(rows, params, metric, mode)
+    files = {
+        "csv": str(atomic_write_text(out / "results.csv", to_csv(header, body))),
+        "markdown": str(atomic_write_text(out / "results.md", _markdown_page(spec, rows, header, body))),
+    }
+    runs = write_trial_outputs(spec, rows)
+    best = next((r for r in rows if r.best(mode) is not None), None)
+    if best is not None:
+        best_config, best_trial = best_configs(spec, best)
+        best_trial["run_dir"] = runs.get(best.trial_id)
+        files["best_config"] = str(atomic_write_json(out / "best_config.json", best_config))
+        files["best_trial"] = str(atomic_write_json(out / "best_trial.json", best_trial))
+    if any(r.history for r in rows):
+        files["curves"] = str(plot_curves(rows, metric, out / "plots" / f"{metric}_per_epoch.png"))
+        vs = plot_vs_params(rows, list(spec.space.params.values()), metric,
+                            out / "plots" / f"final_{metric}_vs_hyperparameters.png")
+        if vs is not None:
+            files["vs_hyperparameters"] = str(vs)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    b = best.best(mode) if best else None
+    summary = {
+        "task": spec.task, "base": spec.base, "scheduler": spec.scheduler, "metric": metric, "mode": mode,
+        "trials": len(rows), "status": counts, "stopped_early": sum(r.stopped_early for r in rows),
+        "wall_time_s": wall_time_s, "search_space": spec.space.describe(), "budget": spec.budget,
+        "best": None if best is None else {"trial_id": best.trial_id, metric: b[1], "epoch": b[0],
+                                           "hyperparameters": best.hparams},
+        "files": files,
+    }
+    files["summary"] = str(atomic_write_json(out / "search_summary.json", summary))
+    return SearchReport(rows=rows, metric=metric, mode=mode, params=params, best=best, files=files, summary=summary)
+
+
+def write_trial_outputs(spec: Any, rows: Sequence[TrialRow]) -> dict[str, str]:
+    """Write each trial's ``results.json`` and the task's plots into its Train run folder
+    (what ``jobs/<task>.py`` writes at the end of a run), from the run's latest checkpoint.
+    Returns {trial id: run folder} of the runs written (local storage only)."""
+    import ray.train
+
+    from lstm.errors import UserError
+    from lstm.trainer import collect_outputs, latest_checkpoint_dir
+    from tune.runner import trial_config, trial_run_dir
+
+    task = spec.task_obj
+    written = {}
+    for r in rows:
+        run_dir = trial_run_dir(spec, r.trial_id) if r.history else None
+        if run_dir is None:
+            continue
+        try:
+            collect_outputs(task, trial_config(spec, r.hparams), run_dir,
+                            ray.train.Checkpoint(str(latest_checkpoint_dir(run_dir))))
+        except UserError:
+            continue
+        written[r.trial_id] = run_dir
+    return written
+
+
+def _markdown_page(spec: Any, rows: Sequence[TrialRow], header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    stopped = sum(r.stopped_early for r in rows)
+    intro = [
+        f"# Search {spec.name}: task {spec.task}, base {spec.base}, scheduler {spec.scheduler}",
+        "",
+        f"{len(rows)} trials, {stopped} stopped early, sorted by best {spec.metric} ({spec.mode}).",
+        "",
+        "Searched: " + "; ".join(spec.space.describe()) + ".",
+        "",
+    ]
+    return "\n".join(intro) + to_markdown(header, body)
+
+
+def print_report(rep: SearchReport, wall_time_s: Optional[float] = None, stream: Any = None) -> None:
+    """The table and the output paths, for the end of a search."""
+    stream = stream or sys.stdout
+    header, body = table(rep.rows, rep.params, rep.metric, rep.mode)
+    print(to_markdown(header, body), file=stream)
+    parts = [f"{len(rep.rows)} trials", f"{len(rep.stopped_early)} stopped early"]
+    if wall_time_s is not None:
+        parts.append(f"wall time {wall_time_s:.0f}s")
+    print(", ".join(parts), file=stream)
+    if rep.best is not None:
+        b = rep.best.best(rep.mode)
+        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in rep.best.hparams.items())
+        print(f"best: trial {rep.best.trial_id} {rep.metric} {_fmt(b[1])} at epoch {b[0]} ({hp})", file=stream)
+    for what, path in rep.files.items():
+        print(f"  {what + ':':<20}{path}", file=stream)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m tune.report EXPERIMENT_DIR``: rewrite a search's report from disk."""
+    import argparse
+
+    from tune.runner import load_spec
+
+    p = argparse.ArgumentParser(prog="python -m tune.report", description=main.__doc__)
+    p.add_argument("experiment_dir", help="the search's folder: <storage path>/<name>")
+    args = p.parse_args(argv)
+    spec = load_spec(str(Path(args.experiment_dir).resolve()))
+    print_report(write_report(spec))
+    return 0
+
+
+if __name__ == "__main__":
+    from lstm.errors import run_cli
+
+    run_cli(main)

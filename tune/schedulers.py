@@ -1,0 +1,127 @@
+"""Trial schedulers on the task's primary metric, with the epoch as their clock.
+
+* ``asha`` (default): :class:`ResumableASHA`, asynchronous successive halving. A trial that is
+  worse than the best ``1/reduction_factor`` of the trials that reached the same epoch
+  (after ``grace_period``, ``grace_period * reduction_factor``, ... epochs) is stopped early.
+* ``pbt``: PopulationBasedTraining. Every ``perturbation_interval`` epochs a trial in the
+  bottom quantile copies the checkpoint and config of one in the top quantile and perturbs
+  ``keep_prob`` and ``learning_rate`` (clipped to the searched ranges).
+
+Tune does not save a scheduler's state with the experiment, so after ``Tuner.restore`` an
+ASHA scheduler would compare resumed trials only with each other. :class:`ResumableASHA`
+replays the results that the trials of the interrupted search left on disk, so resumed and
+new trials face the same cut-offs as before the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Mapping, Optional
+
+from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining, TrialScheduler
+
+from tune.space import SearchSpace
+
+logger = logging.getLogger(__name__)
+
+TIME_ATTR = "epoch"
+SCHEDULERS = ("asha", "pbt")
+PBT_MUTATED = ("keep_prob", "learning_rate")
+RESULT_FILE = "result.json"  # Tune's per-trial JSON lines of reported results
+
+
+class ResumableASHA(AsyncHyperBandScheduler):
+    """ASHA that rebuilds its rungs from disk for trials restored by ``Tuner.restore``."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not getattr(trial.storage, "trial_dir_name", None):  # a new trial: no folder yet
+            return
+        history = read_trial_results(trial.path) or read_trial_results(trial.local_path)
+        if not history:
+            return
+        bracket = self._trial_info[trial.trial_id]
+        for result in history:
+            if self._time_attr in result and isinstance(result.get(self._metric), (int, float)):
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+
+def read_trial_results(trial_dir: Optional[str]) -> list[dict[str, Any]]:
+    """The results a trial reported so far (Tune's ``result.json`` in its folder), or []."""
+    if not trial_dir:
+        return []
+    path = os.path.join(trial_dir, RESULT_FILE)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by the interruption
+                    continue
+    return out
+
+
+def make_scheduler(name: str, *, metric: str, mode: str, max_epochs: int, space: SearchSpace,
+                   base_values: Mapping[str, Any], grace_period: int = 1, reduction_factor: float = 2,
+                   perturbation_interval: int = 1) -> TrialScheduler:
+    """The scheduler called ``name`` (``asha`` or ``pbt``) for ``metric`` in ``mode``."""
+    if name == "asha":
+        # max_t one past the last epoch: ASHA stops every trial that reaches max_t, and a trial
+        # that ends by itself shuts its Train run down cleanly instead of being killed.
+        epochs = max(max_epochs, 1)
+        return ResumableASHA(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=epochs + 1,
+                             grace_period=min(grace_period, epochs), reduction_factor=reduction_factor)
+    if name == "pbt":
+        mutations, clip = pbt_mutations(space, base_values)
+        return PopulationBasedTraining(
+            time_attr=TIME_ATTR, metric=metric, mode=mode, perturbation_interval=perturbation_interval,
+            hyperparam_mutations=mutations, custom_explore_fn=clip, synch=False)
+    raise ValueError(f"unknown scheduler {name!r}")
+
+
+def pbt_mutations(space: SearchSpace, base_values: Mapping[str, Any]
+                  ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
+    """PBT's ``hyperparam_mutations`` for the searched ones of keep_prob and learning_rate,
+    and an explore function that keeps perturbed values inside their ranges."""
+    mutations: dict[str, Any] = {}
+    bounds: dict[str, tuple[float, float]] = {}
+    for name in PBT_MUTATED:
+        p = space.params.get(name)
+        if p is None:
+            continue
+        if p.is_range:
+            mutations[name] = p.to_tune()
+            bounds[name] = (float(p.low), float(p.high))
+        else:  # a list: PBT shifts to a neighbouring value
+            mutations[name] = list(p.values)
+    return mutations, _Clip(bounds)
+
+
+class _Clip:
+    """``custom_explore_fn``: PBT multiplies by 0.8 or 1.2, which can leave a range
+    (keep_prob 1.0 * 1.2); clip back to it. A class so that Tune can pickle it."""
+
+    def __init__(self, bounds: Mapping[str, tuple[float, float]]):
+        self.bounds = dict(bounds)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for name, (low, high) in self.bounds.items():
+            if name in config and isinstance(config[name], (int, float)) and math.isfinite(config[name]):
+                config[name] = min(max(config[name], low), high)
+        return config
+
+
+def check_pbt_space(space: SearchSpace, task_name: str) -> None:
+    """PBT needs at least one of keep_prob/learning_rate in the search space."""
+    from lstm.errors import UserError
+
+    if not any(n in space.params for n in PBT_MUTATED):
+        raise UserError(f"--scheduler pbt mutates {' and '.join(PBT_MUTATED)}, and neither is searched for task "
+                        f"{task_name}; add e.g. --space learning_rate=log:0.0005:0.05")
