@@ -19,7 +19,6 @@ def build_parser(task: Task, description: Optional[str] = None) -> argparse.Argu
     p = argparse.ArgumentParser(
         prog=f"jobs/{task.name}.py",
         description=description or f"Train the {task.name} task with Ray Train.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     if task.presets:
         p.add_argument("--config", default=None, metavar="PRESET",

@@ -53,8 +53,15 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None,
-                 runtime_env={"env_vars": dict(WORKER_ENV)})
+        address = os.environ.get("RAY_ADDRESS")
+        env = dict(WORKER_ENV)
+        if address and "://" not in address and address not in ("auto", "local"):
+            # Under `ray job submit` this is the cluster's GCS address. Hand it to the job's
+            # actors: Ray Train's placement-group cleaner looks its controller up through the
+            # state API, which otherwise guesses "the" cluster and can find another Ray
+            # instance on the same machine (or a stale /tmp/ray/ray_current_cluster).
+            env["RAY_ADDRESS"] = address
+        ray.init(num_cpus=num_cpus if not address else None, runtime_env={"env_vars": env})
 
 
 # Ray Train V2 patches print() on workers to also go through its logger, which shows every
