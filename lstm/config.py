@@ -48,7 +48,7 @@ class RunSettings:
 
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = 0  # 0: auto (see lstm.trainer.auto_cpus_per_worker)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
     storage_path: str = ""  # '' -> <repo>/runs
     name: str = ""  # '' -> <task>-<timestamp>
@@ -62,8 +62,8 @@ class RunSettings:
     def validate(self) -> None:
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0 (got {self.num_workers})")
-        if self.cpus_per_worker < 1:
-            raise UserError(f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})")
+        if self.cpus_per_worker < 0:
+            raise UserError(f"--cpus-per-worker must be >= 1, or 0 for as many as fit (got {self.cpus_per_worker})")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise UserError(f"--precision must be fp32, bf16 or fp16 (got {self.precision!r})")
         if self.precision == "fp16" and not self.use_gpu:

@@ -146,7 +146,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str
     worker = WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                         device=ray.train.torch.get_device())
     if worker.device.type == "cpu":
-        torch.set_num_threads(settings.cpus_per_worker)
+        # The CPUs Ray reserved for this worker, but never more threads than the machine has
+        # cores (a test cluster may advertise more CPUs than it has).
+        torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1)))
 
     def report(metrics: dict[str, Any], checkpoint: Optional["ray.train.Checkpoint"] = None) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)

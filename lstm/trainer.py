@@ -71,14 +71,58 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 def check_multinode_storage(storage_path: str) -> None:
     """Refuse a local storage path on a multi-node cluster: since Ray 2.7 checkpoints are not
-    synced to the head node, so they would be scattered over the workers' disks."""
+    synced to the head node, so they would be scattered over the workers' disks. A folder on
+    a network filesystem (NFS, Lustre, ...; mounted at the same path on every node) is shared."""
     import ray
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    if len({n.get("NodeManagerAddress") for n in alive}) > 1 and not is_remote(storage_path):
+    if (len({n.get("NodeManagerAddress") for n in alive}) > 1 and not is_remote(storage_path)
+            and filesystem_type(storage_path) not in SHARED_FILESYSTEMS):
         raise UserError(
             f"storage path {storage_path} is local but this Ray cluster has {len(alive)} nodes; "
             "pass --storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted on every node)")
+
+
+# Filesystem types (as /proc/mounts names them) that every node of a cluster can share.
+SHARED_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                                "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph"})
+
+
+def filesystem_type(path: str, mounts_file: str = "/proc/mounts") -> str:
+    """The type of the filesystem that holds ``path`` (the longest mount point above it), or
+    '' where that cannot be read (not Linux)."""
+    try:
+        with open(mounts_file) as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return ""
+    real = os.path.realpath(os.path.expanduser(path))
+    best, fstype = "", ""
+    for mount_point, kind in mounts:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, fstype = mount_point, kind
+    return fstype
+
+
+def auto_cpus_per_worker(num_workers: int, use_gpu: bool, nodes: Sequence[dict[str, Any]]) -> int:
+    """CPUs per worker when ``--cpus-per-worker`` is 0: a fair share that still fits.
+
+    GPU workers: the fewest CPUs per GPU of any GPU node (so each GPU keeps a worker). CPU
+    workers: the cluster's CPUs split evenly over the workers, but no more than the largest
+    node has (a worker cannot span nodes). ``nodes`` are ``ray.nodes()`` entries. On a
+    2-core machine one worker gets both cores, two workers one each.
+    """
+    alive = [n for n in nodes if n.get("Alive", True)]
+    cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in alive]
+    if use_gpu:
+        shares = [int(n["Resources"].get("CPU", 0) // n["Resources"]["GPU"])
+                  for n in alive if n.get("Resources", {}).get("GPU")]
+        return max(1, min(shares)) if shares else 1
+    if not cpus:
+        return 1
+    return max(1, min(sum(cpus) // max(num_workers, 1), max(cpus)))
 
 
 def run_dir_of(settings: cfg.RunSettings, task: Task) -> tuple[str, str, str]:
@@ -155,8 +199,11 @@ def fit(task_name: str, config: cfg.TaskConfig, settings: cfg.RunSettings, *, re
     data_dir = settings.data_dir
     if data_dir and not is_remote(data_dir):
         data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    import ray
+
+    cpus = settings.cpus_per_worker or auto_cpus_per_worker(settings.num_workers, settings.use_gpu, ray.nodes())
     settings = cfg.build(cfg.RunSettings, {**cfg.to_dict(settings), "storage_path": storage, "name": name,
-                                           "data_dir": data_dir})
+                                           "data_dir": data_dir, "cpus_per_worker": cpus})
 
     trainer = make_trainer(task, config, settings, storage, name, run_dir, callbacks)
     result = trainer.fit()

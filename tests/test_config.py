@@ -69,7 +69,7 @@ def test_missing_and_corrupt_config_files(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"num_workers": -1}, "--num-workers"),
-    ({"cpus_per_worker": 0}, "--cpus-per-worker"),
+    ({"cpus_per_worker": -1}, "--cpus-per-worker"),
     ({"precision": "fp8"}, "--precision"),
     ({"precision": "fp16"}, "needs --gpu"),
     ({"inject_failure": "soon"}, "EPOCH:STEP"),
@@ -77,3 +77,24 @@ def test_missing_and_corrupt_config_files(tmp_path):
 def test_bad_run_settings(overrides, message):
     with pytest.raises(UserError, match=message):
         cfg.build(cfg.RunSettings, overrides)
+
+
+def _node(cpus: int, gpus: int = 0, alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+
+
+@pytest.mark.parametrize("workers, use_gpu, nodes, expected", [
+    (1, False, [_node(2)], 2),  # one worker takes the whole 2-core machine
+    (2, False, [_node(2)], 1),
+    (3, False, [_node(2)], 1),  # never 0
+    (2, False, [_node(16), _node(16)], 16),
+    (4, False, [_node(8), _node(16)], 6),  # 24 CPUs over 4 workers
+    (1, False, [_node(8), _node(16)], 16),  # capped by the largest node
+    (1, False, [_node(8), _node(64, alive=False)], 8),  # dead nodes do not count
+    (4, True, [_node(8), _node(48, gpus=4)], 12),  # GPU workers: the GPU nodes' CPUs per GPU
+    (8, True, [_node(48, gpus=4), _node(16, gpus=4)], 4),
+])
+def test_auto_cpus_per_worker(workers, use_gpu, nodes, expected):
+    from lstm.trainer import auto_cpus_per_worker
+
+    assert auto_cpus_per_worker(workers, use_gpu, nodes) == expected
