@@ -111,6 +111,16 @@ def _wait_for_reports(timeout_s: float = 30.0) -> None:
         pass
 
 
+CHECK_EVERY = 50  # steps between looks at a GPU run's non-finite-gradient flag
+
+
+def _divergence(bad_step: int, epoch: int) -> Optional[str]:
+    """The one-line reason a run diverged, or None while every step's gradient was finite."""
+    if bad_step < 0:
+        return None
+    return f"the loss became NaN or infinite at epoch {epoch + 1} step {bad_step}"
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -227,6 +237,8 @@ def run_training(task: Task, config: cfg.TaskConfig, settings: cfg.RunSettings, 
                             enabled=worker.is_chief)
         epoch_start = time.perf_counter()
         diverged: Optional[str] = None
+        sync_free = worker.device.type != "cpu"
+        bad_step = torch.full((), -1, dtype=torch.long, device=worker.device)
         for step, batch in enumerate(task.train_batches(config, data, epoch, worker)):
             if inject and (epoch + 1, step) == inject and worker.is_chief and marker and not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
@@ -251,22 +263,33 @@ def run_training(task: Task, config: cfg.TaskConfig, settings: cfg.RunSettings, 
                 scaler.update()
                 if scaler.get_scale() < 1e-6:
                     diverged = f"the fp16 loss scale collapsed at epoch {epoch + 1} step {step}"
-            elif not torch.isfinite(norm):
-                diverged = f"the loss became {'NaN' if torch.isnan(norm) else 'infinite'} at epoch {epoch + 1} step {step}"
+            elif not sync_free:
+                if not torch.isfinite(norm):
+                    diverged = f"the loss became {'NaN' if torch.isnan(norm) else 'infinite'} at epoch {epoch + 1} step {step}"
+                else:
+                    optimizer.step()
             else:
+                # On a GPU, reading the norm every step would stall the host on the device:
+                # remember the first bad step on the device and look every CHECK_EVERY steps.
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(norm), step, bad_step)
                 optimizer.step()
+                if step % CHECK_EVERY == CHECK_EVERY - 1:
+                    diverged = _divergence(int(bad_step), epoch)
             if diverged:
                 break
             for k, v in out.sums.items():
-                sums[k] += float(v)
+                sums[k] = sums[k] + (v.detach() if torch.is_tensor(v) else v)
             samples += out.samples
             state = out.state
             progress.update(out.samples)
             record = task.after_step(model, data, config, seen_before + progress.items * worker.world_size, worker)
             if record is not None:
                 step_records.append(record)
+        if sync_free and not diverged:
+            diverged = _divergence(int(bad_step), epoch)
         if diverged:
             raise UserError(f"{diverged}; lower --learning-rate or set a smaller --max-grad-norm")
+        sums = {k: float(v) for k, v in sums.items()}  # one device sync per epoch
         train_seconds = time.perf_counter() - epoch_start
 
         # ------------------------------------------------------------ evaluate + reduce

@@ -33,7 +33,9 @@ class StepOutput:
     """What one training step hands back to the loop."""
 
     loss: torch.Tensor  # scalar to call backward() on
-    sums: dict[str, float]  # additive statistics, e.g. {"loss_sum": ..., "tokens": ...}
+    # Additive statistics, e.g. {"loss_sum": ..., "tokens": ...}. A value may be a detached
+    # scalar tensor: the loop sums those on the device, so a GPU step needs no host sync.
+    sums: dict[str, float | torch.Tensor]
     samples: int  # units processed (words, chars, shapes) -- for samples/sec
     state: Any = None  # carried to the next step (e.g. LSTM hidden state for truncated BPTT)
 

@@ -16,8 +16,9 @@ the log-softmax grad and the logits grad: five logits-sized tensors per step.
 ``-log(p_target)`` loses precision once ``p_target`` underflows float32 (a loss above ~87
 nats, i.e. a diverging model); those few rows are recomputed exactly from their logits.
 
-Without gradients (evaluation) it computes only the loss, in row blocks. Under autocast it
-falls back to the plain composition (the fused node is an fp32 path).
+Without gradients (evaluation) it computes only the loss, in row blocks. Under autocast and
+on a GPU it is the plain composition: the fused node is an fp32 CPU path, and its underflow
+check would cost a GPU sync every step.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     is differentiable; the second is a detached copy of the plain sum, for metrics.
     """
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad)
-    if torch.is_autocast_enabled(h.device.type):
+    if torch.is_autocast_enabled(h.device.type) or h.device.type != "cpu":
         loss_sum = F.cross_entropy(F.linear(h, weight, bias), targets, reduction="sum")
         return loss_sum * scale, loss_sum.detach().float()
     if needs_grad:

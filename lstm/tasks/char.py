@@ -154,7 +154,7 @@ class CharTask(Task):
         x, y = batch
         loss_sum = F.cross_entropy(model(x).float(), y, reduction="sum")
         n = y.numel()
-        return StepOutput(loss=loss_sum / n, sums={"loss_sum": loss_sum.item(), "chars": n}, samples=n)
+        return StepOutput(loss=loss_sum / n, sums={"loss_sum": loss_sum.detach(), "chars": n}, samples=n)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, data: CharData, split: str, config: CharConfig,

@@ -224,7 +224,7 @@ class PTBTask(Task):
         inputs, targets = batch
         loss, loss_sum, state = model(inputs, targets, state, 1.0 / inputs.shape[0])
         words = inputs.numel()
-        return StepOutput(loss=loss, sums={"loss_sum": float(loss_sum), "words": words}, samples=words,
+        return StepOutput(loss=loss, sums={"loss_sum": loss_sum.detach(), "words": words}, samples=words,
                           state=detach_state(state))
 
     # ------------------------------------------------------------------ evaluation

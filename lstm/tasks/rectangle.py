@@ -138,7 +138,7 @@ class RectangleTask(Task):
             pred = unwrap(model).point(out, sample=False)
             with_origin = torch.cat([torch.zeros_like(pred[:, :1]), pred], 1)
             loss = loss + config.aux_weight * rectangle_terms_torch(with_origin).abs().mean()
-        return StepOutput(loss=loss, sums={"loss_sum": per_point.detach().sum().item(), "points": per_point.numel()},
+        return StepOutput(loss=loss, sums={"loss_sum": per_point.detach().sum(), "points": per_point.numel()},
                           samples=batch.shape[0])
 
     def after_step(self, model: nn.Module, data: ShapeData, config: ShapeConfig, examples_seen: int,
