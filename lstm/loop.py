@@ -158,7 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str
     if worker.device.type == "cpu":
         # The CPUs Ray reserved for this worker, but never more threads than the machine has
         # cores (a test cluster may advertise more CPUs than it has).
-        torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1)))
+        torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1, task.max_threads or 1 << 16)))
 
     def report(metrics: dict[str, Any], checkpoint: Optional["ray.train.Checkpoint"] = None) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -65,6 +65,9 @@ class Task(ABC):
     eval_splits: ClassVar[tuple[str, ...]] = ("valid",)  # evaluated every epoch
     final_splits: ClassVar[tuple[str, ...]] = ()  # evaluated once, after the last epoch
     primary_metric: ClassVar[str] = "valid_loss"  # what a search minimises
+    # Most intra-op threads a CPU worker uses (None: all its CPUs). A model too small to
+    # split over threads runs faster on one.
+    max_threads: ClassVar[Optional[int]] = None
     metric_mode: ClassVar[str] = "min"
 
     # ---------------------------------------------------------------- driver side
