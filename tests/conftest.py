@@ -15,6 +15,9 @@ sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("LSTM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by every test that needs one (start-up costs seconds).
@@ -32,9 +35,13 @@ def ray_session():
         # (e.g. the head a job-submission test starts), then frees a live run's workers.
         port = free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        # Ray Train's controller polls its workers every 2 s by default; every run in the
+        # suite waits on that poll a few times (start, each report, the end).
+        os.environ[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                     runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}})
+                     runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}",
+                                               TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV]}})
         finally:
             del os.environ["RAY_GCS_SERVER_PORT"]
     yield ray
@@ -63,3 +70,27 @@ def char_dir() -> Path:
     if not (d / "nietzsche.txt").is_file():
         pytest.skip(f"char corpora not found at {d}")
     return d
+
+
+def ptb_base_config():
+    """The tutorial's test config on 2% of the training words (18.6k words, 464 steps per
+    epoch), two epochs so that the second runs at lr * lr_decay; evaluation in steps of 35 words."""
+    from lstm.tasks.ptb import PRESETS, PTBConfig
+
+    return PTBConfig(**{**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.02, "eval_num_steps": 35})
+
+
+@pytest.fixture(scope="session")
+def ptb_base(ray_session, tmp_path_factory):
+    """One uninterrupted 1-worker PTB run of :func:`ptb_base_config`, shared by the tests that
+    compare against it (same seed, another worker count, a worker killed mid-run):
+    ``(result, storage folder, data folder)``; the run is called "base"."""
+    from lstm import config as cfg
+    from lstm.trainer import fit
+
+    data = SHARED_DATA / "ptb"
+    if not (data / "ptb.train.txt").is_file():
+        pytest.skip(f"PTB data not found at {data}")
+    storage = tmp_path_factory.mktemp("ptb-base")
+    settings = cfg.RunSettings(storage_path=str(storage), name="base", data_dir=str(data), max_failures=0)
+    return fit("ptb", ptb_base_config(), settings), storage, data

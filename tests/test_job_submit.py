@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, TRAIN_POLL_ENV, TRAIN_POLL_S
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 300
@@ -184,7 +184,9 @@ def head():
                "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
                "--num-cpus", "3", "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     # Without the drain wait, SIGTERM stops the node at once (the default waits 30 s for Serve).
-    start_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    # The Train controllers of the jobs poll their workers every 0.5 s instead of 2 s, as in
+    # the rest of the suite (conftest.TRAIN_POLL_S): the node's processes inherit this.
+    start_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", TRAIN_POLL_ENV: TRAIN_POLL_S}
     with open(log, "w") as out:
         proc = subprocess.Popen(command, env=start_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)

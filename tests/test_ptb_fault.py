@@ -6,25 +6,25 @@ from __future__ import annotations
 import pytest
 
 from lstm import config as cfg
-from lstm.tasks.ptb import PRESETS, PTBConfig
 from lstm.trainer import fit
 
-CONFIG = PTBConfig(**{**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.01, "eval_num_steps": 35})
+from conftest import ptb_base_config
+
 KEYS = ("train_loss", "valid_loss")
 
 
-def test_a_worker_killed_mid_epoch_costs_one_epoch_and_changes_nothing(ray_session, tmp_path, ptb_dir):
-    def settings(name, **kw):
-        return cfg.RunSettings(storage_path=str(tmp_path), name=name, data_dir=str(ptb_dir), **kw)
-
-    clean = fit("ptb", CONFIG, settings("clean", max_failures=0))
+def test_a_worker_killed_mid_epoch_costs_one_epoch_and_changes_nothing(ptb_base, tmp_path):
+    clean, _, data = ptb_base  # the uninterrupted run of the same config and seed
     # the worker exits abruptly at step 100 of epoch 2 (first attempt only); FailureConfig
     # restarts the worker from the checkpoint of epoch 1, and epoch 2 is trained again.
-    killed = fit("ptb", CONFIG, settings("killed", max_failures=1, inject_failure="2:100", checkpoints_to_keep=5))
+    killed = fit("ptb", ptb_base_config(), cfg.RunSettings(
+        storage_path=str(tmp_path), name="killed", data_dir=str(data), max_failures=1, inject_failure="2:100",
+        checkpoints_to_keep=5))
     assert (tmp_path / "killed" / ".injected_failure_done").is_file()
     # it resumed after epoch 1 instead of starting over: two checkpoints were reported, not three
     assert len([p for p in (tmp_path / "killed").glob("checkpoint_*") if p.is_dir()]) == 2
     assert [e["epoch"] for e in killed.history] == [1, 2]
+    assert [e["epoch"] for e in clean.history] == [1, 2]
     for a, b in zip(clean.history, killed.history):
         assert [b[k] for k in KEYS] == [a[k] for k in KEYS]
     assert killed.metrics["test_loss"] == clean.metrics["test_loss"]

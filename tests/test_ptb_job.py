@@ -11,12 +11,12 @@ import pytest
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.loop import read_checkpoint_state
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBConfig, PTBTask
 from lstm.trainer import fit
 
-# The tutorial's test config on 2% of the training words (18.6k words, 464 steps per epoch),
-# two epochs so that the second runs at lr * lr_decay; evaluation in steps of 35 words.
-CONFIG = PTBConfig(**{**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.02, "eval_num_steps": 35})
+from conftest import ptb_base_config
+
+CONFIG = ptb_base_config()
 LOSSES = ("train_loss", "valid_loss")
 
 
@@ -28,15 +28,10 @@ def losses(history):
     return [tuple(e[k] for k in LOSSES) for e in history]
 
 
-@pytest.fixture(scope="module")
-def base(ray_session, tmp_path_factory):
-    from conftest import SHARED_DATA
-
-    data = SHARED_DATA / "ptb"
-    if not (data / "ptb.train.txt").is_file():
-        pytest.skip(f"PTB data not found at {data}")
-    storage = tmp_path_factory.mktemp("runs")
-    return fit("ptb", CONFIG, settings(storage, "base", data)), storage, data
+@pytest.fixture
+def base(ptb_base):
+    """The session's uninterrupted run of CONFIG (conftest.ptb_base)."""
+    return ptb_base
 
 
 def test_a_run_learns_and_writes_its_outputs(base):

@@ -7,10 +7,12 @@ import pytest
 
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.tasks.ptb import PRESETS, PTBConfig
+from lstm.tasks.ptb import PTBConfig
 from lstm.trainer import fit
 
-CONFIG = PTBConfig(**{**PRESETS["test"], "max_max_epoch": 1, "train_fraction": 0.02, "eval_num_steps": 35})
+from conftest import ptb_base_config
+
+CONFIG = ptb_base_config()
 KEYS = ("train_loss", "valid_loss")
 
 
@@ -19,15 +21,10 @@ def settings(storage, name, data_dir, **kw) -> cfg.RunSettings:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory):
-    """One 1-worker and one 2-worker run of the same config and seed."""
-    from conftest import SHARED_DATA
-
-    data = SHARED_DATA / "ptb"
-    if not (data / "ptb.train.txt").is_file():
-        pytest.skip(f"PTB data not found at {data}")
+def runs(ptb_base, tmp_path_factory):
+    """The session's 1-worker run and a 2-worker run of the same config and seed."""
+    one, _, data = ptb_base
     storage = tmp_path_factory.mktemp("runs")
-    one = fit("ptb", CONFIG, settings(storage, "one", data))
     two = fit("ptb", CONFIG, settings(storage, "two", data, num_workers=2))
     return one, two, storage, data
 
@@ -35,7 +32,7 @@ def runs(ray_session, tmp_path_factory):
 def test_two_workers_reproduce_one_worker(runs):
     """batch_size is global: 2 workers x 10 rows take the same steps as 1 worker x 20 rows."""
     one, two, _, _ = runs
-    assert all(e["workers"] == 2 for e in two.history)
+    assert [e["workers"] for e in two.history] == [2, 2] and [e["workers"] for e in one.history] == [1, 1]
     assert [e["samples_seen"] for e in two.history] == [e["samples_seen"] for e in one.history]
     for a, b in zip(one.history, two.history):
         for key in KEYS:
