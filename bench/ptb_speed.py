@@ -1,6 +1,6 @@
 """Training speed of the PTB job's step against a plain PyTorch loop, side by side in one process.
 
-    .venv/bin/python bench/ptb_speed.py [--config small] [--threads 2] [--repeats 7] [--steps 20]
+    .venv/bin/python bench/ptb_speed.py [--config small] [--threads 2] [--steps 5] [--repeats 30]
     python bench/ptb_speed.py --device cuda --config medium [--precision bf16]   # on a GPU
 
 Both train the same model (the small config by default: 2 x 200 LSTM, vocab 10,000, batch 20,

@@ -33,6 +33,7 @@ def learning_curves(epochs: Sequence[Mapping[str, Any]], panels: Sequence[tuple[
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(ylabel)
         if ylabel in log_y:
             ax.set_yscale("log")

@@ -10,9 +10,11 @@ trials the next trial waits forever for workers. The cleaner actors also stay al
 
 :func:`release_orphans` does the cleaner's job from the Tune driver, reading the placement
 group and actor tables straight from Ray's GCS (no dashboard needed): it removes the placement
-groups created by this job's dead Train controllers, and kills the cleaner actors those
-controllers started. :class:`ReleaseOrphansCallback` runs it during a search. These are
-Ray internals; if they change, the clean-up logs one warning and does nothing.
+groups created by this job's dead Train controllers. :class:`ReleaseOrphansCallback` runs it
+during a search. (The cleaner actors themselves take no CPUs; without a dashboard they stay
+until Ray shuts down. The driver cannot kill them: ``ray.kill`` needs an actor handle, and only
+the controllers that started them held one.) These are Ray internals; if they change, the
+clean-up logs one warning and does nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from ray.tune import Callback
 
 logger = logging.getLogger(__name__)
 
-CLEANER_CLASS = "PlacementGroupCleaner"
 CONTROLLER_CLASS = "TrainController"
 _warned = False
 
@@ -41,9 +42,8 @@ def _tables() -> tuple[list[Any], list[Any], str]:
     return pgs, actors, ray.get_runtime_context().get_job_id()
 
 
-def release_orphans() -> tuple[int, int]:
-    """Remove the placement groups of this job's dead Train controllers and kill the cleaner
-    actors they started. Returns (placement groups removed, actors killed)."""
+def release_orphans() -> int:
+    """Remove the placement groups of this job's dead Train controllers; returns how many."""
     global _warned
     try:
         import ray
@@ -51,33 +51,24 @@ def release_orphans() -> tuple[int, int]:
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
         pgs, actors, job = _tables()
-        alive = gcs_pb2.ActorTableData.ActorState.Value("ALIVE")
         removed_state = gcs_pb2.PlacementGroupTableData.PlacementGroupState.Value("REMOVED")
         dead = gcs_pb2.ActorTableData.ActorState.Value("DEAD")
-        dead_controllers = [a for a in actors
-                            if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job and a.state == dead]
-        dead_ids = {a.actor_id for a in dead_controllers}
-        dead_workers = {a.address.worker_id for a in dead_controllers}
-        removed = killed = 0
+        dead_ids = {a.actor_id for a in actors
+                    if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job and a.state == dead}
+        removed = 0
         for pg in pgs:  # the worker groups' placement groups, created by the controllers
             if pg.state != removed_state and not pg.is_detached and pg.creator_actor_id in dead_ids:
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
                 removed += 1
-        core_worker = ray._private.worker.global_worker.core_worker
-        for a in actors:  # each controller started one cleaner, owned by its worker process
-            if (a.class_name == CLEANER_CLASS and a.state == alive and a.job_id.hex() == job
-                    and a.owner_address.worker_id in dead_workers):
-                core_worker.kill_actor(ray.ActorID(a.actor_id), True)
-                killed += 1
-        if removed or killed:
-            logger.info("released %d placement group(s) and %d cleaner actor(s) of stopped trials", removed, killed)
-        return removed, killed
+        if removed:
+            logger.info("released %d placement group(s) of stopped trials", removed)
+        return removed
     except Exception as e:  # noqa: BLE001 - Ray internals; never fail a search over this
         if not _warned:
             _warned = True
             logger.warning(f"could not release the resources of stopped trials ({type(e).__name__}: {e}); "
                            "run Ray with its dashboard so that Ray Train cleans them up itself")
-        return 0, 0
+        return 0
 
 
 def controllers_alive() -> int:

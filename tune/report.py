@@ -228,6 +228,7 @@ def plot_curves(rows: Sequence[TrialRow], metric: str, path: Path, *, title: str
         if r.stopped_early:
             ax.plot([pts[-1][0]], [pts[-1][1]], marker="x", ms=9, color=line.get_color())
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel(metric)
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
