@@ -270,6 +270,41 @@ def test_resumable_asha_replays_results(tmp_path):
 # --------------------------------------------------------------------------- PTB
 
 
+PBT_LR = (0.00003, 0.5)  # a log range from good to far too large
+
+
+def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_session):
+    """PBT: a trial in the bottom quantile continues from a copy of a better trial's checkpoint
+    (a new Train run that starts from it, carrying its history) with a mutated learning rate."""
+    exp = tmp_path / "pbt"
+    cli.main(["--task", "rectangle", "--base", "test", "--scheduler", "pbt", "--max-epochs", "3",
+              "--num-samples", "4", "--max-concurrent", "4", "--seed", "0", "--space", "hidden_size=16",
+              f"learning_rate=log:{PBT_LR[0]}:{PBT_LR[1]}", "--storage-path", str(tmp_path), "--name", "pbt"])
+    spec = runner.load_spec(str(exp))
+    rep = report.write_report(spec)
+    assert len(rep.rows) == 4 and all(r.status == "TERMINATED" and r.epochs_run == 3 for r in rep.rows), rep.rows
+    by_index = {int(r.trial_id.rsplit("_", 1)[1]): r for r in rep.rows}
+    # Tune's log of exploits: [target tag, source tag, target epoch, source epoch, old config, new config]
+    exploits = [json.loads(line) for line in (exp / "pbt_global.txt").read_text().splitlines() if line.strip()]
+    assert exploits, "PBT never cloned a trial"
+    targets = set()
+    for target_tag, source_tag, _, _, old, new in exploits:
+        target, source = int(target_tag.split("_")[0]), int(source_tag.split("_")[0])
+        assert target != source and new["learning_rate"] != old["learning_rate"]
+        assert PBT_LR[0] <= new["learning_rate"] <= PBT_LR[1]  # mutated, then clipped to the range
+        targets.add(target)
+    for index in targets:
+        row = by_index[index]
+        run = Path(runner.trial_run_dir(spec, row.trial_id))
+        assert "-from-" in run.name  # the latest run started from a cloned checkpoint
+        history = json.loads((run / "results.json").read_text())["epochs"]
+        assert [e["epoch"] for e in history] == [1, 2, 3]
+        assert history[-1]["lr"] == pytest.approx(row.hparams["learning_rate"])  # it ends on the mutated lr
+        # ... and its first epoch was trained by the trial it cloned, at that trial's lr (a run
+        # that ignored the checkpoint would have trained every epoch at the mutated lr)
+        assert history[0]["lr"] != pytest.approx(history[-1]["lr"])
+
+
 def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_dir):
     """A tiny PTB search from the test config on a prefix of the data: the bad learning rate
     (second in the grid, one trial at a time) is stopped after the first epoch; the best

@@ -6,6 +6,7 @@
 * ``pbt``: PopulationBasedTraining. Every ``perturbation_interval`` epochs a trial in the
   bottom quantile copies the checkpoint and config of one in the top quantile and perturbs
   ``keep_prob`` and ``learning_rate`` (clipped to the searched ranges).
+  :class:`FinishingPBT` leaves a trial alone on its last epoch (see there).
 
 Tune does not save a scheduler's state with the experiment, so after ``Tuner.restore`` an
 ASHA scheduler would compare resumed trials only with each other. :class:`ResumableASHA`
@@ -80,10 +81,28 @@ def make_scheduler(name: str, *, metric: str, mode: str, max_epochs: int, space:
                              grace_period=min(grace_period, epochs), reduction_factor=reduction_factor)
     if name == "pbt":
         mutations, clip = pbt_mutations(space, base_values)
-        return PopulationBasedTraining(
+        return FinishingPBT(
             time_attr=TIME_ATTR, metric=metric, mode=mode, perturbation_interval=perturbation_interval,
             hyperparam_mutations=mutations, custom_explore_fn=clip, synch=False)
     raise ValueError(f"unknown scheduler {name!r}")
+
+
+class FinishingPBT(PopulationBasedTraining):
+    """PopulationBasedTraining that does nothing on a trial's last epoch.
+
+    Tune's PBT acts on every result: it may pause the trial (to let waiting trials run),
+    clone a better trial into it, or record the result's checkpoint as the one that worse
+    trials will clone. On the last epoch each of those goes wrong: a paused or cloned trial
+    restarts from a checkpoint that has no epoch left to train (so the new config is never
+    trained and, for a paused trial, the last result is lost from its record), and a
+    last-epoch checkpoint cloned into a worse trial leaves that trial nothing to train
+    either. So a result whose epoch is the trial's last passes through untouched."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        epochs = result.get("epochs")
+        if isinstance(epochs, int) and result.get(TIME_ATTR, 0) >= epochs:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def pbt_mutations(space: SearchSpace, base_values: Mapping[str, Any]
