@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,7 +57,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ptb_dir() -> Path:
     d = SHARED_DATA / "ptb"
     if not (d / "ptb.train.txt").is_file():
@@ -80,17 +81,19 @@ def ptb_base_config():
     return PTBConfig(**{**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.02, "eval_num_steps": 35})
 
 
+def run_settings(storage: Path, name: str, data_dir: Path, **kw: Any):
+    """RunSettings of a test run called ``name`` under ``storage`` (no retries unless asked)."""
+    from lstm import config as cfg
+
+    return cfg.RunSettings(storage_path=str(storage), name=name, data_dir=str(data_dir), **{"max_failures": 0, **kw})
+
+
 @pytest.fixture(scope="session")
-def ptb_base(ray_session, tmp_path_factory):
+def ptb_base(ray_session, ptb_dir, tmp_path_factory):
     """One uninterrupted 1-worker PTB run of :func:`ptb_base_config`, shared by the tests that
     compare against it (same seed, another worker count, a worker killed mid-run):
     ``(result, storage folder, data folder)``; the run is called "base"."""
-    from lstm import config as cfg
     from lstm.trainer import fit
 
-    data = SHARED_DATA / "ptb"
-    if not (data / "ptb.train.txt").is_file():
-        pytest.skip(f"PTB data not found at {data}")
     storage = tmp_path_factory.mktemp("ptb-base")
-    settings = cfg.RunSettings(storage_path=str(storage), name="base", data_dir=str(data), max_failures=0)
-    return fit("ptb", ptb_base_config(), settings), storage, data
+    return fit("ptb", ptb_base_config(), run_settings(storage, "base", ptb_dir)), storage, ptb_dir

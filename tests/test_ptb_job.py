@@ -14,28 +14,18 @@ from lstm.loop import read_checkpoint_state
 from lstm.tasks.ptb import PTBConfig, PTBTask
 from lstm.trainer import fit
 
-from conftest import ptb_base_config
+from conftest import ptb_base_config, run_settings
 
-CONFIG = ptb_base_config()
+CONFIG = ptb_base_config()  # the config of the session's run, conftest.ptb_base
 LOSSES = ("train_loss", "valid_loss")
-
-
-def settings(storage: Path, name: str, data_dir: Path, **kw) -> cfg.RunSettings:
-    return cfg.RunSettings(storage_path=str(storage), name=name, data_dir=str(data_dir), max_failures=0, **kw)
 
 
 def losses(history):
     return [tuple(e[k] for k in LOSSES) for e in history]
 
 
-@pytest.fixture
-def base(ptb_base):
-    """The session's uninterrupted run of CONFIG (conftest.ptb_base)."""
-    return ptb_base
-
-
-def test_a_run_learns_and_writes_its_outputs(base):
-    result, _, _ = base
+def test_a_run_learns_and_writes_its_outputs(ptb_base):
+    result, _, _ = ptb_base
     h = result.history
     assert [e["epoch"] for e in h] == [1, 2] and [e["lr"] for e in h] == [1.0, 0.5]
     assert h[1]["train_ppl"] < h[0]["train_ppl"] < 2000 and h[1]["valid_ppl"] < 1500
@@ -51,22 +41,22 @@ def test_a_run_learns_and_writes_its_outputs(base):
     assert meta["vocab_size"] == 10000 and meta["vocab"][:3] == ["the", "<unk>", "<eos>"]
 
 
-def test_the_epoch_line_shows_lr_perplexities_speed_and_time(base):
-    line = PTBTask().format_epoch_line(base[0].history[-1])
+def test_the_epoch_line_shows_lr_perplexities_speed_and_time(ptb_base):
+    line = PTBTask().format_epoch_line(ptb_base[0].history[-1])
     for part in ("epoch  2/2", "lr 0.5", "train ppl ", "valid ppl ", "test ppl ", "words/sec ", "elapsed "):
         assert part in line
 
 
-def test_same_seed_same_losses(base):
-    first, storage, data = base
-    again = fit("ptb", CONFIG, settings(storage, "again", data))
+def test_same_seed_same_losses(ptb_base):
+    first, storage, data = ptb_base
+    again = fit("ptb", CONFIG, run_settings(storage, "again", data))
     assert losses(again.history) == losses(first.history)
     assert again.metrics["test_loss"] == first.metrics["test_loss"]
 
 
-def test_resume_with_another_architecture_is_a_one_line_error(base):
-    _, storage, data = base
+def test_resume_with_another_architecture_is_a_one_line_error(ptb_base):
+    _, storage, data = ptb_base
     other = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "hidden_size": 3, "max_max_epoch": 3})
     with pytest.raises(UserError, match="does not match this model's architecture .* resume with the config it was trained with") as info:
-        fit("ptb", other, settings(storage, "base", data), resume=True)
+        fit("ptb", other, run_settings(storage, "base", data), resume=True)
     assert "\n" not in str(info.value)

@@ -10,14 +10,10 @@ from lstm.errors import UserError
 from lstm.tasks.ptb import PTBConfig
 from lstm.trainer import fit
 
-from conftest import ptb_base_config
+from conftest import ptb_base_config, run_settings
 
 CONFIG = ptb_base_config()
 KEYS = ("train_loss", "valid_loss")
-
-
-def settings(storage, name, data_dir, **kw) -> cfg.RunSettings:
-    return cfg.RunSettings(storage_path=str(storage), name=name, data_dir=str(data_dir), **{"max_failures": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +21,7 @@ def runs(ptb_base, tmp_path_factory):
     """The session's 1-worker run and a 2-worker run of the same config and seed."""
     one, _, data = ptb_base
     storage = tmp_path_factory.mktemp("runs")
-    two = fit("ptb", CONFIG, settings(storage, "two", data, num_workers=2))
+    two = fit("ptb", CONFIG, run_settings(storage, "two", data, num_workers=2))
     return one, two, storage, data
 
 
@@ -44,5 +40,5 @@ def test_nan_loss_stops_all_workers_with_one_line(runs):
     _, _, storage, data = runs
     diverging = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "learning_rate": 1e30})
     with pytest.raises(UserError, match=r"^the loss became (NaN|infinite) at epoch 1 step \d+; lower --learning-rate") as info:
-        fit("ptb", diverging, settings(storage, "nan", data, num_workers=2, max_failures=2))
+        fit("ptb", diverging, run_settings(storage, "nan", data, num_workers=2, max_failures=2))
     assert "\n" not in str(info.value)
