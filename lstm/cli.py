@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from lstm import config as cfg
+from lstm import storage
+from lstm.outputs import RunResult
 from lstm.task import Task, get_task
+from lstm.trainer import fit
 
 
-def build_parser(task: Task, description: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(task: type[Task], description: Optional[str] = None) -> argparse.ArgumentParser:
     """Flags: --config PRESET, --config-file, one flag per config field, run/scaling flags."""
     p = argparse.ArgumentParser(
         prog=f"jobs/{task.name}.py",
@@ -33,7 +36,7 @@ def build_parser(task: Task, description: Optional[str] = None) -> argparse.Argu
     return p
 
 
-def resolve_configs(task: Task, args: argparse.Namespace) -> tuple[cfg.TaskConfig, cfg.RunSettings]:
+def resolve_configs(task: type[Task], args: argparse.Namespace) -> tuple[cfg.TaskConfig, cfg.RunSettings]:
     """Task config (defaults <- preset <- file <- flags) and run settings from parsed args."""
     preset = getattr(args, "config", None)
     if preset is None and not args.config_file:
@@ -47,8 +50,6 @@ def resolve_configs(task: Task, args: argparse.Namespace) -> tuple[cfg.TaskConfi
 def train_main(task_name: str, argv: Optional[Sequence[str]] = None, *,
                add_commands: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
     """Parse ``argv``, train, print where the outputs are. Returns the exit status."""
-    from lstm.trainer import fit
-
     task = get_task(task_name)
     parser = build_parser(task)
     args = parser.parse_args(argv)
@@ -61,13 +62,13 @@ def train_main(task_name: str, argv: Optional[Sequence[str]] = None, *,
     return 0
 
 
-def print_summary(result: Any) -> None:
+def print_summary(result: RunResult) -> None:
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     headline = ", ".join(f"{k} {v:.4g}" for k, v in final.items()
                          if k.startswith(("valid_", "test_")) and not k.endswith("_loss"))
-    print(f"done: {result.task} run in {result.run_dir}" + (f" ({headline})" if headline else ""))
+    print(f"done: {result.task} run in {storage.display(result.run_dir)}" + (f" ({headline})" if headline else ""))
     if result.results_path:
-        print(f"  results:    {result.results_path}")
+        print(f"  results:    {storage.display(result.results_path)}")
     for plot in result.plots:
-        print(f"  plot:       {plot}")
-    print(f"  checkpoint: {result.checkpoint_path}")
+        print(f"  plot:       {storage.display(plot)}")
+    print(f"  checkpoint: {storage.display(result.checkpoint_path)}")

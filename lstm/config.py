@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, Mapping, Optional, Sequence, Type, TypeVar
 
 from lstm.errors import UserError
 
@@ -48,45 +49,54 @@ class RunSettings:
 
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 0  # 0: auto (see lstm.trainer.auto_cpus_per_worker)
+    gpus_per_worker: float = 1.0  # with --gpu; below 1, several runs (trials) share a GPU
+    cpus_per_worker: int = 0  # 0: a fair share of the cluster (lstm.cluster.auto_cpus_per_worker)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
-    storage_path: str = ""  # '' -> <repo>/runs
+    storage_path: str = ""  # '' -> $LSTM_RAY_STORAGE or ~/lstm-ray/runs (lstm.storage)
     name: str = ""  # '' -> <task>-<timestamp>
     max_failures: int = 3
     checkpoints_to_keep: int = 2
     data_dir: str = ""  # '' -> $LSTM_DATA_DIR or the download cache
-    # Testing aid: "EPOCH:STEP" makes rank 0 exit abruptly at that (1-based epoch, 0-based
-    # step) on the first attempt only, to exercise FailureConfig recovery.
-    inject_failure: str = ""
+    wait_for_workers_s: float = -1  # -1: 600 s if an autoscaler can add nodes, else refuse at once
+    mlflow_tracking_uri: str = ""  # '' -> $MLFLOW_TRACKING_URI, or no MLflow
 
     def validate(self) -> None:
-        if self.num_workers < 0:
-            raise UserError(f"--num-workers must be >= 0 (got {self.num_workers})")
-        if self.cpus_per_worker < 0:
-            raise UserError(f"--cpus-per-worker must be >= 1, or 0 for as many as fit (got {self.cpus_per_worker})")
+        check_fields(self, ("num_workers",), lambda v: v >= 1, "a positive integer")
+        check_fields(self, ("cpus_per_worker",), lambda v: v >= 0, ">= 1, or 0 for a fair share of the cluster")
+        if self.max_failures < -1:
+            raise UserError(f"--max-failures must be -1 (retry forever) or >= 0 (got {self.max_failures})")
+        check_fields(self, ("checkpoints_to_keep",), lambda v: v >= 1, ">= 1")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise UserError(f"--precision must be fp32, bf16 or fp16 (got {self.precision!r})")
         if self.precision == "fp16" and not self.use_gpu:
             raise UserError("--precision fp16 needs --gpu; on CPU use bf16 or fp32")
-        if self.max_failures < -1:
-            raise UserError(f"--max-failures must be -1 (retry forever) or >= 0 (got {self.max_failures})")
-        if self.checkpoints_to_keep < 1:
-            raise UserError("--checkpoints-to-keep must be >= 1")
-        if self.inject_failure and not _parse_failure_spec(self.inject_failure):
-            raise UserError(f"--inject-failure must look like EPOCH:STEP (got {self.inject_failure!r})")
+        self._validate_gpus()
+
+    def _validate_gpus(self) -> None:
+        g = self.gpus_per_worker
+        if not (math.isfinite(g) and g > 0 and (g <= 1 or g == int(g))):
+            raise UserError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole number (got {g:g})")
+        if self.use_gpu and g < 1 and self.num_workers > 1:
+            raise UserError(f"--gpus-per-worker {g:g} with --num-workers {self.num_workers} could put two ranks of "
+                            "one run on the same GPU, which nccl cannot do; use whole GPUs for a run of several "
+                            "workers, or --num-workers 1 to share GPUs between runs")
+
+    @property
+    def gpus(self) -> float:
+        """GPUs each worker asks Ray for (0 without --gpu)."""
+        return self.gpus_per_worker if self.use_gpu else 0.0
 
 
-def _parse_failure_spec(spec: str) -> Optional[tuple[int, int]]:
-    try:
-        epoch, step = (int(p) for p in spec.split(":"))
-    except ValueError:
-        return None
-    return (epoch, step) if epoch >= 1 and step >= 0 else None
+def check_fields(config: Any, names: Sequence[str], ok: Callable[[Any], bool], rule: str) -> None:
+    """UserError ``--field must be <rule> (got value)`` for the first field failing ``ok``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None or not ok(value):
+            raise UserError(f"{flag_name(name)} must be {rule} (got {value})")
 
 
-def failure_spec(settings: RunSettings) -> Optional[tuple[int, int]]:
-    """``(epoch, step)`` of the injected failure, or None."""
-    return _parse_failure_spec(settings.inject_failure) if settings.inject_failure else None
+def positive_finite(value: float) -> bool:
+    return value > 0 and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------- values
@@ -146,6 +156,16 @@ def parse_value(tp: Any, raw: Any, name: str) -> Any:
         raise TypeError(f"unsupported config field type {tp!r} for {name}")
     tname = getattr(base, "__name__", str(base))
     raise UserError(f"{name} must be {'an' if tname[0] in 'aeiou' else 'a'} {tname} (got {raw!r})")
+
+
+def scalar_fields(cls: type) -> dict[str, type]:
+    """The fields of scalar type (int, float, bool, str; Optional unwrapped): name -> type."""
+    out = {}
+    for f in fields(cls):
+        base, _ = _unwrap_optional(_field_type(cls, f.name))
+        if base in (int, float, bool, str):
+            out[f.name] = base
+    return out
 
 
 def flag_name(field_name: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +35,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=jsonable) + "\n")
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
@@ -45,16 +44,8 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    return atomic_write(dst, lambda f: _copy_into(src, f))
-
-
-def _copy_into(src: str | os.PathLike, f: Any) -> None:
-    with open(src, "rb") as s:
-        shutil.copyfileobj(s, f)
-
-
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``json.dumps`` default for numpy/torch scalars and arrays, and paths."""
     if hasattr(obj, "item"):
         return obj.item()
     if hasattr(obj, "tolist"):

@@ -1,341 +1,282 @@
-"""The one training loop: ``train_loop_per_worker`` runs on every Ray Train worker.
+"""The one training loop: :func:`train_loop_per_worker` runs on every Ray Train worker.
 
 For every task it does the same things, in this order::
 
-    restore(get_checkpoint())            # model, optimizer, epoch, history -- or start fresh
-    for epoch in remaining epochs:
-        set the learning rate            # task.learning_rate(config, epoch)
-        for batch in this rank's shard:  # task.train_batches / task.train_step
-            backward, clip, step         # DDP averages gradients across workers
-        evaluate                         # task.evaluate on each split
-        all-reduce the sums              # so metrics are global, not rank 0's
-        report(metrics, checkpoint)      # every epoch; rank 0 writes the checkpoint
+    restore()                 # model, optimizer, epoch and history from get_checkpoint(), or fresh
+    for each remaining epoch:
+        train_epoch()         # this rank's batches: forward (in DDP), backward, clip, step
+        evaluate_and_reduce() # the task's sums on each split, all-reduced: global metrics
+        report()              # ray.train.report(metrics, checkpoint); rank 0 writes the checkpoint
 
-Problems the user can fix (a checkpoint from another vocabulary, a diverging loss) are
-reported as a ``user_error`` metric by every rank and the loop returns; the driver turns it
-into a one-line :class:`~lstm.errors.UserError` instead of retrying it ``max_failures`` times.
+Problems the user can fix (a checkpoint of another vocabulary, a diverging loss) hit every
+rank alike. They are reported as a ``user_error`` metric and returned, not raised, so that
+``FailureConfig`` does not retry what a retry cannot fix; the driver turns them into one line.
+
+Epoch ``e`` is seeded by (seed, e, rank): an epoch re-run after a worker failure draws the same
+dropout masks and data order as in an uninterrupted run, so the run ends with the same metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
+import logging
 import os
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lstm import checkpoint as ckpt
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.io import atomic_torch_save, atomic_write_json
 from lstm.progress import Progress
+from lstm.step import DivergenceGuard, StepModule, Stepper, autocast
 from lstm.task import Task, WorkerInfo, get_task
 
-MODEL_FILE = "model.pt"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "state.json"
-FAILURE_MARKER = ".injected_failure_done"
+USER_ERROR = "user_error"  # the metric (and return value) that carries a one-line UserError
+
+Report = Callable[[dict[str, Any], Optional[Any]], None]
 
 
-# --------------------------------------------------------------------------- helpers
+class WorkerHook:
+    """Called by the loop on every rank; for tests and instrumentation (see tests/hooks.py).
+    Must be picklable: it travels to the workers in the train loop's config."""
+
+    def on_step(self, epoch: int, step: int, worker: WorkerInfo, run_dir: str) -> None:
+        """Before training step ``step`` (0-based) of ``epoch`` (1-based)."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+@dataclass
+class History:
+    """What a run has done so far: carried in every checkpoint."""
 
+    start_epoch: int = 0
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_before: float = 0.0
 
-def all_reduce_sums(sums: Mapping[str, float], device: torch.device) -> dict[str, float]:
-    """Sum each value over all workers (identity with a single process)."""
-    keys = sorted(sums)
-    if not (dist.is_available() and dist.is_initialized()) or not keys:
-        return {k: float(sums[k]) for k in keys}
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.tolist()))
+    @property
+    def samples_seen(self) -> int:
+        return int(self.epochs[-1].get("samples_seen", 0)) if self.epochs else 0
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed torch per (seed, epoch, rank): an epoch re-run after a resume draws the same
-    dropout masks and data order as it did in an uninterrupted run."""
     torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
 
 
-def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: Mapping[str, Any]) -> None:
-    """Write model, optimizer and state into ``directory`` (each file atomically)."""
-    atomic_torch_save(directory / MODEL_FILE, unwrap(model).state_dict())
-    atomic_torch_save(directory / OPTIMIZER_FILE, optimizer.state_dict())
-    atomic_write_json(directory / STATE_FILE, state)
+def all_reduce_sums(sums: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Each value summed over all workers (the identity with one process)."""
+    keys = sorted(sums)
+    if not (dist.is_available() and dist.is_initialized()) or not keys:
+        return {k: float(sums[k]) for k in keys}
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, values.tolist()))
 
 
-def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The JSON state (task, config, epoch, history, meta) of a checkpoint folder."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"{directory} is not an lstm-ray checkpoint (no {STATE_FILE}); pass a checkpoint_* folder of a run")
-    return json.loads(path.read_text())
+# --------------------------------------------------------------------------- the parts
 
 
-def load_model_state(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Load weights, turning a shape/key mismatch into a one-line UserError."""
-    state_dict = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else "")
-        raise UserError(
-            f"checkpoint {directory} does not match this model's architecture ({detail}); "
-            "resume with the config it was trained with, or start a new run with another --name"
-        ) from None
+def restore(task: Task, model: nn.Module, checkpoint: Any) -> tuple[History, Optional[dict[str, Any]]]:
+    """Load a checkpoint into ``model``; return the history and the optimizer's state."""
+    if checkpoint is None:
+        return History(), None
+    with checkpoint.as_directory() as directory:
+        state = ckpt.read_state(directory)
+        if state.get("task") != task.name:
+            raise UserError(f"checkpoint {directory} is from task {state.get('task')!r}, not {task.name!r}; "
+                            "use another --name")
+        task.check_checkpoint(state.get("meta", {}))
+        ckpt.load_model(model, directory)
+        optimizer_state = ckpt.load_optimizer_state(directory)
+    history = History(int(state["epoch"]), list(state.get("history", [])), float(state.get("elapsed_s", 0.0)))
+    if task.worker.is_chief:
+        print(f"[{task.name}] resumed from checkpoint after epoch {history.start_epoch}", flush=True)
+    return history, optimizer_state
 
 
-def _wait_for_reports(timeout_s: float = 30.0) -> None:
-    """Block until Ray Train's controller has registered every reported checkpoint. It polls
-    the workers every ~2 s, so a crash right after a report (as an injected failure early in
-    a short test epoch would be) can lose that report's checkpoint and cost one more epoch;
-    a real crash minutes into an epoch cannot. Used only by the fault injection."""
-    try:
-        import ray.train
+class Loop:
+    """The parts of one worker's run; :func:`run_training` strings them together."""
 
-        ray.train.get_all_reported_checkpoints(timeout_s=timeout_s)
-    except Exception:  # noqa: BLE001 - outside Ray Train, or an older Ray: just crash
-        pass
+    def __init__(self, task: Task, settings: cfg.RunSettings, run_dir: str, hooks: Sequence[WorkerHook] = ()):
+        self.task, self.settings, self.run_dir, self.hooks = task, settings, run_dir, list(hooks)
+        self.worker = task.worker
+        self.n_epochs = task.num_epochs(task.config)
 
+    def prepare(self, model: nn.Module, optimizer_state: Optional[dict[str, Any]]) -> None:
+        """Device placement, the DDP wrapper, the optimizer and the stepper."""
+        self.model = model.to(self.worker.device)
+        forward: nn.Module = StepModule(self.task, self.model)
+        if self.worker.world_size > 1:
+            import ray.train.torch
 
-CHECK_EVERY = 50  # steps between looks at a GPU run's non-finite-gradient flag
+            forward = ray.train.torch.prepare_model(forward, move_to_device=False)
+        optimizer = self.task.build_optimizer(self.model)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        guard = DivergenceGuard(self.task.loss_limit(), self.worker.device, self.worker.world_size,
+                                check_gradients=self.settings.precision != "fp16")
+        self.stepper = Stepper(forward, optimizer, [p for p in self.model.parameters() if p.requires_grad],
+                               max_grad_norm=self.task.max_grad_norm(), guard=guard,
+                               precision=self.settings.precision, device=self.worker.device)
 
-
-def _divergence(bad_step: int, epoch: int) -> Optional[str]:
-    """The one-line reason a run diverged, or None while every step's gradient was finite."""
-    if bad_step < 0:
-        return None
-    return f"the loss became NaN or infinite at epoch {epoch + 1} step {bad_step}"
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def quiet_ray_train_logs() -> None:
-    """Ray Train logs every report and checkpoint at INFO with the whole metrics dict; the
-    loop prints its own one-line summary per epoch instead."""
-    import logging
-
-    import ray.train.v2._internal.execution.context as context_module
-
-    for name in (context_module.__file__, "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str]]:
-    """Ray Train entry point. ``loop_config`` = {"task", "config", "run", "run_dir"} and
-    optionally "init_checkpoint": a checkpoint to start from when the run has none of its own."""
-    import ray.train
-    import ray.train.torch
-
-    quiet_ray_train_logs()
-    task = get_task(loop_config["task"])
-    config = cfg.build(task.config_class, loop_config["config"])
-    settings = cfg.build(cfg.RunSettings, loop_config["run"])
-    ctx = ray.train.get_context()
-    worker = WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                        device=ray.train.torch.get_device())
-    if worker.device.type == "cpu":
-        # The CPUs Ray reserved for this worker, but never more threads than the machine has
-        # cores (a test cluster may advertise more CPUs than it has).
-        torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1, task.max_threads or 1 << 16)))
-
-    def report(metrics: dict[str, Any], checkpoint: Optional["ray.train.Checkpoint"] = None) -> None:
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    init_checkpoint = loop_config.get("init_checkpoint")
-
-    def get_checkpoint() -> Optional["ray.train.Checkpoint"]:
-        own = ray.train.get_checkpoint()
-        return own if own is not None or not init_checkpoint else ray.train.Checkpoint(init_checkpoint)
-
-    try:
-        run_training(task, config, settings, worker, loop_config.get("run_dir", ""),
-                     get_checkpoint=get_checkpoint, report=report)
-    except UserError as e:
-        # Deterministic user errors hit every rank alike; reporting them (instead of raising)
-        # keeps FailureConfig from retrying something a retry cannot fix. Ray Train V2's
-        # Result.metrics are those of the latest *checkpoint*, so a metrics-only report is
-        # lost there: the error is also returned (Result.return_value is rank 0's return).
-        report({"user_error": str(e)})
-        return {"user_error": str(e)}
-    return None
-
-
-def run_training(task: Task, config: cfg.TaskConfig, settings: cfg.RunSettings, worker: WorkerInfo,
-                 run_dir: str, *, get_checkpoint, report) -> None:
-    """The loop body, separated from Ray's context so that its parts stay testable."""
-    import ray.train
-    import ray.train.torch
-
-    data = task.load_data(config, settings.data_dir or None, worker)
-    torch.manual_seed(config.seed)
-    raw_model = task.build_model(config, data)
-
-    start_epoch, history, elapsed_before = 0, [], 0.0
-    optimizer_state = None
-    checkpoint = get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = read_checkpoint_state(ckpt_dir)
-            if state.get("task") != task.name:
-                raise UserError(f"checkpoint {ckpt_dir} is from task {state.get('task')!r}, not {task.name!r}; use another --name")
-            task.check_checkpoint(state.get("meta", {}), data)
-            load_model_state(raw_model, ckpt_dir)
-            optimizer_state = torch.load(Path(ckpt_dir) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-            start_epoch, history = int(state["epoch"]), list(state.get("history", []))
-            elapsed_before = float(state.get("elapsed_s", 0.0))
-        if worker.is_chief:
-            print(f"[{task.name}] resumed from checkpoint after epoch {start_epoch}", flush=True)
-
-    model = ray.train.torch.prepare_model(raw_model) if worker.world_size > 1 else raw_model.to(worker.device)
-    raw_model = unwrap(model)
-    optimizer = task.build_optimizer(config, raw_model)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    scaler = torch.amp.GradScaler(worker.device.type) if settings.precision == "fp16" else None
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    max_norm = task.max_grad_norm(config)
-    n_epochs = task.num_epochs(config)
-    n_batches = task.num_train_batches(config, data, worker)
-    inject = cfg.failure_spec(settings)
-    marker = Path(run_dir) / FAILURE_MARKER if run_dir else None
-    run_start = time.perf_counter()
-
-    seen_before = int(history[-1].get("samples_seen", 0)) if history else 0
-    if start_epoch >= n_epochs and worker.is_chief:
-        print(f"[{task.name}] nothing to do: the run already finished its {n_epochs} epochs", flush=True)
-    for epoch in range(start_epoch, n_epochs):
-        seed_epoch(config.seed, epoch, worker.rank)
-        lr = task.learning_rate(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        sums: dict[str, float] = defaultdict(float)
-        samples, state, step_records = 0, None, []
-        progress = Progress(n_batches, f"[{task.name}] epoch {epoch + 1}", task.sample_unit,
+    def train_epoch(self, epoch: int, seen_before: int) -> tuple[dict[str, float], list[dict[str, Any]], float]:
+        """One epoch of this rank's batches: (sums, the task's step records, seconds)."""
+        task, worker = self.task, self.worker
+        seed_epoch(task.config.seed, epoch, worker.rank)
+        self.stepper.set_lr(task.learning_rate(epoch))
+        self.model.train()
+        sums: dict[str, Any] = defaultdict(float)
+        records, state = [], None
+        progress = Progress(task.num_train_batches(), f"[{task.name}] epoch {epoch + 1}", task.sample_unit,
                             enabled=worker.is_chief)
-        epoch_start = time.perf_counter()
-        diverged: Optional[str] = None
-        sync_free = worker.device.type != "cpu"
-        bad_step = torch.full((), -1, dtype=torch.long, device=worker.device)
-        for step, batch in enumerate(task.train_batches(config, data, epoch, worker)):
-            if inject and (epoch + 1, step) == inject and worker.is_chief and marker and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text("injected\n")
-                print(f"[{task.name}] injecting a worker failure at epoch {epoch + 1} step {step}", flush=True)
-                _wait_for_reports()
-                os._exit(1)
-            with _autocast(settings.precision, worker.device):
-                out = task.train_step(model, batch, state, config, worker)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(out.loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                out.loss.backward()
-            # The gradient norm is computed after DDP's all-reduce, so every rank sees the
-            # same value: a non-finite norm stops all ranks at the same step, with no extra
-            # communication.
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-            if scaler is not None:
-                scaler.step(optimizer)  # skips steps with inf/NaN gradients, as fp16 needs
-                scaler.update()
-                if scaler.get_scale() < 1e-6:
-                    diverged = f"the fp16 loss scale collapsed at epoch {epoch + 1} step {step}"
-            elif not sync_free:
-                if not torch.isfinite(norm):
-                    diverged = f"the loss became {'NaN' if torch.isnan(norm) else 'infinite'} at epoch {epoch + 1} step {step}"
-                else:
-                    optimizer.step()
-            else:
-                # On a GPU, reading the norm every step would stall the host on the device:
-                # remember the first bad step on the device and look every CHECK_EVERY steps.
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(norm), step, bad_step)
-                optimizer.step()
-                if step % CHECK_EVERY == CHECK_EVERY - 1:
-                    diverged = _divergence(int(bad_step), epoch)
-            if diverged:
-                break
-            for k, v in out.sums.items():
-                sums[k] = sums[k] + (v.detach() if torch.is_tensor(v) else v)
-            samples += out.samples
+        start = time.perf_counter()
+        index = -1
+        for index, batch in enumerate(task.train_batches(epoch)):
+            for hook in self.hooks:
+                hook.on_step(epoch + 1, index, worker, self.run_dir)
+            out = self.stepper.step(batch, state, index, epoch)
+            for key, value in out.sums.items():
+                sums[key] = sums[key] + (value.detach() if torch.is_tensor(value) else value)
+            sums["samples"] += out.samples
             state = out.state
             progress.update(out.samples)
-            record = task.after_step(model, data, config, seen_before + progress.items * worker.world_size, worker)
+            record = task.after_step(self.model, seen_before + progress.items * worker.world_size)
             if record is not None:
-                step_records.append(record)
-        if sync_free and not diverged:
-            diverged = _divergence(int(bad_step), epoch)
-        if diverged:
-            raise UserError(f"{diverged}; lower --learning-rate or set a smaller --max-grad-norm")
-        sums = {k: float(v) for k, v in sums.items()}  # one device sync per epoch
-        train_seconds = time.perf_counter() - epoch_start
+                records.append(record)
+        self.stepper.raise_if_diverged(epoch)
+        return {k: float(v) for k, v in sums.items()}, records, time.perf_counter() - start  # one sync per epoch
 
-        # ------------------------------------------------------------ evaluate + reduce
-        all_sums = {f"train:{k}": v for k, v in sums.items()}
-        all_sums["train:samples"] = samples
-        splits = list(task.eval_splits) + (list(task.final_splits) if epoch == n_epochs - 1 else [])
-        eval_start = time.perf_counter()
-        raw_model.eval()
-        with torch.no_grad(), _autocast(settings.precision, worker.device):
+    def evaluate_and_reduce(self, epoch: int, train_sums: Mapping[str, float]) -> dict[str, Any]:
+        """The task's sums on each split, summed over all workers, turned into metrics."""
+        task = self.task
+        splits = list(task.eval_splits) + (list(task.final_splits) if epoch == self.n_epochs - 1 else [])
+        all_sums = {f"train:{k}": v for k, v in train_sums.items()}
+        start = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad(), autocast(self.settings.precision, self.worker.device):
             for split in splits:
-                for k, v in task.evaluate(raw_model, data, split, config, worker).items():
-                    all_sums[f"{split}:{k}"] = v
-        eval_seconds = time.perf_counter() - eval_start
-        global_sums = all_reduce_sums(all_sums, worker.device)
-
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "epochs": n_epochs, "lr": lr}
+                all_sums.update({f"{split}:{k}": v for k, v in task.evaluate(self.model, split).items()})
+        eval_seconds = time.perf_counter() - start
+        global_sums = all_reduce_sums(all_sums, self.worker.device)
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "epochs": self.n_epochs, "lr": self.stepper.lr}
         for split in ["train"] + splits:
-            split_sums = {k.split(":", 1)[1]: v for k, v in global_sums.items() if k.startswith(split + ":")}
-            metrics.update(task.summarize(split_sums, f"{split}_"))
-        metrics[f"{task.sample_unit}_per_sec"] = global_sums["train:samples"] / max(train_seconds, 1e-9)
-        seen_before += int(global_sums["train:samples"])
-        metrics["samples_seen"] = seen_before
-        metrics["train_s"] = train_seconds
+            head = split + ":"
+            metrics.update(task.summarize({k[len(head):]: v for k, v in global_sums.items() if k.startswith(head)},
+                                          f"{split}_"))
+        metrics["global_samples"] = global_sums["train:samples"]
         metrics["eval_s"] = eval_seconds
-        metrics["elapsed_s"] = elapsed_before + (time.perf_counter() - run_start)
-        metrics["workers"] = worker.world_size
+        return metrics
 
-        extras = task.epoch_extras(raw_model, data, config, epoch, worker) if worker.is_chief else {}
-        history.append({**metrics, **({"extras": extras} if extras else {}),
-                        **({"steps": step_records} if step_records else {})})
+    def report(self, metrics: dict[str, Any], history: History, records: list[dict[str, Any]],
+               report: Report) -> None:
+        """Keep the epoch in the history, print it, and report it with a checkpoint."""
+        task, worker = self.task, self.worker
+        extras = task.epoch_extras(self.model, metrics["epoch"] - 1) if worker.is_chief else {}
+        history.epochs.append({**metrics, **({"extras": extras} if extras else {}),
+                               **({"steps": records} if records else {})})
         if worker.is_chief:
             print(task.format_epoch_line(metrics), flush=True)
             for line in extras.get("print", []):
                 print(line, flush=True)
-
-        # ------------------------------------------------------------ checkpoint + report
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         with tempfile.TemporaryDirectory(prefix="lstm-ckpt-") as tmp:
             checkpoint = None
             if worker.is_chief:
-                save_checkpoint(Path(tmp), model, optimizer, {
-                    "task": task.name,
-                    "config": cfg.to_dict(config),
-                    "epoch": epoch + 1,
-                    "elapsed_s": metrics["elapsed_s"],
-                    "meta": task.checkpoint_meta(data),
-                    "history": history,
+                ckpt.save(Path(tmp), self.model, self.stepper.optimizer, {
+                    "task": task.name, "config": cfg.to_dict(task.config), "epoch": metrics["epoch"],
+                    "elapsed_s": metrics["elapsed_s"], "meta": task.checkpoint_meta(), "history": history.epochs,
                 })
+                import ray.train
+
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}, checkpoint)
+            report(scalars, checkpoint)
+
+
+def run_training(task: Task, settings: cfg.RunSettings, *, get_checkpoint: Callable[[], Any], report: Report,
+                 run_dir: str = "", hooks: Sequence[WorkerHook] = ()) -> None:
+    """One worker's run, separated from Ray's context so that its parts stay testable."""
+    loop = Loop(task, settings, run_dir, hooks)
+    torch.manual_seed(task.config.seed)
+    model = task.build_model()
+    history, optimizer_state = restore(task, model, get_checkpoint())
+    loop.prepare(model, optimizer_state)
+    run_start = time.perf_counter()
+    if history.start_epoch >= loop.n_epochs and task.worker.is_chief:
+        print(f"[{task.name}] nothing to do: the run already finished its {loop.n_epochs} epochs", flush=True)
+    for epoch in range(history.start_epoch, loop.n_epochs):
+        sums, records, train_seconds = loop.train_epoch(epoch, history.samples_seen)
+        metrics = loop.evaluate_and_reduce(epoch, sums)
+        samples = int(metrics.pop("global_samples"))
+        metrics[f"{task.sample_unit}_per_sec"] = samples / max(train_seconds, 1e-9)
+        metrics.update(samples_seen=history.samples_seen + samples, train_s=train_seconds,
+                       elapsed_s=history.elapsed_before + time.perf_counter() - run_start,
+                       workers=task.worker.world_size)
+        loop.report(metrics, history, records, report)
+
+
+# --------------------------------------------------------------------------- Ray Train entry point
+
+
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs every report at INFO with the whole metrics dict; the loop prints its own
+    line per epoch. Its logger is named by a private module's file: if that moves, warn and
+    leave the logs on."""
+    try:
+        import ray.train.v2._internal.execution.context as context_module
+    except ImportError as e:
+        logging.getLogger(__name__).warning("cannot quiet Ray Train's per-report logs (%s)", e)
+        return
+    for name in (context_module.__file__, "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def current_worker() -> WorkerInfo:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device())
+
+
+def set_threads(settings: cfg.RunSettings, task_class: type[Task], device: torch.device) -> None:
+    """The CPUs Ray reserved for this worker, but never more threads than the machine has cores
+    (a test cluster may advertise more CPUs than it has), nor than the task can use."""
+    if device.type == "cpu":
+        cap = task_class.max_threads or os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1, cap)))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str]]:
+    """Ray Train entry point. ``loop_config``: {"task", "config", "run", "run_dir", "data"} and
+    optionally "init_checkpoint" (a ``Checkpoint`` a new run starts from: PBT's clone) and "hooks"."""
+    import ray
+    import ray.train
+
+    quiet_ray_train_logs()
+    task_class = get_task(loop_config["task"])
+    settings = cfg.build(cfg.RunSettings, loop_config["run"])
+    worker = current_worker()
+    set_threads(settings, task_class, worker.device)
+    init_checkpoint = loop_config.get("init_checkpoint")
+
+    def get_checkpoint() -> Any:
+        own = ray.train.get_checkpoint()
+        return own if own is not None else init_checkpoint
+
+    try:
+        task = task_class(cfg.build(task_class.config_class, loop_config["config"]), worker)
+        task.setup(ray.get(loop_config["data"]))
+        run_training(task, settings, get_checkpoint=get_checkpoint,
+                     report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+                     run_dir=loop_config.get("run_dir", ""), hooks=loop_config.get("hooks", ()))
+    except UserError as e:
+        # Ray Train V2 keeps only the metrics reported with a checkpoint, so the error is
+        # also returned (the driver reads rank 0's return value).
+        ray.train.report({USER_ERROR: str(e)})
+        return {USER_ERROR: str(e)}
+    return None

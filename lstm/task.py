@@ -1,16 +1,33 @@
-"""The plug-in interface of a task, and the registry of tasks.
+"""The contract between a task and the loop that trains it, and the registry of tasks.
 
-A task says what differs between workloads -- data, model, loss, metrics, samples, plots --
-and nothing about Ray, DDP, checkpoints or reporting, which :mod:`lstm.loop` does once for all.
+A task says what differs between workloads -- data, model, loss, metrics, samples, plots,
+and how a search explores it -- and nothing about Ray, DDP, devices, checkpoints or
+reporting, which :mod:`lstm.loop` does once for all tasks. ``docs/design.md`` walks through
+adding one.
 
-Contract the loop relies on:
+Two sides:
+
+* **driver** (class methods, run once before any worker starts): :meth:`Task.read_data`
+  reads (or downloads) the data and :meth:`Task.check` checks the config against it and the
+  worker count. What ``read_data`` returns reaches every worker through Ray's object store,
+  so no worker reads or downloads anything. :meth:`Task.plot` draws a finished run.
+* **worker** (an instance per Ray Train worker, ``task = cls(config, worker)``, made once):
+  :meth:`Task.setup` takes this rank's share of the data; the other hooks build the model and
+  optimizer, yield batches, compute a step's loss and evaluate.
+
+The model the hooks receive is always the task's own ``nn.Module``, already on the worker's
+device, never a DDP wrapper: the loop runs :meth:`Task.train_step` *inside* DDP's forward
+(see :class:`lstm.step.StepModule`), so gradients are averaged over the workers without the
+task knowing.
+
+The loop relies on:
 
 * ``train_batches`` yields the **same number of batches on every rank** (DDP all-reduces
-  gradients in lock-step), drawn from that rank's own shard.
-* ``train_step`` returns the loss to back-propagate plus *sums* (e.g. summed loss and token
-  count); the loop adds the sums over steps and over workers, and ``summarize`` turns global
-  sums into metrics, so reported metrics are global, not rank 0's.
-* everything a task returns for history (``epoch_extras``, ``on_step``) is JSON-able, so a
+  gradients in lock-step), drawn from that rank's own shard;
+* ``train_step`` returns the loss to back-propagate plus *sums* (summed loss, token count);
+  the loop adds the sums over steps and over workers and ``summarize`` turns the global sums
+  into metrics, so reported metrics are global, not rank 0's;
+* everything kept in the history (``epoch_extras``, ``after_step``) is JSON-able, so a
   ``results.json`` is enough to redraw every plot.
 """
 
@@ -26,6 +43,7 @@ import torch
 from torch import nn
 
 from lstm.config import TaskConfig
+from lstm.errors import UserError
 
 
 @dataclass
@@ -33,14 +51,16 @@ class StepOutput:
     """What one training step hands back to the loop."""
 
     loss: torch.Tensor  # scalar to call backward() on
-    # Additive statistics, e.g. {"loss_sum": ..., "tokens": ...}. A value may be a detached
+    # Additive statistics, e.g. {"loss_sum": ..., "words": ...}. A value may be a detached
     # scalar tensor: the loop sums those on the device, so a GPU step needs no host sync.
     sums: dict[str, float | torch.Tensor]
-    samples: int  # units processed (words, chars, shapes) -- for samples/sec
-    state: Any = None  # carried to the next step (e.g. LSTM hidden state for truncated BPTT)
+    samples: int  # units processed (words, chars, shapes): for samples/sec
+    mean_loss: torch.Tensor  # detached loss per unit, compared with Task.loss_limit
+    state: Any = None  # carried to the next step (e.g. the LSTM state of truncated BPTT)
+    lr_scale: float = 1.0  # this step's learning rate relative to the epoch's (variable-length BPTT)
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerInfo:
     """Where a task's code runs: rank/world for sharding, device for tensors."""
 
@@ -54,107 +74,116 @@ class WorkerInfo:
 
 
 class Task(ABC):
-    """Base class of a task. Subclasses set the class attributes and implement the abstract
-    methods; the defaults of the others fit most tasks."""
+    """Base class of a task: subclasses set the class attributes and implement the abstract
+    methods; the other hooks have defaults that fit most tasks."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[TaskConfig]]
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     default_preset: ClassVar[Optional[str]] = None
-    sample_unit: ClassVar[str] = "samples"  # "words", "chars", "shapes": used in "<unit>/sec"
+    sample_unit: ClassVar[str] = "samples"  # "words", "windows", "shapes": used in "<unit>/sec"
     eval_splits: ClassVar[tuple[str, ...]] = ("valid",)  # evaluated every epoch
     final_splits: ClassVar[tuple[str, ...]] = ()  # evaluated once, after the last epoch
-    primary_metric: ClassVar[str] = "valid_loss"  # what a search minimises
-    # Most intra-op threads a CPU worker uses (None: all its CPUs). A model too small to
-    # split over threads runs faster on one.
+    # Most intra-op threads a CPU worker uses (None: all its CPUs); a tiny model runs faster on one.
     max_threads: ClassVar[Optional[int]] = None
+
+    # ---- how a search explores the task (tune/)
+    epochs_field: ClassVar[str]  # the config field that sets a run's epochs (what --max-epochs sets)
+    primary_metric: ClassVar[str]  # what a search minimises (or maximises, see metric_mode)
     metric_mode: ClassVar[str] = "min"
+    search_space: ClassVar[Mapping[str, str]] = {}  # default --space entries, NAME -> SPEC
+    pbt_mutations: ClassVar[tuple[str, ...]] = ()  # fields PopulationBasedTraining perturbs
 
-    # ---------------------------------------------------------------- driver side
-    def check(self, config: TaskConfig, data_dir: Optional[str]) -> None:
-        """Fail fast on the driver (before any worker starts) for bad data or config."""
+    def __init__(self, config: TaskConfig, worker: WorkerInfo = WorkerInfo()):
+        self.config = config
+        self.worker = worker
 
-    def plot(self, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-        """Draw PNGs from a results dict (the content of results.json). Returns their paths."""
+    # ------------------------------------------------------------------ driver side
+    @classmethod
+    def read_data(cls, config: TaskConfig, data_dir: Optional[str]) -> Any:
+        """Read (or download) the data, once, on the driver. UserError if it is unusable.
+        The result is pickled into Ray's object store: keep it to arrays and plain values."""
+        return None
+
+    @classmethod
+    def check(cls, config: TaskConfig, data: Any, num_workers: int) -> None:
+        """UserError if ``config`` cannot train on ``data`` with ``num_workers`` workers."""
+
+    @classmethod
+    def num_epochs(cls, config: TaskConfig) -> int:
+        return int(getattr(config, cls.epochs_field))
+
+    @classmethod
+    def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+        """Draw PNGs from a results dict (the content of results.json); returns their paths."""
         return []
 
-    # ---------------------------------------------------------------- worker side
+    @staticmethod
     @abstractmethod
-    def load_data(self, config: TaskConfig, data_dir: Optional[str], worker: WorkerInfo) -> Any:
-        """Load (or generate) this rank's data."""
+    def format_epoch_line(metrics: Mapping[str, Any]) -> str:
+        """One progress line per epoch, from that epoch's metrics."""
 
+    # ------------------------------------------------------------------ worker side
     @abstractmethod
-    def build_model(self, config: TaskConfig, data: Any) -> nn.Module:
-        """A fresh model. The loop seeds torch before calling this, so all ranks agree."""
-
-    def build_optimizer(self, config: TaskConfig, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adam(model.parameters(), lr=self.learning_rate(config, 0))
+    def setup(self, data: Any) -> None:
+        """Take this rank's share of what :meth:`read_data` returned."""
 
     @abstractmethod
-    def num_epochs(self, config: TaskConfig) -> int:
-        """How many epochs a run has."""
+    def build_model(self) -> nn.Module:
+        """A fresh model (on the CPU). The loop seeds torch first, so all ranks agree."""
 
-    def learning_rate(self, config: TaskConfig, epoch: int) -> float:
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.learning_rate(0))
+
+    def learning_rate(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch``; the loop sets it on the optimizer."""
-        return float(getattr(config, "learning_rate"))
+        return float(getattr(self.config, "learning_rate"))
 
-    def max_grad_norm(self, config: TaskConfig) -> Optional[float]:
+    def max_grad_norm(self) -> Optional[float]:
         """Clip gradients to this global norm (None: no clipping)."""
-        return getattr(config, "max_grad_norm", None)
+        return getattr(self.config, "max_grad_norm", None)
 
     @abstractmethod
-    def train_batches(self, config: TaskConfig, data: Any, epoch: int, worker: WorkerInfo) -> Iterable[Any]:
+    def loss_limit(self) -> float:
+        """A per-unit training loss no training model reaches: above it, the run diverged."""
+
+    @abstractmethod
+    def train_batches(self, epoch: int) -> Iterable[Any]:
         """This rank's batches for one epoch; the same count on every rank."""
 
-    def num_train_batches(self, config: TaskConfig, data: Any, worker: WorkerInfo) -> Optional[int]:
-        """Batches per epoch, for the progress bar (None if unknown)."""
+    def num_train_batches(self) -> Optional[int]:
+        """Batches per epoch, for the progress line (None if unknown)."""
         return None
 
     @abstractmethod
-    def train_step(self, model: nn.Module, batch: Any, state: Any, config: TaskConfig,
-                   worker: WorkerInfo) -> StepOutput:
+    def train_step(self, model: nn.Module, batch: Any, state: Any) -> StepOutput:
         """Forward one batch; return the loss to back-propagate and additive sums."""
 
-    def after_step(self, model: nn.Module, data: Any, config: TaskConfig, examples_seen: int,
-                   worker: WorkerInfo) -> Optional[dict[str, Any]]:
-        """Called on every rank after each optimizer step with the global count of training
-        examples so far; return a JSON-able record to keep in the history (rank 0's is kept)."""
+    def after_step(self, model: nn.Module, examples_seen: int) -> Optional[dict[str, Any]]:
+        """After each optimizer step, with the global count of training examples so far;
+        a JSON-able record to keep in the history (rank 0's is kept), or None."""
         return None
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, data: Any, split: str, config: TaskConfig,
-                 worker: WorkerInfo) -> dict[str, float]:
-        """Sums over this rank's share of ``split`` (no gradients)."""
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Sums over this rank's share of ``split`` (called under ``torch.no_grad``)."""
 
+    @staticmethod
     @abstractmethod
-    def summarize(self, sums: Mapping[str, float], prefix: str) -> dict[str, float]:
+    def summarize(sums: Mapping[str, float], prefix: str) -> dict[str, float]:
         """Metrics from global sums; keys start with ``prefix`` ("train_", "valid_", ...)."""
 
-    def epoch_extras(self, model: nn.Module, data: Any, config: TaskConfig, epoch: int,
-                     worker: WorkerInfo) -> dict[str, Any]:
-        """Rank 0 only: JSON-able things to show and keep for this epoch (text samples...)."""
+    def epoch_extras(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        """Rank 0 only: JSON-able things to show and keep for this epoch (text samples...).
+        A list of strings under "print" is printed after the epoch line."""
         return {}
 
-    def checkpoint_meta(self, data: Any) -> dict[str, Any]:
+    def checkpoint_meta(self) -> dict[str, Any]:
         """JSON-able facts a checkpoint must carry to be usable alone (e.g. the vocabulary)."""
         return {}
 
-    def check_checkpoint(self, meta: Mapping[str, Any], data: Any) -> None:
-        """Raise UserError if a checkpoint's meta does not fit this data (another vocabulary)."""
-
-    def format_epoch_line(self, metrics: Mapping[str, Any]) -> str:
-        """One progress line per epoch; tasks may override to lead with their metric."""
-        parts = [f"epoch {metrics['epoch']:>3}/{metrics['epochs']}"]
-        for key in ("lr",):
-            if key in metrics:
-                parts.append(f"lr {metrics[key]:.4g}")
-        for key, value in metrics.items():
-            if key.startswith(("train_", "valid_", "test_")) and isinstance(value, (int, float)):
-                parts.append(f"{key} {value:.4f}" if abs(value) < 1e4 else f"{key} {value:.4g}")
-        unit = self.sample_unit
-        parts.append(f"{unit}/sec {metrics.get(f'{unit}_per_sec', 0):,.0f}")
-        parts.append(f"elapsed {metrics.get('elapsed_s', 0):.1f}s")
-        return " | ".join(parts)
+    def check_checkpoint(self, meta: Mapping[str, Any]) -> None:
+        """UserError if a checkpoint's meta does not fit this data (another vocabulary)."""
 
 
 def perplexity(loss_sum: float, count: float) -> float:
@@ -174,15 +203,13 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name`` (importing the built-in tasks on first use)."""
-    import lstm.tasks  # noqa: F401  (registers the built-in tasks)
+def get_task(name: str) -> type[Task]:
+    """The task class called ``name`` (importing the built-in tasks on first use)."""
+    import lstm.tasks  # noqa: F401 - registers the built-in tasks (the registry's lazy import)
 
     if name not in _TASKS:
-        from lstm.errors import UserError
-
         raise UserError(f"unknown task {name!r}; choose one of: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]()
+    return _TASKS[name]
 
 
 def task_names() -> list[str]:

@@ -12,6 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import hooks  # noqa: E402  (tests/hooks.py: worker hooks, sent to the workers by value)
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(hooks)
+
 # ../shared/data beside the checkout (tests and benchmarks only; users download the data).
 SHARED_DATA = Path(os.environ.get("LSTM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -27,7 +32,7 @@ def ray_session():
     """
     import ray
 
-    from lstm.trainer import WORKER_ENV
+    from lstm.cluster import WORKER_ENV
 
     if not ray.is_initialized():
         # Pin the GCS port and tell this cluster's processes its address: Ray Train's

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from lstm import checkpoint as ckpt
 from lstm import config as cfg
 from lstm.data import text as textdata
+from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError, run_cli
 from lstm.models.char import CharLSTM, sample_with_temperature
-from lstm.task import WorkerInfo, get_task
-from lstm.tasks.char import CharConfig, sample_from_checkpoint
-from lstm.trainer import fit, latest_checkpoint_dir
+from lstm.task import WorkerInfo
+from lstm.tasks.char import CharConfig, CharTask, sample_from_checkpoint
+from lstm.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
 # As conftest's char_dir fixture (which is per test; the trained run is shared by a module).
@@ -37,9 +39,9 @@ def keras_windows(text: str, maxlen: int, step: int) -> tuple[list[str], list[st
     return sentences, next_chars
 
 
-def decoded(vocab: textdata.Vocab, windows: textdata.Windows) -> tuple[list[str], list[str]]:
+def decoded(vocab: Vocabulary, windows: textdata.Windows) -> tuple[list[str], list[str]]:
     x, y = windows.batch(slice(None))
-    return [vocab.decode(row.tolist()) for row in x], [vocab.decode([t]) for t in y.tolist()]
+    return ["".join(vocab.decode(row.tolist())) for row in x], ["".join(vocab.decode([t])) for t in y.tolist()]
 
 
 # --------------------------------------------------------------------------- windows
@@ -47,8 +49,8 @@ def decoded(vocab: textdata.Vocab, windows: textdata.Windows) -> tuple[list[str]
 
 @pytest.mark.parametrize("maxlen,step", [(40, 3), (5, 1), (7, 4)])
 def test_windows_and_targets_match_the_keras_construction(maxlen, step):
-    vocab = textdata.Vocab.from_text(SMALL)
-    assert list(vocab.chars) == sorted(set(SMALL))
+    vocab = Vocabulary.sorted_set(SMALL)
+    assert list(vocab.tokens) == sorted(set(SMALL))
     codes = torch.from_numpy(vocab.encode(SMALL))
     windows = textdata.Windows(codes, textdata.window_starts(0, len(SMALL), maxlen, step), maxlen)
     assert decoded(vocab, windows) == keras_windows(SMALL, maxlen, step)
@@ -75,20 +77,20 @@ def test_epoch_shards_are_equal_disjoint_and_reshuffled():
 def test_every_rank_gets_the_same_number_of_batches(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SMALL * 4)
-    task = get_task("char")
     config = CharConfig(corpus=str(corpus), window=5, step=1, batch_size=10)
+    text = CharTask.read_data(config, None)
     counts, seen = [], []
     for rank in range(3):
-        worker = WorkerInfo(rank=rank, world_size=3)
-        data = task.load_data(config, None, worker)
-        batches = list(task.train_batches(config, data, 0, worker))
+        task = CharTask(config, WorkerInfo(rank=rank, world_size=3))
+        task.setup(text)
+        batches = list(task.train_batches(0))
         assert all(x.shape == (len(y), 5) for x, y in batches)
         assert max(len(y) for _, y in batches) == 10 // 3
         counts.append(len(batches))
-        assert counts[-1] == task.num_train_batches(config, data, worker)
+        assert counts[-1] == task.num_train_batches()
         seen.append(sum(len(y) for _, y in batches))
     assert len(set(counts)) == 1 and len(set(seen)) == 1
-    assert sum(seen) > len(data.corpus.train) - 3
+    assert sum(seen) > len(task.data.corpus.train) - 3
 
 
 # --------------------------------------------------------------------------- sampling
@@ -176,7 +178,7 @@ def test_unknown_corpus_name_and_too_many_workers_are_refused(tmp_path):
         cfg.build(CharConfig, {"corpus_name": "hamlet"})
     config = CharConfig(corpus=write(tmp_path, SMALL * 3), window=5, batch_size=2)
     with pytest.raises(UserError, match="smaller than the 4 workers"):
-        get_task("char").load_data(config, None, WorkerInfo(rank=0, world_size=4))
+        CharTask.check(config, CharTask.read_data(config, None), 4)
 
 
 def test_relative_corpus_path_is_resolved_where_the_config_is_built(tmp_path, monkeypatch):
@@ -220,7 +222,7 @@ def unigram_bpc(corpus: textdata.CharCorpus) -> float:
 
 def test_char_model_learns(trained):
     config, result = trained
-    corpus = textdata.build_corpus(textdata.read_corpus(config.corpus, max_chars=config.max_chars),
+    corpus = textdata.build_corpus(textdata.prepare(textdata.read_corpus(config.corpus), max_chars=config.max_chars),
                                    window=config.window, step=config.step, valid_fraction=config.valid_fraction)
     torch.manual_seed(config.seed)
     untrained = CharLSTM(len(corpus.vocab), config.hidden_size)
@@ -248,34 +250,34 @@ def test_char_model_learns(trained):
 
 def test_vocabulary_round_trips_through_the_checkpoint(trained):
     config, result = trained
-    ckpt = latest_checkpoint_dir(result.run_dir)
-    state = json.loads((ckpt / "state.json").read_text())
-    text = textdata.read_corpus(config.corpus, max_chars=config.max_chars)
+    latest = Path(ckpt.latest(result.run_dir))
+    state = json.loads((latest / "state.json").read_text())
+    text = textdata.prepare(textdata.read_corpus(config.corpus), max_chars=config.max_chars)
     assert state["meta"]["vocab"] == sorted(set(text))
 
     # Sampling needs only the checkpoint; a run folder and its checkpoint folder are the same.
     a = sample_from_checkpoint(result.run_dir, "The Meaning of", temperature=0.5, length=60, seed=3)
-    b = sample_from_checkpoint(ckpt, "the meaning of", temperature=0.5, length=60, seed=3)
+    b = sample_from_checkpoint(latest, "the meaning of", temperature=0.5, length=60, seed=3)
     assert a == b and len(a) == 60 and set(a) <= set(state["meta"]["vocab"])
-    cold = sample_from_checkpoint(ckpt, "the meaning of", temperature=1e-6, length=30, seed=1)
-    assert cold == sample_from_checkpoint(ckpt, "the meaning of", temperature=1e-6, length=30, seed=2)
+    cold = sample_from_checkpoint(latest, "the meaning of", temperature=1e-6, length=30, seed=1)
+    assert cold == sample_from_checkpoint(latest, "the meaning of", temperature=1e-6, length=30, seed=2)
 
     with pytest.raises(UserError, match=r"--seed-text has 2 character\(s\).*'~'.*'é'"):
-        sample_from_checkpoint(ckpt, "café ~", temperature=0.5, length=10)
+        sample_from_checkpoint(latest, "café ~", temperature=0.5, length=10)
     with pytest.raises(UserError, match="--temperature must be positive"):
-        sample_from_checkpoint(ckpt, "the", temperature=0.0, length=10)
+        sample_from_checkpoint(latest, "the", temperature=0.0, length=10)
     with pytest.raises(UserError, match="--length must be positive"):
-        sample_from_checkpoint(ckpt, "the", temperature=0.5, length=0)
+        sample_from_checkpoint(latest, "the", temperature=0.5, length=0)
     with pytest.raises(UserError, match="does not exist"):
         sample_from_checkpoint(Path(result.run_dir) / "nope", "the")
 
     # Resuming against another corpus' vocabulary is refused (the loop calls this on resume).
-    task = get_task("char")
     other = CharConfig(corpus=config.corpus, max_chars=2_000, window=10)
-    data = task.load_data(other, None, WorkerInfo())
+    task = CharTask(other)
+    task.setup(CharTask.read_data(other, None))
     with pytest.raises(UserError, match="vocabulary"):
-        task.check_checkpoint(state["meta"], data)
-    task.check_checkpoint(task.checkpoint_meta(data), data)  # its own vocabulary is fine
+        task.check_checkpoint(state["meta"])
+    task.check_checkpoint(task.checkpoint_meta())  # its own vocabulary is fine
 
 
 def test_sample_command_prints_seed_and_continuation(trained, capsys):

@@ -6,6 +6,7 @@ import pytest
 
 from lstm import config as cfg
 from lstm.cli import build_parser, resolve_configs
+from lstm.cluster import alive_nodes, auto_cpus_per_worker
 from lstm.errors import UserError
 from lstm.task import get_task
 from lstm.tasks.rectangle import ShapeConfig
@@ -72,7 +73,9 @@ def test_missing_and_corrupt_config_files(tmp_path):
     ({"cpus_per_worker": -1}, "--cpus-per-worker"),
     ({"precision": "fp8"}, "--precision"),
     ({"precision": "fp16"}, "needs --gpu"),
-    ({"inject_failure": "soon"}, "EPOCH:STEP"),
+    ({"gpus_per_worker": 0}, "--gpus-per-worker must be a fraction in"),
+    ({"gpus_per_worker": 1.5}, "--gpus-per-worker must be a fraction in"),
+    ({"use_gpu": True, "gpus_per_worker": 0.25, "num_workers": 2}, "two ranks of one run on the same GPU"),
 ])
 def test_bad_run_settings(overrides, message):
     with pytest.raises(UserError, match=message):
@@ -80,21 +83,21 @@ def test_bad_run_settings(overrides, message):
 
 
 def _node(cpus: int, gpus: int = 0, alive: bool = True) -> dict:
-    return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+    return {"Alive": alive, "NodeManagerAddress": "10.0.0.1",
+            "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
 
 
-@pytest.mark.parametrize("workers, use_gpu, nodes, expected", [
-    (1, False, [_node(2)], 2),  # one worker takes the whole 2-core machine
-    (2, False, [_node(2)], 1),
-    (3, False, [_node(2)], 1),  # never 0
-    (2, False, [_node(16), _node(16)], 16),
-    (4, False, [_node(8), _node(16)], 6),  # 24 CPUs over 4 workers
-    (1, False, [_node(8), _node(16)], 16),  # capped by the largest node
-    (1, False, [_node(8), _node(64, alive=False)], 8),  # dead nodes do not count
-    (4, True, [_node(8), _node(48, gpus=4)], 12),  # GPU workers: the GPU nodes' CPUs per GPU
-    (8, True, [_node(48, gpus=4), _node(16, gpus=4)], 4),
+@pytest.mark.parametrize("workers, gpus_per_worker, nodes, expected", [
+    (1, 0.0, [_node(2)], 2),  # one worker takes the whole 2-core machine
+    (2, 0.0, [_node(2)], 1),
+    (3, 0.0, [_node(2)], 1),  # never 0
+    (2, 0.0, [_node(16), _node(16)], 16),
+    (4, 0.0, [_node(8), _node(16)], 6),  # 24 CPUs over 4 workers
+    (1, 0.0, [_node(8), _node(16)], 16),  # capped by the largest node
+    (1, 0.0, [_node(8), _node(64, alive=False)], 8),  # dead nodes do not count
+    (4, 1.0, [_node(8), _node(48, gpus=4)], 12),  # GPU workers: the GPU nodes' CPUs per GPU
+    (8, 1.0, [_node(48, gpus=4), _node(16, gpus=4)], 4),
+    (1, 0.25, [_node(48, gpus=4)], 3),  # a quarter of a GPU: a quarter of its CPUs
 ])
-def test_auto_cpus_per_worker(workers, use_gpu, nodes, expected):
-    from lstm.trainer import auto_cpus_per_worker
-
-    assert auto_cpus_per_worker(workers, use_gpu, nodes) == expected
+def test_auto_cpus_per_worker(workers, gpus_per_worker, nodes, expected):
+    assert auto_cpus_per_worker(workers, gpus_per_worker, alive_nodes(nodes)) == expected

@@ -62,7 +62,7 @@ def test_vocabulary_is_ordered_by_count_then_word(tmp_path):
     words = ptb.tokenize(TRAIN)
     assert corpus.vocab.ids == tutorial_build_vocab(words)
     # counts: <eos> 3, the 3, cat 2, sat 2, then singletons alphabetically
-    assert corpus.vocab.words == ("<eos>", "the", "cat", "sat", "a", "dog", "mat", "on", "ran")
+    assert corpus.vocab.tokens == ("<eos>", "the", "cat", "sat", "a", "dog", "mat", "on", "ran")
     assert corpus.train.tolist() == [corpus.vocab.ids[w] for w in words]
     # valid/test use the training vocabulary; a word it lacks ("zebra") is dropped, as in the tutorial
     assert corpus.vocab.decode(corpus.valid) == ["the", "cat", "ran", "<eos>", "a", "sat", "<eos>"]
@@ -76,7 +76,7 @@ def test_ptb_files_read_exactly_as_the_tutorial(ptb_dir):
     corpus = ptb.load_corpus(ptb_dir)
     word_to_id = tutorial_build_vocab(tutorial_read_words(texts["train"]))
     assert corpus.vocab.ids == word_to_id
-    assert len(corpus.vocab) == 10000 and corpus.vocab.words[:3] == ("the", "<unk>", "<eos>")
+    assert len(corpus.vocab) == 10000 and corpus.vocab.tokens[:3] == ("the", "<unk>", "<eos>")
     assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (929589, 73760, 82430)
     assert corpus.train[:10].tolist() == [9970, 9971, 9972, 9974, 9975, 9976, 9980, 9981, 9982, 9983]
     assert corpus.valid.tolist() == [word_to_id[w] for w in tutorial_read_words(texts["valid"])]
@@ -137,13 +137,12 @@ def test_presets_are_the_tutorials_table():
 
 
 def test_learning_rate_schedule():
-    task = PTBTask()
-    small = PTBConfig()
-    assert [task.learning_rate(small, i) for i in range(7)] == [1, 1, 1, 1, 0.5, 0.25, 0.125]
-    large = PTBConfig(**PRESETS["large"])
-    assert task.learning_rate(large, 13) == 1.0
-    assert task.learning_rate(large, 14) == pytest.approx(1 / 1.15)
-    assert task.learning_rate(large, 54) == pytest.approx(1.15 ** -41)
+    small = PTBTask(PTBConfig())
+    assert [small.learning_rate(i) for i in range(7)] == [1, 1, 1, 1, 0.5, 0.25, 0.125]
+    large = PTBTask(PTBConfig(**PRESETS["large"]))
+    assert large.learning_rate(13) == 1.0
+    assert large.learning_rate(14) == pytest.approx(1 / 1.15)
+    assert large.learning_rate(54) == pytest.approx(1.15 ** -41)
 
 
 @pytest.mark.parametrize("keep_prob", ["0", "-0.5", "1.01"])
@@ -164,7 +163,7 @@ def test_unknown_config_name_is_a_one_line_error_from_the_job():
 def check(folder: Path, **overrides) -> None:
     config = PTBConfig(**{**PRESETS["test"], "vocab_size": 100, "batch_size": 2, "num_steps": 2,
                           "eval_batch_size": 1, "eval_num_steps": 1, **overrides})
-    PTBTask().check(config, str(folder))
+    PTBTask.check(config, PTBTask.read_data(config, str(folder)), 1)
 
 
 def test_a_good_small_corpus_passes(tmp_path):

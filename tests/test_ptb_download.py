@@ -81,7 +81,7 @@ def test_download_checks_and_extracts_into_the_cache(ptb_dir, server, cache, mon
     assert sorted(p.name for p in cache.iterdir()) == ["ptb"]  # no staging folder left
     # the job's driver-side check reads it from the cache; a second call does not download
     monkeypatch.setenv("LSTM_PTB_URL", f"http://127.0.0.1:{closed_port()}/unreachable.tgz")
-    PTBTask().check(PTBConfig(train_fraction=0.01), None)
+    PTBTask.read_data(PTBConfig(train_fraction=0.01), None)
 
 
 @pytest.mark.parametrize("corrupt,message", [("content", "is corrupt: ptb.train.txt has sha256"),
@@ -105,5 +105,5 @@ def test_offline_says_to_pass_data_dir(server, cache, monkeypatch, where):
     url = f"http://127.0.0.1:{closed_port()}/x.tgz" if where == "no server" else server("/a.tgz", b"").replace("/a.tgz", "/b.tgz")
     monkeypatch.setenv("LSTM_PTB_URL", url)
     with pytest.raises(UserError, match=r"could not download .*pass --data-dir"):
-        PTBTask().check(PTBConfig(), None)
+        PTBTask.read_data(PTBConfig(), None)
     assert list(cache.iterdir()) == []

@@ -5,6 +5,7 @@ checks that such an error also comes out of ``fit()`` as one line."""
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -14,9 +15,9 @@ import ray.train
 import torch
 
 from lstm import config as cfg
+from lstm.data import ptb
 from lstm.errors import UserError
 from lstm.loop import run_training
-from lstm.task import WorkerInfo
 from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
 
 CONFIG = PTBConfig(**{**PRESETS["test"], "train_fraction": 0.005, "eval_batch_size": 20, "eval_num_steps": 35})
@@ -40,9 +41,10 @@ def train(config: PTBConfig, data_dir: Path, checkpoint: Path | None = None, kee
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(ckpt.path, keep)
 
-    settings = cfg.RunSettings(data_dir=str(data_dir))
-    run_training(PTBTask(), config, settings, WorkerInfo(), "",
-                 get_checkpoint=lambda: ray.train.Checkpoint(str(checkpoint)) if checkpoint else None, report=report)
+    task = PTBTask(config)
+    task.setup(ptb.load_corpus(data_dir))
+    run_training(task, cfg.RunSettings(), report=report,
+                 get_checkpoint=lambda: ray.train.Checkpoint(str(checkpoint)) if checkpoint else None)
     return reports
 
 
@@ -87,15 +89,33 @@ def test_a_checkpoint_of_another_vocabulary_is_refused(trained, tmp_path):
         train(longer, tmp_path, checkpoint=ckpt)
 
 
-def test_a_diverging_loss_names_epoch_and_step(trained):
+DIVERGED = r"^the loss became (NaN|infinite|too large \(over [\d.]+ per unit, beyond any training model\)) at epoch "
+
+
+def test_a_diverging_loss_names_epoch_and_step(trained, tmp_path):
+    data, ckpt = trained
+    before = (ckpt / "model.pt").read_bytes()
+    diverging = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "learning_rate": 1e30, "max_max_epoch": 2})
+    with pytest.raises(UserError, match=DIVERGED + r"2 step \d+; lower --learning-rate or set a smaller "
+                                                   r"--max-grad-norm$"):
+        train(diverging, data, checkpoint=ckpt, keep=tmp_path / "kept")
+    assert not (tmp_path / "kept").exists(), "a diverged run reports no checkpoint"
+    assert (ckpt / "model.pt").read_bytes() == before  # the last good checkpoint is intact
+
+
+def test_a_loss_far_above_a_uniform_guess_stops_the_run_while_still_finite(trained):
+    """With a softmax saturated on wrong words the loss is huge but finite and the gradient
+    p - onehot(y) stays bounded: the loss itself must stop the run."""
     data, _ = trained
-    diverging = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "learning_rate": 1e30})
-    with pytest.raises(UserError, match=r"^the loss became (NaN|infinite) at epoch 1 step \d+; lower --learning-rate "
-                                        r"or set a smaller --max-grad-norm$"):
-        train(diverging, data)
+    task = PTBTask(CONFIG)
+    assert task.loss_limit() == pytest.approx(10 * math.log(10000))
+    # logits of +-300 with random targets: about 300 nats a word, far above 10 x ln(10000)
+    huge = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "init_scale": 100.0, "max_grad_norm": 1e-6})
+    with pytest.raises(UserError, match=r"^the loss became too large \(over 92.1 per unit, beyond any training "
+                                        r"model\) at epoch 1 step 0; "):
+        train(huge, data)
 
 
 def test_a_batch_that_does_not_split_over_the_workers(trained):
-    data, _ = trained
-    with pytest.raises(UserError, match="batch size 20 is not divisible by 3 workers; pass a --batch-size that is a multiple"):
-        PTBTask().load_data(CONFIG, str(data), WorkerInfo(rank=0, world_size=3))
+    with pytest.raises(UserError, match=r"^--batch-size 20 is not a multiple of --num-workers 3; pass a --batch-size"):
+        PTBTask.check(CONFIG, ptb.load_corpus(trained[0]), 3)

@@ -10,7 +10,7 @@ import pytest
 
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.loop import read_checkpoint_state
+from lstm.checkpoint import read_state
 from lstm.tasks.ptb import PTBConfig, PTBTask
 from lstm.trainer import fit
 
@@ -37,12 +37,12 @@ def test_a_run_learns_and_writes_its_outputs(ptb_base):
     assert [Path(p).name for p in result.plots] == ["learning_curve.png"]
     assert Path(result.plots[0]).stat().st_size > 5000
     assert any((Path(result.run_dir) / "tensorboard").iterdir())
-    meta = read_checkpoint_state(result.checkpoint_path)["meta"]
+    meta = read_state(result.checkpoint_path)["meta"]
     assert meta["vocab_size"] == 10000 and meta["vocab"][:3] == ["the", "<unk>", "<eos>"]
 
 
 def test_the_epoch_line_shows_lr_perplexities_speed_and_time(ptb_base):
-    line = PTBTask().format_epoch_line(ptb_base[0].history[-1])
+    line = PTBTask.format_epoch_line(ptb_base[0].history[-1])
     for part in ("epoch  2/2", "lr 0.5", "train ppl ", "valid ppl ", "test ppl ", "words/sec ", "elapsed "):
         assert part in line
 

@@ -187,14 +187,19 @@ def test_task_evaluation_on_two_ranks_covers_the_split_once(tmp_path):
     folder = tmp_path
     for split, text in (("train", " a b c d e f g h \n" * 20), ("valid", " a b c d \n" * 10), ("test", " e f g \n" * 10)):
         (folder / f"ptb.{split}.txt").write_text(text)
-    task = PTBTask()
+    corpus = ptb.load_corpus(folder)
+
+    def evaluate(config, worker):
+        task = PTBTask(config, worker)
+        task.setup(corpus)
+        return task.evaluate(model, "valid")
+
     for eval_batch in (1, 4):
         config = PTBConfig(vocab_size=20, hidden_size=4, num_layers=1, batch_size=4, num_steps=3,
                            eval_batch_size=eval_batch, eval_num_steps=2)
         torch.manual_seed(0)
-        model = task.build_model(config, None).eval()
-        one = task.evaluate(model, task.load_data(config, str(folder), WorkerInfo()), "valid", config, WorkerInfo())
-        parts = [task.evaluate(model, task.load_data(config, str(folder), WorkerInfo(rank=k, world_size=2)), "valid",
-                               config, WorkerInfo(rank=k, world_size=2)) for k in range(2)]
+        model = PTBTask(config).build_model().eval()
+        one = evaluate(config, WorkerInfo())
+        parts = [evaluate(config, WorkerInfo(rank=k, world_size=2)) for k in range(2)]
         assert sum(p["words"] for p in parts) == one["words"] > 0
         assert sum(p["loss_sum"] for p in parts) == pytest.approx(one["loss_sum"], rel=1e-5)

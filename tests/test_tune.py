@@ -7,6 +7,7 @@ start only after a good one has finished, are stopped at the first rung.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from lstm.task import get_task
 from tune import cli, report, runner
 from tune.schedulers import ResumableASHA, pbt_mutations
 from tune.space import SearchSpace, parse_space
+from tune.spec import TRAIN_RUNS, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +36,8 @@ RECT_SEARCH = ["--task", "rectangle", "--base", "test", "--max-epochs", "3", "--
 
 def rect_space(*entries: str) -> SearchSpace:
     task = get_task("rectangle")
-    return parse_space(task.config_class, list(entries), base_values=dict(task.presets["test"]), task_name="rectangle")
+    return parse_space(task.config_class, list(entries), base_values=dict(task.presets["test"]), task_name="rectangle",
+                       defaults=task.search_space)
 
 
 # --------------------------------------------------------------------------- search space
@@ -51,13 +54,17 @@ def test_space_syntax_and_defaults():
     assert space.fixed == {"points_per_edge": 1}
     # int ranges include both ends (Tune's randint excludes the upper one)
     assert p["hidden_size"].to_tune().upper == 33
-    # the default entries apply only to fields the task's config has: rectangle has hidden_size only
+    # each task declares its own default entries: ranges that fit a 10-unit model of 4 points
     defaults = rect_space()
-    assert list(defaults.params) == ["hidden_size"]
-    assert defaults.params["hidden_size"].values == (200, 400, 650, 1000, 1500)
+    assert list(defaults.params) == ["hidden_size", "learning_rate"]
+    assert defaults.params["hidden_size"].values == (4, 8, 16, 32)
+    assert (defaults.params["learning_rate"].kind, defaults.params["learning_rate"].high) == ("loguniform", 0.01)
+    ptb = get_task("ptb")
+    assert list(parse_space(ptb.config_class, [], base_values=ptb.presets["small"], defaults=ptb.search_space).params) \
+        == ["keep_prob", "hidden_size", "lr_decay"]
     # "base" takes a default entry out of the search
     with pytest.raises(UserError, match="search space is empty"):
-        rect_space("hidden_size=base")
+        rect_space("hidden_size=base", "learning_rate=base")
     assert SearchSpace.from_dict(space.to_dict()) == space
 
 
@@ -67,10 +74,10 @@ def test_space_syntax_and_defaults():
     ("learning_rate=", "empty value"),
     ("hidden_size=4,,8", "empty value in the list"),
     ("dropout=0.1:0.5", r"unknown hyperparameter 'dropout' for task rectangle; searchable: .*hidden_size"),
-    ("hidden_size=200,-5", r"hidden_size must be a positive integer \(got '-5'\)"),
-    ("hidden_size=12.5", r"hidden_size must be a positive integer \(got '12.5'\)"),
-    ("hidden_size=big", r"hidden_size must be a positive integer \(got 'big'\)"),
-    ("hidden_size=0:10", r"hidden_size must be a positive integer \(got '0'\)"),
+    ("hidden_size=200,-5", r"the value -5 is not usable: --hidden-size must be positive \(got -5\)"),
+    ("hidden_size=12.5", r"hidden_size must be an integer \(got '12.5'\)"),
+    ("hidden_size=big", r"hidden_size must be an integer \(got 'big'\)"),
+    ("hidden_size=0:10", r"the value 0 is not usable: --hidden-size must be positive \(got 0\)"),
     ("learning_rate=log:0:1", "a log range needs LOW > 0"),
     ("learning_rate=-1:1", r"the value -1 is not usable: --learning-rate must be positive"),
     ("head=dense:mdn", "head is a str field, which has no range"),
@@ -85,7 +92,7 @@ def test_space_errors_are_one_line(entry, message):
 def test_pbt_mutations_stay_in_range():
     task = get_task("rectangle")
     space = rect_space("learning_rate=0.001:0.01", "hidden_size=16")
-    mutations, clip = pbt_mutations(space, task.presets["test"])
+    mutations, clip = pbt_mutations(space, task.pbt_mutations)
     assert list(mutations) == ["learning_rate"]
     assert clip({"learning_rate": 0.012})["learning_rate"] == 0.01  # 0.01 * 1.2, clipped
     assert clip({"learning_rate": 0.0008})["learning_rate"] == 0.001
@@ -108,12 +115,17 @@ def test_concurrency_fits_the_cluster(tmp_path):
                    tmp_path)
     assert runner.check_resources(two, four_cpus) == 2
     with pytest.raises(UserError, match=r"--max-concurrent 3: only 2 trial\(s\) fit at once .*4 CPUs"):
-        runner.check_resources(runner.dataclasses.replace(two, max_concurrent=3), four_cpus)
+        runner.check_resources(dataclasses.replace(two, max_concurrent=3), four_cpus)
     with pytest.raises(UserError, match="one trial needs 2 worker.*1 GPU.*0 GPUs"):
-        runner.check_resources(runner.dataclasses.replace(two, use_gpu=True), four_cpus)
-    assert runner.check_resources(runner.dataclasses.replace(two, use_gpu=True), {**four_cpus, "GPU": 4.0}) == 2
+        runner.check_resources(dataclasses.replace(two, use_gpu=True), four_cpus)
+    assert runner.check_resources(dataclasses.replace(two, use_gpu=True), {**four_cpus, "GPU": 4.0}) == 2
     with pytest.raises(UserError, match="one trial needs 2 worker.*but this Ray cluster has 1 CPUs"):
         runner.check_resources(two, {"CPU": 1.0})
+    # fractional GPUs: four one-worker trials of a quarter GPU share one GPU
+    shared = spec_for(["--task", "rectangle", "--base", "test", "--num-samples", "8", "--gpu", "--gpus-per-worker",
+                       "0.25", "--space", "hidden_size=4,8"], tmp_path)
+    assert runner.check_resources(shared, {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert runner.check_resources(dataclasses.replace(shared, gpus_per_worker=1.0), {"CPU": 16.0, "GPU": 1.0}) == 1
 
 
 # --------------------------------------------------------------------------- bad input, before anything starts
@@ -123,12 +135,13 @@ def test_concurrency_fits_the_cluster(tmp_path):
     (["--space", "learning_rate=0.1:0.01"], "inverted range"),
     (["--space", "learning_rate=0.01:0.01"], "empty range"),
     (["--space", "keep_prob=0.3:1.0"], "unknown hyperparameter 'keep_prob' for task rectangle"),
-    (["--space", "hidden_size=64,1.5"], "hidden_size must be a positive integer"),
+    (["--space", "hidden_size=64,1.5"], "hidden_size must be an integer"),
     (["--max-concurrent", "5"], r"--max-concurrent 5: only 4 trial\(s\) fit at once"),
     (["--base", "huge"], "--base 'huge' is not a config of task rectangle"),
     (["--train-fraction", "0.5"], "--train-fraction applies to tasks with a train_fraction field"),
     (["--max-epochs", "0"], "--max-epochs must be >= 1"),
-    (["--scheduler", "pbt", "--space", "hidden_size=4,8"], "--scheduler pbt mutates keep_prob and learning_rate"),
+    (["--scheduler", "pbt", "--space", "hidden_size=4,8", "learning_rate=base"],
+     "--scheduler pbt mutates learning_rate, and none is searched for task rectangle"),
 ])
 def test_bad_input_fails_before_anything_starts(tmp_path, ray_session, extra, message):
     argv = ["--task", "rectangle", "--base", "test", "--storage-path", str(tmp_path), "--name", "bad"]
@@ -172,7 +185,7 @@ def trial_footprint(exp: Path, trial_id: str) -> tuple:
     """What a re-run would change: Tune's results of the trial and its Train run's files
     (checkpoints, TensorBoard events; not the results.json/plots each report rewrites)."""
     results = (exp / f"trial_{trial_id}" / "result.json").read_text()
-    run = exp / runner.TRAIN_RUNS / f"trial-{trial_id}"
+    run = exp / TRAIN_RUNS / f"trial-{trial_id}"
     files = sorted((str(p.relative_to(run)), p.stat().st_mtime_ns) for p in run.rglob("*")
                    if p.is_file() and p.name != "results.json" and p.suffix != ".png")
     assert any(name.startswith("checkpoint_") for name, _ in files)
@@ -195,7 +208,7 @@ def test_asha_search_interrupted_then_resumed(tmp_path, ray_session):
     argv = RECT_SEARCH + ["--storage-path", str(tmp_path), "--name", "rect"]
     cli.main(argv, callbacks=[InterruptAfter(2, str(tmp_path / "interrupted"))])
 
-    before = report.read_rows(str(exp), "valid_consistency")
+    before = report.read_rows(load_spec(str(exp)))
     finished = [r for r in before if r.status == "TERMINATED"]
     assert len(finished) == 2
     assert len(before) < 3 or any(r.status != "TERMINATED" for r in before), "the search was not interrupted"
@@ -205,7 +218,7 @@ def test_asha_search_interrupted_then_resumed(tmp_path, ray_session):
 
     cli.main(["--storage-path", str(tmp_path), "--name", "rect", "--resume"])
 
-    rep = report.write_report(runner.load_spec(str(exp)))
+    rep = report.write_report(load_spec(str(exp)))
     rows = {r.hparams["learning_rate"]: r for r in rep.rows}
     assert sorted(rows) == sorted(GOOD_LR + BAD_LR)
     assert all(r.status == "TERMINATED" for r in rep.rows)
@@ -240,10 +253,10 @@ def test_asha_search_interrupted_then_resumed(tmp_path, ray_session):
     # stopped trial's run may get further than Tune saw before it is killed: these epochs
     # take a fraction of a second)
     for r in rep.rows:
-        run = exp / runner.TRAIN_RUNS / f"trial-{r.trial_id}"
+        run = exp / TRAIN_RUNS / f"trial-{r.trial_id}"
         assert json.loads((run / "results.json").read_text())["final"]["epoch"] >= r.epochs_run
         assert (run / "learning_curve.png").is_file()
-    assert best_trial["run_dir"] == str(exp / runner.TRAIN_RUNS / f"trial-{rep.best.trial_id}")
+    assert best_trial["run_dir"] == str(exp / TRAIN_RUNS / f"trial-{rep.best.trial_id}")
     # Tune's TensorBoard files, so that `tensorboard --logdir <storage path>` shows the search
     assert list((exp / f"trial_{rep.best.trial_id}").glob("events.out.tfevents.*"))
 
@@ -256,9 +269,9 @@ def test_resumable_asha_replays_results(tmp_path):
     trial_dir.mkdir()
     (trial_dir / "result.json").write_text(
         "\n".join(json.dumps({"epoch": e, "m": v}) for e, v in [(1, 0.5), (2, 0.4)]) + "\n{\"epoch\": 3, \"m\"")
-    sched = ResumableASHA(time_attr="epoch", metric="m", mode="min", max_t=4, grace_period=1, reduction_factor=2)
-    restored = SimpleNamespace(trial_id="a", storage=SimpleNamespace(trial_dir_name="trial_a"), path=str(trial_dir),
-                               local_path=None)
+    sched = ResumableASHA(time_attr="epoch", metric="m", mode="min", max_t=4, grace_period=1, reduction_factor=2,
+                          experiment_dir=str(tmp_path))
+    restored = SimpleNamespace(trial_id="a", storage=SimpleNamespace(trial_dir_name="trial_a"))
     sched.on_trial_add(None, restored)
     rungs = {milestone: dict(recorded) for milestone, recorded in sched._trial_info["a"]._rungs}
     assert rungs[1] == {"a": -0.5} and rungs[2] == {"a": -0.4} and rungs[4] == {}
@@ -277,12 +290,14 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
     """PBT: a trial in the bottom quantile continues from a copy of a better trial's checkpoint
     (a new Train run that starts from it, carrying its history) with a mutated learning rate."""
     exp = tmp_path / "pbt"
-    cli.main(["--task", "rectangle", "--base", "test", "--scheduler", "pbt", "--max-epochs", "3",
+    # Synchronous PBT: every trial reaches epoch 1 before the worst is exploited, so the exploit
+    # is certain (and epoch 2, the last, is left alone).
+    cli.main(["--task", "rectangle", "--base", "test", "--scheduler", "pbt", "--synch", "--max-epochs", "2",
               "--num-samples", "4", "--max-concurrent", "4", "--seed", "0", "--space", "hidden_size=16",
               f"learning_rate=log:{PBT_LR[0]}:{PBT_LR[1]}", "--storage-path", str(tmp_path), "--name", "pbt"])
-    spec = runner.load_spec(str(exp))
+    spec = load_spec(str(exp))
     rep = report.write_report(spec)
-    assert len(rep.rows) == 4 and all(r.status == "TERMINATED" and r.epochs_run == 3 for r in rep.rows), rep.rows
+    assert len(rep.rows) == 4 and all(r.status == "TERMINATED" and r.epochs_run == 2 for r in rep.rows), rep.rows
     by_index = {int(r.trial_id.rsplit("_", 1)[1]): r for r in rep.rows}
     # Tune's log of exploits: [target tag, source tag, target epoch, source epoch, old config, new config]
     exploits = [json.loads(line) for line in (exp / "pbt_global.txt").read_text().splitlines() if line.strip()]
@@ -295,10 +310,10 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
         targets.add(target)
     for index in targets:
         row = by_index[index]
-        run = Path(runner.trial_run_dir(spec, row.trial_id))
+        run = Path(report.trial_run_dir(spec, row.trial_id))
         assert "-from-" in run.name  # the latest run started from a cloned checkpoint
         history = json.loads((run / "results.json").read_text())["epochs"]
-        assert [e["epoch"] for e in history] == [1, 2, 3]
+        assert [e["epoch"] for e in history] == [1, 2]
         assert history[-1]["lr"] == pytest.approx(row.hparams["learning_rate"])  # it ends on the mutated lr
         # ... and its first epoch was trained by the trial it cloned, at that trial's lr (a run
         # that ignored the checkpoint would have trained every epoch at the mutated lr)
@@ -314,7 +329,7 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
               "--max-epochs", "2", "--num-samples", "1", "--max-concurrent", "1",
               "--space", "hidden_size=8", "learning_rate=grid:1.0,0.01",
               "--storage-path", str(tmp_path), "--name", "ptb"])
-    rep = report.write_report(runner.load_spec(str(exp)))
+    rep = report.write_report(load_spec(str(exp)))
     assert rep.metric == "valid_ppl" and rep.params == ["keep_prob", "lr_decay", "learning_rate"]
     good, bad = sorted(rep.rows, key=lambda r: -r.hparams["learning_rate"])
     assert (good.status, good.epochs_run, good.stopped_early) == ("TERMINATED", 2, False)

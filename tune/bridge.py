@@ -1,70 +1,81 @@
 """How a trial's Ray Train run reports to its Tune trial.
 
-Ray 2.60's pattern (Train V2) is a Tune trial function that builds a TorchTrainer with
-``callbacks=[TuneReportCallback()]`` and calls ``fit()``. That callback runs in the Train
-controller and forwards each report's metrics -- the checkpoint only as a ``checkpoint_path``
-metric -- so Tune itself never holds a checkpoint:
+A trial is a function that builds a TorchTrainer and calls ``fit()``. Ray 2.60's own pattern
+is ``TuneReportCallback``: it hands each report to Tune through a ``ray.util.queue.Queue``
+that Tune polls with a timeout, and every empty poll raises ``queue.Empty`` inside the queue's
+actor, which Ray counts as a failed task: the job page shows hundreds of failed
+``_QueueActor.get`` tasks for a healthy search. So here:
 
-* :class:`TrialReportCallback` is that callback, minus the loop's ``user_error`` report (it
-  has no metric for the scheduler; the trial function raises it as the trial's error).
-  ASHA needs nothing more: a trial that is resumed continues its own Train run, whose name
-  is fixed by the trial id.
-* PopulationBasedTraining clones the checkpoint of a better trial into a worse one, so
-  Tune must hold real checkpoints. :func:`forward_reports` runs ``fit()`` in a thread
-  while the trial function re-reports every (metrics, checkpoint) pair with
-  ``ray.tune.report(..., checkpoint=...)``; :class:`CheckpointForwardCallback` hands the
-  pairs over through a small Ray queue.
+* :class:`MailboxCallback`, a Train ``UserCallback`` that runs in the Train controller, puts
+  each report into a :class:`Mailbox`, a small async actor (0 CPUs) whose ``get`` answers
+  ``None`` when nothing came in time instead of raising;
+* :func:`relay_reports` runs ``fit()`` in a thread while the trial function takes each report
+  out of the mailbox and reports it to Tune with ``ray.tune.report``: with the checkpoint
+  when the scheduler needs Tune to hold checkpoints (PBT clones them from one trial into
+  another), the metrics only otherwise.
+
+A run's ``user_error`` report is not relayed: it has no metric for the scheduler, and the
+trial function raises it as the trial's error. The mailbox holds one report, so the run waits
+while the trial function is still handing the previous checkpoint to Tune.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any, Callable, Optional
 
+import ray
+from ray import tune as rtune
 from ray.train import UserCallback
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-USER_ERROR_KEY = "user_error"
+from lstm import storage
+from lstm.loop import USER_ERROR
 
-
-def _is_user_error(metrics: list[dict[str, Any]]) -> bool:
-    return bool(metrics) and USER_ERROR_KEY in metrics[0]
+CHECKPOINT_PATH = "checkpoint_path"  # the metric Ray's TuneReportCallback adds too
 
 
-class TrialReportCallback(TuneReportCallback):
-    """``TuneReportCallback`` that keeps a run's ``user_error`` report away from Tune."""
+@ray.remote(num_cpus=0)
+class Mailbox:
+    """One report at a time, from the Train controller to the trial function."""
+
+    def __init__(self) -> None:
+        self.items: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    async def put(self, item: dict[str, Any]) -> None:
+        await self.items.put(item)
+
+    async def get(self, timeout_s: float) -> Optional[dict[str, Any]]:
+        if timeout_s <= 0:
+            return None if self.items.empty() else self.items.get_nowait()
+        try:
+            return await asyncio.wait_for(self.items.get(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+
+class MailboxCallback(UserCallback):
+    """Puts ``{"metrics": ..., "checkpoint": ...}`` of every report into the mailbox."""
+
+    def __init__(self, mailbox: Any, run_dir: str):
+        self.mailbox = mailbox
+        self.run_dir = run_dir
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if _is_user_error(metrics):
-            return
-        super().after_report(run_context, metrics, checkpoint)
-
-
-class CheckpointForwardCallback(UserCallback):
-    """Puts ``{**metrics, "checkpoint_path": path}`` of every report on ``queue`` (runs in
-    the Train controller; the queue holds one item, so the run waits while the trial
-    function is still copying the previous checkpoint into Tune)."""
-
-    def __init__(self, queue: Any):
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not metrics or _is_user_error(metrics):
+        if not metrics or USER_ERROR in metrics[0]:
             return
         item = dict(metrics[0])
         if checkpoint is not None:
-            item[CHECKPOINT_PATH_KEY] = checkpoint.path
-        self.queue.put(item)
+            item[CHECKPOINT_PATH] = storage.display(storage.join(self.run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1]))
+        ray.get(self.mailbox.put.remote({"metrics": item, "checkpoint": checkpoint}))
 
 
-def forward_reports(make: Callable[[list[Any]], Any], *, poll_s: float = 0.5) -> Any:
-    """Run ``make(callbacks).fit()`` in a thread; report each of its results to Tune with
-    its checkpoint. Returns the Train ``Result`` (re-raises the run's exception)."""
-    from ray import tune as rtune
-    from ray.util.queue import Empty, Queue
-
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = make([CheckpointForwardCallback(queue)])
+def relay_reports(make: Callable[[list[Any]], Any], run_dir: str, *, with_checkpoints: bool,
+                  poll_s: float = 1.0) -> Any:
+    """Run ``make(callbacks).fit()`` in a thread and report each of its results to Tune.
+    Returns the Train ``Result``; re-raises the run's exception."""
+    mailbox = Mailbox.remote()
+    trainer = make([MailboxCallback(mailbox, run_dir)])
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
@@ -78,15 +89,15 @@ def forward_reports(make: Callable[[list[Any]], Any], *, poll_s: float = 0.5) ->
 
     threading.Thread(target=run, name="train-run", daemon=True).start()
     while True:
-        try:
-            item: Optional[dict[str, Any]] = queue.get(timeout=poll_s)
-        except Empty:
-            if done.is_set() and queue.empty():
+        finished = done.is_set()  # read before the get: a report put before fit() returned is then seen
+        item = ray.get(mailbox.get.remote(0.0 if finished else poll_s))
+        if item is None:
+            if finished:
                 break
             continue
-        path = item.get(CHECKPOINT_PATH_KEY)
-        # Tune copies the checkpoint into the trial's folder (PBT clones from there).
-        rtune.report(item, checkpoint=rtune.Checkpoint(path) if path else None)
+        checkpoint = item["checkpoint"] if with_checkpoints else None
+        rtune.report(item["metrics"], checkpoint=checkpoint)
+    ray.kill(mailbox)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import logging
@@ -24,8 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ray.tune import ExperimentAnalysis
+
+from lstm import checkpoint as ckpt
 from lstm import config as cfg
-from lstm.io import atomic_write_json, atomic_write_text
+from lstm import outputs, plots, storage
+from lstm.errors import UserError, run_cli
+from tune.schedulers import read_trial_results
+from tune.spec import SearchSpec, load_spec
 
 STATUS_DONE = "TERMINATED"
 STATUS_ERROR = "ERROR"
@@ -85,33 +92,30 @@ class SearchReport:
 # --------------------------------------------------------------------------- reading
 
 
-def read_rows(experiment_dir: str, metric: str) -> list[TrialRow]:
-    """The trials of a search, from what Tune saved (experiment state, per-trial results)."""
-    from ray.tune import ExperimentAnalysis
-
-    from tune.schedulers import read_trial_results
-
+def read_rows(spec: SearchSpec) -> list[TrialRow]:
+    """The trials of a search, from what Tune saved (experiment state, per-trial results),
+    read through the search's storage."""
     # A trial that had not reported yet when a search was interrupted has no results; that
     # is expected here, so keep ExperimentAnalysis from warning about it.
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        analysis = ExperimentAnalysis(experiment_dir)
+        analysis = ExperimentAnalysis(spec.experiment_dir)
     finally:
         quiet.setLevel(level)
     rows = []
     for trial in analysis.trials:
-        results = read_trial_results(trial.path)
+        trial_dir = spec.trial_dir(trial.trial_id)
         history, planned = [], None
-        for r in results:
-            if "epoch" in r and isinstance(r.get(metric), (int, float)):
-                history.append((int(r["epoch"]), float(r[metric])))
+        for r in read_trial_results(trial_dir):
+            if "epoch" in r and isinstance(r.get(spec.metric), (int, float)):
+                history.append((int(r["epoch"]), float(r[spec.metric])))
             if isinstance(r.get("epochs"), int):
                 planned = r["epochs"]
         rows.append(TrialRow(trial_id=trial.trial_id, status=str(trial.status), hparams=dict(trial.config or {}),
                              history=_last_per_epoch(history), epochs_planned=planned,
-                             error=_error_line(trial.path) if trial.status == STATUS_ERROR else ""))
+                             error=_error_line(trial_dir) if trial.status == STATUS_ERROR else ""))
     return rows
 
 
@@ -123,12 +127,13 @@ def _last_per_epoch(history: list[tuple[int, float]]) -> list[tuple[int, float]]
     return sorted(by_epoch.items())
 
 
-def _error_line(trial_dir: Optional[str]) -> str:
+def _error_line(trial_dir: str) -> str:
     """The one-line cause of a trial's error (the UserError message where there is one)."""
-    path = Path(trial_dir or "") / "error.txt"
-    if not trial_dir or not path.is_file():
+    try:
+        text = storage.read_bytes(storage.join(trial_dir, "error.txt")).decode("utf-8", errors="replace")
+    except FileNotFoundError:
         return "error (see the trial's folder)"
-    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "UserError:" in ln:
             return ln.split("UserError:", 1)[1].strip()
@@ -194,18 +199,13 @@ def to_markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # --------------------------------------------------------------------------- best config
 
 
-def best_configs(spec: Any, best: TrialRow) -> tuple[dict[str, Any], dict[str, Any]]:
+def best_configs(spec: SearchSpec, best: TrialRow) -> tuple[dict[str, Any], dict[str, Any]]:
     """(best_config.json, best_trial.json) contents for the best trial."""
-    from tune.runner import trial_config
-
-    task = spec.task_obj
-    full = cfg.build(task.config_class, {**spec.preset_values, **spec.space.fixed, **best.hparams})
-    ran = trial_config(spec, best.hparams)
     b = best.best(spec.mode)
-    best_config = {"task": spec.task, **cfg.to_dict(full)}
+    best_config = {"task": spec.task, **cfg.to_dict(spec.best_config(best.hparams))}
     best_trial = {"task": spec.task, "trial_id": best.trial_id, "metric": spec.metric,
                   "best": b[1] if b else None, "best_epoch": b[0] if b else None, "epochs_run": best.epochs_run,
-                  "hyperparameters": best.hparams, "config": cfg.to_dict(ran)}
+                  "hyperparameters": best.hparams, "config": cfg.to_dict(spec.trial_config(best.hparams))}
     return best_config, best_trial
 
 
@@ -214,8 +214,6 @@ def best_configs(spec: Any, best: TrialRow) -> tuple[dict[str, Any], dict[str, A
 
 def plot_curves(rows: Sequence[TrialRow], metric: str, path: Path, *, title: str = "") -> Path:
     """The metric per epoch, one line per trial; an x marks where a trial was stopped early."""
-    from lstm import plots
-
     plt = plots.plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     values = []
@@ -242,8 +240,6 @@ def plot_curves(rows: Sequence[TrialRow], metric: str, path: Path, *, title: str
 def plot_vs_params(rows: Sequence[TrialRow], params: Sequence[Any], metric: str, path: Path) -> Optional[Path]:
     """Each trial's final metric against each searched hyperparameter (one panel each);
     hollow markers are trials stopped early."""
-    from lstm import plots
-
     plt = plots.plt
     if not params:
         return None
@@ -275,74 +271,97 @@ def plot_vs_params(rows: Sequence[TrialRow], params: Sequence[Any], metric: str,
 # --------------------------------------------------------------------------- writing
 
 
-def write_report(spec: Any, *, wall_time_s: Optional[float] = None, out_dir: Optional[str] = None) -> SearchReport:
-    """Read the search ``spec`` ran and write its table, best configs, plots and summary."""
-    from lstm.trainer import is_remote
-
-    metric, mode = spec.metric, spec.mode
-    rows = sort_rows(read_rows(spec.experiment_dir, metric), mode)
+def write_report(spec: SearchSpec, *, wall_time_s: Optional[float] = None) -> SearchReport:
+    """Read what the search ``spec`` ran; write its table, best configs, plots and summary
+    into the search's own folder (local or remote) and each trial's run outputs."""
+    rows = sort_rows(read_rows(spec), spec.mode)
     params = list(spec.space.params)
-    out = Path(out_dir or (spec.experiment_dir if not is_remote(spec.experiment_dir) else f"./{spec.name}-report"))
-    header, body = table(rows, params, metric, mode)
-    files = {
-        "csv": str(atomic_write_text(out / "results.csv", to_csv(header, body))),
-        "markdown": str(atomic_write_text(out / "results.md", _markdown_page(spec, rows, header, body))),
-    }
+    out = spec.experiment_dir
+    header, body = table(rows, params, spec.metric, spec.mode)
+    files = {"csv": storage.write_text(storage.join(out, "results.csv"), to_csv(header, body)),
+             "markdown": storage.write_text(storage.join(out, "results.md"), _markdown_page(spec, rows, header, body))}
     runs = write_trial_outputs(spec, rows)
-    best = next((r for r in rows if r.best(mode) is not None), None)
+    best = next((r for r in rows if r.best(spec.mode) is not None), None)
     if best is not None:
         best_config, best_trial = best_configs(spec, best)
-        best_trial["run_dir"] = runs.get(best.trial_id)
-        files["best_config"] = str(atomic_write_json(out / "best_config.json", best_config))
-        files["best_trial"] = str(atomic_write_json(out / "best_trial.json", best_trial))
-    if any(r.history for r in rows):
-        files["curves"] = str(plot_curves(rows, metric, out / "plots" / f"{metric}_per_epoch.png"))
-        vs = plot_vs_params(rows, list(spec.space.params.values()), metric,
-                            out / "plots" / f"final_{metric}_vs_hyperparameters.png")
+        best_trial["run_dir"] = storage.display(runs[best.trial_id]) if best.trial_id in runs else None
+        files["best_config"] = storage.write_json(storage.join(out, "best_config.json"), best_config)
+        files["best_trial"] = storage.write_json(storage.join(out, "best_trial.json"), best_trial)
+    files.update(write_plots(spec, rows))
+    summary = summarize(spec, rows, best, wall_time_s)
+    summary["files"] = {k: storage.display(v) for k, v in files.items()}
+    files["summary"] = storage.write_json(storage.join(out, "search_summary.json"), summary)
+    return SearchReport(rows=rows, metric=spec.metric, mode=spec.mode, params=params, best=best, files=files,
+                        summary=summary)
+
+
+def write_plots(spec: SearchSpec, rows: Sequence[TrialRow]) -> dict[str, str]:
+    """The search's two plots, under ``plots/`` of its folder."""
+    if not any(r.history for r in rows):
+        return {}
+    files = {}
+    folder = storage.join(spec.experiment_dir, "plots")
+    with storage.staging(folder) as local:
+        curves = plot_curves(rows, spec.metric, local / f"{spec.metric}_per_epoch.png")
+        files["curves"] = storage.join(folder, curves.name)
+        vs = plot_vs_params(rows, list(spec.space.params.values()), spec.metric,
+                            local / f"final_{spec.metric}_vs_hyperparameters.png")
         if vs is not None:
-            files["vs_hyperparameters"] = str(vs)
+            files["vs_hyperparameters"] = storage.join(folder, vs.name)
+    return files
+
+
+def summarize(spec: SearchSpec, rows: Sequence[TrialRow], best: Optional[TrialRow],
+              wall_time_s: Optional[float]) -> dict[str, Any]:
+    """``search_summary.json``: counts, wall time, the best trial, the space and budget."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
-    b = best.best(mode) if best else None
-    summary = {
-        "task": spec.task, "base": spec.base, "scheduler": spec.scheduler, "metric": metric, "mode": mode,
+    b = best.best(spec.mode) if best else None
+    return {
+        "task": spec.task, "base": spec.base, "scheduler": spec.scheduler, "metric": spec.metric, "mode": spec.mode,
         "trials": len(rows), "status": counts, "stopped_early": sum(r.stopped_early for r in rows),
         "wall_time_s": wall_time_s, "search_space": spec.space.describe(), "budget": spec.budget,
-        "best": None if best is None else {"trial_id": best.trial_id, metric: b[1], "epoch": b[0],
+        "best": None if best is None else {"trial_id": best.trial_id, spec.metric: b[1], "epoch": b[0],
                                            "hyperparameters": best.hparams},
-        "files": files,
     }
-    files["summary"] = str(atomic_write_json(out / "search_summary.json", summary))
-    return SearchReport(rows=rows, metric=metric, mode=mode, params=params, best=best, files=files, summary=summary)
 
 
-def write_trial_outputs(spec: Any, rows: Sequence[TrialRow]) -> dict[str, str]:
+def trial_run_dir(spec: SearchSpec, trial_id: str) -> Optional[str]:
+    """The Train run folder holding a trial's latest checkpoint (with PBT a trial has one run
+    per clone; the latest carries the whole lineage's history), or None."""
+    best: Optional[tuple[int, str, str]] = None
+    for run in storage.list_dir(spec.train_runs_dir):
+        if run != f"trial-{trial_id}" and not run.startswith(f"trial-{trial_id}-from-"):
+            continue
+        run_dir = storage.join(spec.train_runs_dir, run)
+        try:
+            latest = ckpt.latest(run_dir)
+            epoch = int(storage.read_json(storage.join(latest, ckpt.STATE_FILE))["epoch"])
+        except (UserError, KeyError, ValueError, FileNotFoundError):
+            continue
+        # ties (a paused trial's run may go on to the same epoch as its clone): the newer
+        # checkpoint, by its timestamped folder name
+        key = (epoch, storage.parent_and_name(latest)[1], run_dir)
+        best = max(best, key) if best else key
+    return best[2] if best else None
+
+
+def write_trial_outputs(spec: SearchSpec, rows: Sequence[TrialRow]) -> dict[str, str]:
     """Write each trial's ``results.json`` and the task's plots into its Train run folder
     (what ``jobs/<task>.py`` writes at the end of a run), from the run's latest checkpoint.
-    Returns {trial id: run folder} of the runs written (local storage only)."""
-    import ray.train
-
-    from lstm.errors import UserError
-    from lstm.trainer import collect_outputs, latest_checkpoint_dir
-    from tune.runner import trial_config, trial_run_dir
-
-    task = spec.task_obj
+    Returns {trial id: run folder} of the runs written."""
     written = {}
     for r in rows:
         run_dir = trial_run_dir(spec, r.trial_id) if r.history else None
         if run_dir is None:
             continue
-        try:
-            collect_outputs(task, trial_config(spec, r.hparams), run_dir,
-                            ray.train.Checkpoint(str(latest_checkpoint_dir(run_dir))))
-        except UserError:
-            continue
+        outputs.collect(spec.task_class, run_dir, ckpt.latest(run_dir))
         written[r.trial_id] = run_dir
     return written
 
 
-def _markdown_page(spec: Any, rows: Sequence[TrialRow], header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+def _markdown_page(spec: SearchSpec, rows: Sequence[TrialRow], header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
     stopped = sum(r.stopped_early for r in rows)
     intro = [
         f"# Search {spec.name}: task {spec.task}, base {spec.base}, scheduler {spec.scheduler}",
@@ -374,19 +393,12 @@ def print_report(rep: SearchReport, wall_time_s: Optional[float] = None, stream:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m tune.report EXPERIMENT_DIR``: rewrite a search's report from disk."""
-    import argparse
-
-    from tune.runner import load_spec
-
     p = argparse.ArgumentParser(prog="python -m tune.report", description=main.__doc__)
-    p.add_argument("experiment_dir", help="the search's folder: <storage path>/<name>")
+    p.add_argument("experiment_dir", help="the search's folder: <storage path>/<name> (a folder or a URI)")
     args = p.parse_args(argv)
-    spec = load_spec(str(Path(args.experiment_dir).resolve()))
-    print_report(write_report(spec))
+    print_report(write_report(load_spec(storage.resolve_root(args.experiment_dir))))
     return 0
 
 
 if __name__ == "__main__":
-    from lstm.errors import run_cli
-
     run_cli(main)

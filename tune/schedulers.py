@@ -5,8 +5,11 @@
   (after ``grace_period``, ``grace_period * reduction_factor``, ... epochs) is stopped early.
 * ``pbt``: PopulationBasedTraining. Every ``perturbation_interval`` epochs a trial in the
   bottom quantile copies the checkpoint and config of one in the top quantile and perturbs
-  ``keep_prob`` and ``learning_rate`` (clipped to the searched ranges).
-  :class:`FinishingPBT` leaves a trial alone on its last epoch (see there).
+  the task's ``pbt_mutations`` (PTB: ``keep_prob`` and ``learning_rate``), clipped to the
+  searched ranges. :class:`FinishingPBT` leaves a trial alone on its last epoch (see there).
+  With ``synch`` every trial reaches the interval before any is exploited, so an exploit is
+  certain at every interval (asynchronous PBT exploits only when a trial reports while others
+  are ahead of it in the ranking).
 
 Tune does not save a scheduler's state with the experiment, so after ``Tuner.restore`` an
 ASHA scheduler would compare resumed trials only with each other. :class:`ResumableASHA`
@@ -17,31 +20,33 @@ new trials face the same cut-offs as before the interruption.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining, TrialScheduler
 
+from lstm import storage
+from lstm.errors import UserError
 from tune.space import SearchSpace
-
-logger = logging.getLogger(__name__)
 
 TIME_ATTR = "epoch"
 SCHEDULERS = ("asha", "pbt")
-PBT_MUTATED = ("keep_prob", "learning_rate")
 RESULT_FILE = "result.json"  # Tune's per-trial JSON lines of reported results
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    """ASHA that rebuilds its rungs from disk for trials restored by ``Tuner.restore``."""
+    """ASHA that rebuilds its rungs from storage for trials restored by ``Tuner.restore``.
+    ``experiment_dir`` is the search's folder (local or a URI)."""
+
+    def __init__(self, *args: Any, experiment_dir: str = "", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.experiment_dir = experiment_dir
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
-        if not getattr(trial.storage, "trial_dir_name", None):  # a new trial: no folder yet
+        if not getattr(trial.storage, "trial_dir_name", None) or not self.experiment_dir:  # a new trial
             return
-        history = read_trial_results(trial.path) or read_trial_results(trial.local_path)
+        history = read_trial_results(storage.join(self.experiment_dir, trial.storage.trial_dir_name))
         if not history:
             return
         bracket = self._trial_info[trial.trial_id]
@@ -54,37 +59,36 @@ def read_trial_results(trial_dir: Optional[str]) -> list[dict[str, Any]]:
     """The results a trial reported so far (Tune's ``result.json`` in its folder), or []."""
     if not trial_dir:
         return []
-    path = os.path.join(trial_dir, RESULT_FILE)
-    if not os.path.isfile(path):
+    try:
+        text = storage.read_text(storage.join(trial_dir, RESULT_FILE))
+    except FileNotFoundError:
         return []
     out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by the interruption
-                    continue
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                continue
     return out
 
 
-def make_scheduler(name: str, *, metric: str, mode: str, max_epochs: int, space: SearchSpace,
-                   base_values: Mapping[str, Any], grace_period: int = 1, reduction_factor: float = 2,
-                   perturbation_interval: int = 1) -> TrialScheduler:
-    """The scheduler called ``name`` (``asha`` or ``pbt``) for ``metric`` in ``mode``."""
-    if name == "asha":
+def make_scheduler(spec: Any) -> TrialScheduler:
+    """The scheduler of a search (``spec.scheduler``: asha or pbt) on the task's metric."""
+    task = spec.task_class
+    if spec.scheduler == "asha":
         # max_t one past the last epoch: ASHA stops every trial that reaches max_t, and a trial
         # that ends by itself shuts its Train run down cleanly instead of being killed.
-        epochs = max(max_epochs, 1)
-        return ResumableASHA(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=epochs + 1,
-                             grace_period=min(grace_period, epochs), reduction_factor=reduction_factor)
-    if name == "pbt":
-        mutations, clip = pbt_mutations(space, base_values)
+        epochs = max(spec.max_epochs, 1)
+        return ResumableASHA(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=epochs + 1,
+                             grace_period=min(spec.grace_period, epochs), reduction_factor=spec.reduction_factor,
+                             experiment_dir=spec.experiment_dir)
+    if spec.scheduler == "pbt":
+        mutations, clip = pbt_mutations(spec.space, task.pbt_mutations)
         return FinishingPBT(
-            time_attr=TIME_ATTR, metric=metric, mode=mode, perturbation_interval=perturbation_interval,
-            hyperparam_mutations=mutations, custom_explore_fn=clip, synch=False)
-    raise ValueError(f"unknown scheduler {name!r}")
+            time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, perturbation_interval=spec.perturbation_interval,
+            hyperparam_mutations=mutations, custom_explore_fn=clip, synch=spec.synch)
+    raise ValueError(f"unknown scheduler {spec.scheduler!r}")
 
 
 class FinishingPBT(PopulationBasedTraining):
@@ -105,13 +109,13 @@ class FinishingPBT(PopulationBasedTraining):
         return super().on_trial_result(tune_controller, trial, result)
 
 
-def pbt_mutations(space: SearchSpace, base_values: Mapping[str, Any]
+def pbt_mutations(space: SearchSpace, mutated: Sequence[str]
                   ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
-    """PBT's ``hyperparam_mutations`` for the searched ones of keep_prob and learning_rate,
-    and an explore function that keeps perturbed values inside their ranges."""
+    """PBT's ``hyperparam_mutations`` for the searched ones of the ``mutated`` fields, and an
+    explore function that keeps perturbed values inside their ranges."""
     mutations: dict[str, Any] = {}
     bounds: dict[str, tuple[float, float]] = {}
-    for name in PBT_MUTATED:
+    for name in mutated:
         p = space.params.get(name)
         if p is None:
             continue
@@ -137,10 +141,8 @@ class _Clip:
         return config
 
 
-def check_pbt_space(space: SearchSpace, task_name: str) -> None:
-    """PBT needs at least one of keep_prob/learning_rate in the search space."""
-    from lstm.errors import UserError
-
-    if not any(n in space.params for n in PBT_MUTATED):
-        raise UserError(f"--scheduler pbt mutates {' and '.join(PBT_MUTATED)}, and neither is searched for task "
-                        f"{task_name}; add e.g. --space learning_rate=log:0.0005:0.05")
+def check_pbt_space(space: SearchSpace, task: Any) -> None:
+    """PBT needs at least one of the fields it mutates in the search space."""
+    if not any(n in space.params for n in task.pbt_mutations):
+        raise UserError(f"--scheduler pbt mutates {' and '.join(task.pbt_mutations)}, and none is searched for task "
+                        f"{task.name}; add e.g. --space learning_rate=log:0.0005:0.05")

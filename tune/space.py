@@ -1,14 +1,8 @@
 """The search space: which config fields a search varies, and how (``--space NAME=SPEC``).
 
-Defaults (for the fields the task's config has)::
-
-    keep_prob    uniform in [0.3, 1.0]
-    hidden_size  one of 200, 400, 650, 1000, 1500
-    lr_decay     uniform in [0.5, 1.0]
-
-Any field of the task's config can be searched or pinned with ``--space NAME=SPEC``, which
-replaces that field's default entry (``learning_rate``, ``init_scale``, ``max_epoch`` and
-``num_layers`` are the usual extras). SPEC is one of::
+Each task declares its default entries (``Task.search_space``; PTB's are keep_prob,
+hidden_size and lr_decay). Any field of the task's config can be searched or pinned with
+``--space NAME=SPEC``, which replaces that field's default entry. SPEC is one of::
 
     0.4:1.0             uniform range (an int field draws an integer, both ends included)
     log:0.5:2           log-uniform range (both ends > 0)
@@ -31,19 +25,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 from lstm import config as cfg
 from lstm.errors import UserError
-
-DEFAULT_SPACE: dict[str, str] = {
-    "keep_prob": "0.3:1.0",
-    "hidden_size": "200,400,650,1000,1500",
-    "lr_decay": "0.5:1.0",
-}
-
-# Integer fields that only make sense as positive integers; a clearer message than the
-# generic "must be an int" for the mistakes a search makes most often.
-POSITIVE_INT_FIELDS = frozenset({
-    "hidden_size", "num_layers", "max_epoch", "max_max_epoch", "num_steps", "batch_size",
-    "epochs", "vocab_size", "examples", "window", "step",
-})
 
 RANGE_KINDS = ("uniform", "loguniform", "randint", "lograndint")
 LIST_KINDS = ("choice", "grid")
@@ -138,25 +119,12 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def searchable_fields(config_class: type) -> dict[str, Any]:
-    """Config fields a search can vary: every field of scalar type (name -> type)."""
-    import typing
-
-    hints = typing.get_type_hints(config_class)
-    out = {}
-    for f in dataclasses.fields(config_class):
-        base, _ = cfg._unwrap_optional(hints[f.name])
-        if base in (int, float, bool, str):
-            out[f.name] = base
-    return out
-
-
 def parse_space(config_class: type, entries: Sequence[str], *, base_values: Mapping[str, Any],
-                task_name: str = "", defaults: Mapping[str, str] = DEFAULT_SPACE) -> SearchSpace:
+                task_name: str = "", defaults: Optional[Mapping[str, str]] = None) -> SearchSpace:
     """Defaults (restricted to the fields ``config_class`` has) overridden by ``entries``
     (``NAME=SPEC`` strings), each checked against the config built from ``base_values``."""
-    fields_ = searchable_fields(config_class)
-    specs: dict[str, tuple[str, bool]] = {n: (s, False) for n, s in defaults.items() if n in fields_}
+    fields_ = cfg.scalar_fields(config_class)
+    specs: dict[str, tuple[str, bool]] = {n: (s, False) for n, s in (defaults or {}).items() if n in fields_}
     for entry in entries:
         name, sep, spec = entry.partition("=")
         name = name.strip().replace("-", "_")
@@ -212,13 +180,8 @@ def _parse_scalar(name: str, raw: str, tp: type, item: str) -> Any:
     try:
         value = cfg.parse_value(tp, raw, name)
     except UserError:
-        if tp is int:
-            kind = "a positive integer" if name in POSITIVE_INT_FIELDS else "an integer"
-            raise UserError(f"{item}: {name} must be {kind} (got {raw!r})") from None
-        raise UserError(f"{item}: {name} must be {'a number' if tp is float else 'a ' + tp.__name__} "
-                        f"(got {raw!r})") from None
-    if tp is int and name in POSITIVE_INT_FIELDS and value <= 0:
-        raise UserError(f"{item}: {name} must be a positive integer (got {raw!r})")
+        kind = {int: "an integer", float: "a number"}.get(tp, f"a {tp.__name__}")
+        raise UserError(f"{item}: {name} must be {kind} (got {raw!r})") from None
     if tp is float and not math.isfinite(value):
         raise UserError(f"{item}: {name} must be a finite number (got {raw!r})")
     return value

@@ -4,7 +4,8 @@ Reader (``reader.py`` of the tutorial):
 
 * a file is split on whitespace and every newline becomes the token ``<eos>``;
 * the vocabulary comes from the **training** file only, ordered by (descending count, word),
-  so word id 0 is the most frequent word and ties are broken alphabetically;
+  so word id 0 is the most frequent word and ties are broken alphabetically
+  (:meth:`lstm.data.vocab.Vocabulary.by_count`);
 * valid/test are mapped with that vocabulary; a word it lacks is dropped, as the tutorial's
   ``_file_to_word_ids`` does (PTB has ``<unk>`` in its training file, so nothing is dropped).
 
@@ -41,16 +42,14 @@ B rows, so the union of the workers' batches is exactly the single-worker batch.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections import Counter
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
 
 Rows = TypeVar("Rows")  # a numpy array or a torch tensor of shape (rows, row_len)
@@ -99,38 +98,6 @@ def read_words(path: str | os.PathLike, *, require_newline: bool = False) -> lis
 
 
 @dataclass(frozen=True)
-class Vocabulary:
-    """Words ordered by (descending count, word); a word's id is its position."""
-
-    words: tuple[str, ...]
-
-    @classmethod
-    def build(cls, tokens: Sequence[str]) -> "Vocabulary":
-        counts = Counter(tokens)
-        return cls(tuple(w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))))
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    @cached_property
-    def ids(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.words)}
-
-    @cached_property
-    def sha256(self) -> str:
-        """Identity of the vocabulary (order included), for checkpoints."""
-        return hashlib.sha256("\n".join(self.words).encode("utf-8")).hexdigest()
-
-    def encode(self, tokens: Sequence[str]) -> np.ndarray:
-        """Word ids (int64); words outside the vocabulary are dropped, as in the tutorial."""
-        ids = self.ids
-        return np.fromiter((ids[w] for w in tokens if w in ids), dtype=np.int64)
-
-    def decode(self, ids: Sequence[int]) -> list[str]:
-        return [self.words[int(i)] for i in ids]
-
-
-@dataclass(frozen=True)
 class Corpus:
     """The three splits as word-id arrays, and the training vocabulary."""
 
@@ -149,7 +116,7 @@ def load_corpus(folder: str | os.PathLike) -> Corpus:
     """Read ``ptb.{train,valid,test}.txt`` from ``folder`` (vocabulary from train)."""
     folder = Path(folder)
     train = read_words(folder / file_name("train"), require_newline=True)
-    vocab = Vocabulary.build(train)
+    vocab = Vocabulary.by_count(train)
     valid = read_words(folder / file_name("valid"))
     test = read_words(folder / file_name("test"))
     return Corpus(vocab, vocab.encode(train), vocab.encode(valid), vocab.encode(test))

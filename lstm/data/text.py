@@ -20,11 +20,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from lstm.data.download import locate
+from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
 
 CORPORA = ("nietzsche", "tinyshakespeare")
@@ -41,15 +43,11 @@ def corpus_path(corpus: str, corpus_name: str, data_dir: Optional[str | os.PathL
     if corpus_name not in CORPORA:
         raise UserError(f"unknown --corpus-name {corpus_name!r}; choose one of {', '.join(CORPORA)}, "
                         "or pass --corpus with a text file")
-    from lstm.data.download import locate
-
     return locate(corpus_name, data_dir) / f"{corpus_name}.txt"
 
 
-def read_corpus(path: str | os.PathLike, *, lowercase: bool = True, max_chars: int = 0) -> str:
-    """The text of ``path`` (UTF-8), lower-cased as in the Keras example if asked, cut to its
-    first ``max_chars`` characters if that is positive. Raises UserError if it is missing,
-    unreadable or empty."""
+def read_corpus(path: str | os.PathLike) -> str:
+    """The text of ``path`` (UTF-8, without a BOM). UserError if it is missing, unreadable or empty."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"corpus file {p} does not exist; pass --corpus with a text file "
@@ -63,61 +61,17 @@ def read_corpus(path: str | os.PathLike, *, lowercase: bool = True, max_chars: i
         raise UserError(f"cannot read corpus file {p} ({e.strerror}); check its permissions or pass another --corpus") from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    if lowercase:
-        text = text.lower()
-    if max_chars > 0:
-        text = text[:max_chars]
     if not text:
         raise UserError(f"corpus file {p} is empty; pass --corpus with a file that holds some text")
     return text
 
 
-# --------------------------------------------------------------------------- vocabulary
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """The sorted distinct characters of a corpus (the example's ``sorted(set(text))``)."""
-
-    chars: tuple[str, ...]
-
-    @classmethod
-    def from_text(cls, text: str) -> "Vocab":
-        return cls(tuple(sorted(set(text))))
-
-    @classmethod
-    def from_list(cls, chars: Sequence[str]) -> "Vocab":
-        """Rebuild from :meth:`to_list` (e.g. a checkpoint's meta)."""
-        return cls(tuple(chars))
-
-    def to_list(self) -> list[str]:
-        return list(self.chars)
-
-    def __len__(self) -> int:
-        return len(self.chars)
-
-    @property
-    def index(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.chars)}
-
-    def missing(self, text: str) -> list[str]:
-        """Characters of ``text`` this vocabulary lacks, sorted."""
-        known = set(self.chars)
-        return sorted(set(text) - known)
-
-    def encode(self, text: str, what: str = "the text") -> np.ndarray:
-        """int64 indices of ``text``; UserError naming any characters not in the vocabulary
-        (``what`` names the text in that message, e.g. "--seed-text")."""
-        missing = self.missing(text)
-        if missing:
-            shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
-            raise UserError(f"{what} has {len(missing)} character(s) the model's vocabulary lacks: {shown}; "
-                            "remove or replace them (the vocabulary is the training corpus' characters)")
-        lookup = self.index
-        return np.fromiter((lookup[c] for c in text), dtype=np.int64, count=len(text))
-
-    def decode(self, indices: Iterable[int]) -> str:
-        return "".join(self.chars[int(i)] for i in indices)
+def prepare(text: str, *, lowercase: bool = True, max_chars: int = 0) -> str:
+    """Lower-cased as in the Keras example if asked, cut to the first ``max_chars`` characters
+    if that is positive."""
+    if lowercase:
+        text = text.lower()
+    return text[:max_chars] if max_chars > 0 else text
 
 
 # --------------------------------------------------------------------------- windows
@@ -156,7 +110,7 @@ class CharCorpus:
     """An encoded corpus, its vocabulary and its train / held-out windows."""
 
     text: str
-    vocab: Vocab
+    vocab: Vocabulary
     codes: torch.Tensor
     train: Windows
     valid: Windows
@@ -164,7 +118,7 @@ class CharCorpus:
 
 
 def build_corpus(text: str, *, window: int, step: int, valid_fraction: float,
-                 vocab: Optional[Vocab] = None, source: str = "the corpus") -> CharCorpus:
+                 vocab: Optional[Vocabulary] = None, source: str = "the corpus") -> CharCorpus:
     """Encode ``text`` and index its windows: the head trains, the tail ``valid_fraction`` is
     held out. Raises UserError if either part holds no window."""
     if window <= 0 or step <= 0:
@@ -172,7 +126,7 @@ def build_corpus(text: str, *, window: int, step: int, valid_fraction: float,
     if len(text) <= window:
         raise UserError(f"{source} has {len(text)} characters, fewer than one window of {window} plus its "
                         f"target; use a longer corpus or a smaller --window")
-    vocab = vocab or Vocab.from_text(text)
+    vocab = vocab or Vocabulary.sorted_set(text)
     codes = torch.from_numpy(vocab.encode(text))
     split = int(len(text) * (1.0 - valid_fraction))
     train = Windows(codes, window_starts(0, split, window, step), window)

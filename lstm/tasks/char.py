@@ -28,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lstm.config import TaskConfig
+from lstm import checkpoint as ckpt
+from lstm import config as cfg
+from lstm.config import TaskConfig, check_fields, positive_finite
 from lstm.data import text as textdata
+from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
 from lstm.models.char import CharLSTM
-from lstm.task import StepOutput, Task, WorkerInfo, register
+from lstm.task import StepOutput, Task, register
 
 LN2 = math.log(2.0)
 SAMPLE_SEED_OFFSET = 7_777  # keeps the sampling generators apart from the data-order ones
@@ -66,28 +69,22 @@ class CharConfig(TaskConfig):
         if not self.corpus and self.corpus_name not in textdata.CORPORA:
             raise UserError(f"unknown --corpus-name {self.corpus_name!r}; choose one of "
                             f"{', '.join(textdata.CORPORA)}, or pass --corpus with a text file")
-        for name in ("window", "step", "hidden_size", "batch_size", "epochs", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
-        for name in ("max_chars", "sample_length"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
-        if not 0.0 < self.valid_fraction < 1.0:
-            raise UserError(f"--valid-fraction must be between 0 and 1 (got {self.valid_fraction})")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UserError(f"--learning-rate must be positive (got {self.learning_rate})")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise UserError(f"--max-grad-norm must be positive (got {self.max_grad_norm})")
+        check_fields(self, ("window", "step", "hidden_size", "batch_size", "epochs", "eval_batch_size"),
+                     lambda v: v > 0, "positive")
+        check_fields(self, ("max_chars", "sample_length"), lambda v: v >= 0, ">= 0")
+        check_fields(self, ("valid_fraction",), lambda v: 0.0 < v < 1.0, "between 0 and 1")
+        check_fields(self, ("learning_rate",), positive_finite, "positive")
+        if self.max_grad_norm is not None:
+            check_fields(self, ("max_grad_norm",), positive_finite, "positive")
         if not self.diversities or not all(d > 0 and math.isfinite(d) for d in self.diversities):
             raise UserError(f"--diversities must be positive temperatures, e.g. 0.2,0.5,1.0,1.2 (got {self.diversities})")
 
 
-def load_corpus(config: CharConfig, data_dir: Optional[str]) -> textdata.CharCorpus:
-    """Read, encode and window the corpus ``config`` names (UserError if unusable)."""
-    path = textdata.corpus_path(config.corpus, config.corpus_name, data_dir)
-    text = textdata.read_corpus(path, lowercase=config.lowercase, max_chars=config.max_chars)
-    return textdata.build_corpus(text, window=config.window, step=config.step,
-                                 valid_fraction=config.valid_fraction, source=f"corpus {path}")
+def corpus_of(config: CharConfig, text: str, source: str = "the corpus") -> textdata.CharCorpus:
+    """Encode and window the raw ``text`` as ``config`` says (UserError if it is too short)."""
+    return textdata.build_corpus(textdata.prepare(text, lowercase=config.lowercase, max_chars=config.max_chars),
+                                 window=config.window, step=config.step, valid_fraction=config.valid_fraction,
+                                 source=source)
 
 
 @dataclass
@@ -97,6 +94,9 @@ class CharData:
     corpus: textdata.CharCorpus
     valid: textdata.Windows  # this rank's share of the held-out windows
     rank_batch: int  # windows per step on this rank
+
+
+LOSS_LIMIT_TIMES_UNIFORM = 10  # a mean loss this many times a uniform guess's (ln chars) has diverged
 
 
 @register
@@ -109,109 +109,41 @@ class CharTask(Task):
     }
     default_preset = "keras"
     sample_unit = "windows"
+    epochs_field = "epochs"
     primary_metric = "valid_bpc"
+    # Around the Keras example's LSTM(128) and Adam at 0.01.
+    search_space = {"hidden_size": "64,128,256", "learning_rate": "log:0.002:0.02"}
+    pbt_mutations = ("learning_rate",)
+    config: CharConfig
 
     # ------------------------------------------------------------------ driver side
-    def check(self, config: CharConfig, data_dir: Optional[str]) -> None:
-        """Read the corpus once on the driver: a missing/empty/short corpus (or a download
-        failure) is reported before any worker starts."""
-        load_corpus(config, data_dir)
+    @classmethod
+    def read_data(cls, config: CharConfig, data_dir: Optional[str]) -> str:
+        """The corpus text as read (downloaded once if needed); a missing, empty or too short
+        corpus is reported here, before any worker starts."""
+        path = textdata.corpus_path(config.corpus, config.corpus_name, data_dir)
+        text = textdata.read_corpus(path)
+        corpus_of(config, text, f"corpus {path}")
+        return text
 
-    # ------------------------------------------------------------------ data
-    def load_data(self, config: CharConfig, data_dir: Optional[str], worker: WorkerInfo) -> CharData:
-        corpus = load_corpus(config, data_dir)
-        rank_batch = config.batch_size // worker.world_size
-        if rank_batch < 1:
-            raise UserError(f"--batch-size {config.batch_size} is smaller than the {worker.world_size} workers; "
+    @classmethod
+    def check(cls, config: CharConfig, data: str, num_workers: int) -> None:
+        if config.batch_size < num_workers:
+            raise UserError(f"--batch-size {config.batch_size} is smaller than the {num_workers} workers; "
                             "raise --batch-size or lower --num-workers")
-        if len(corpus.train) < worker.world_size:
-            raise UserError(f"the corpus has {len(corpus.train)} training windows, fewer than the "
-                            f"{worker.world_size} workers; use a longer corpus or fewer workers")
-        return CharData(corpus, corpus.valid.shard(worker.rank, worker.world_size), rank_batch)
+        windows = len(corpus_of(config, data).train)
+        if windows < num_workers:
+            raise UserError(f"the corpus has {windows} training windows, fewer than the {num_workers} workers; "
+                            "use a longer corpus or fewer workers")
 
-    def num_epochs(self, config: CharConfig) -> int:
-        return config.epochs
-
-    def num_train_batches(self, config: CharConfig, data: CharData, worker: WorkerInfo) -> int:
-        per_rank = len(data.corpus.train) // worker.world_size
-        return -(-per_rank // data.rank_batch)
-
-    def train_batches(self, config: CharConfig, data: CharData, epoch: int,
-                      worker: WorkerInfo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of an epoch's shuffled training windows, ``rank_batch`` at a time
-        (the last batch may be smaller, the same on every rank)."""
-        mine = textdata.epoch_shard(len(data.corpus.train), (config.seed, epoch), worker.rank, worker.world_size)
-        for i in range(0, len(mine), data.rank_batch):
-            x, y = data.corpus.train.batch(mine[i:i + data.rank_batch])
-            yield x.to(worker.device), y.to(worker.device)
-
-    # ------------------------------------------------------------------ model
-    def build_model(self, config: CharConfig, data: CharData) -> nn.Module:
-        return CharLSTM(len(data.corpus.vocab), config.hidden_size)
-
-    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: Any,
-                   config: CharConfig, worker: WorkerInfo) -> StepOutput:
-        x, y = batch
-        loss_sum = F.cross_entropy(model(x).float(), y, reduction="sum")
-        n = y.numel()
-        return StepOutput(loss=loss_sum / n, sums={"loss_sum": loss_sum.detach(), "chars": n}, samples=n)
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: nn.Module, data: CharData, split: str, config: CharConfig,
-                 worker: WorkerInfo) -> dict[str, float]:
-        """Summed cross-entropy (nats) over this rank's share of the held-out windows."""
-        windows = data.valid
-        loss_sum = 0.0
-        for i in range(0, len(windows), config.eval_batch_size):
-            x, y = windows.batch(slice(i, i + config.eval_batch_size))
-            logits = model(x.to(worker.device)).float()
-            loss_sum += float(F.cross_entropy(logits, y.to(worker.device), reduction="sum"))
-        return {"loss_sum": loss_sum, "chars": float(len(windows))}
-
-    def summarize(self, sums: Mapping[str, float], prefix: str) -> dict[str, float]:
-        nats = sums.get("loss_sum", 0.0) / max(sums.get("chars", 0.0), 1.0)
-        return {f"{prefix}loss": nats, f"{prefix}bpc": nats / LN2}
-
-    def epoch_extras(self, model: nn.Module, data: CharData, config: CharConfig, epoch: int,
-                     worker: WorkerInfo) -> dict[str, Any]:
-        """The example's end-of-epoch samples: one random seed window, each diversity."""
-        if config.sample_length <= 0:
-            return {}
-        corpus = data.corpus
-        rng = np.random.default_rng([config.seed, epoch, SAMPLE_SEED_OFFSET])
-        start = int(rng.integers(0, len(corpus.text) - config.window))
-        seed = corpus.codes[start:start + config.window]
-        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        out = model.generate(seed.repeat(len(config.diversities), 1), config.diversities, config.sample_length,
-                             window=config.window, generator=gen)
-        seed_text = corpus.vocab.decode(seed.tolist())
-        samples = [{"diversity": d, "text": corpus.vocab.decode(row.tolist())}
-                   for d, row in zip(config.diversities, out)]
-        lines = [f'----- Generating with seed: "{seed_text}"']
-        for s in samples:
-            lines += [f"----- diversity: {s['diversity']}", seed_text + s["text"]]
-        return {"print": lines, "seed_text": seed_text, "samples": samples}
-
-    def checkpoint_meta(self, data: CharData) -> dict[str, Any]:
-        return {"vocab": data.corpus.vocab.to_list()}
-
-    def check_checkpoint(self, meta: Mapping[str, Any], data: CharData) -> None:
-        theirs = meta.get("vocab")
-        ours = data.corpus.vocab.to_list()
-        if theirs is not None and list(theirs) != ours:
-            extra, lacking = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-            raise UserError(
-                f"the checkpoint's vocabulary ({len(theirs)} chars) differs from this corpus' ({len(ours)} chars; "
-                f"new: {''.join(extra)!r}, missing: {''.join(lacking)!r}); resume with the corpus it was "
-                "trained on, or start a new run with another --name")
-
-    def format_epoch_line(self, m: Mapping[str, Any]) -> str:
+    @staticmethod
+    def format_epoch_line(m: Mapping[str, Any]) -> str:
         return (f"epoch {m['epoch']:>3}/{m['epochs']} | train_bpc {m['train_bpc']:.4f} | "
                 f"valid_bpc {m['valid_bpc']:.4f} | windows/sec {m.get('windows_per_sec', 0):,.0f} | "
                 f"train {m.get('train_s', 0):.1f}s | elapsed {m.get('elapsed_s', 0):.1f}s")
 
-    # ------------------------------------------------------------------ plots (driver)
-    def plot(self, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    @classmethod
+    def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         from lstm import plots
 
         config = results.get("config", {})
@@ -220,39 +152,117 @@ class CharTask(Task):
                                       out_dir / "learning_curve.png",
                                       title=f"char LSTM({config.get('hidden_size')}) on {os.path.basename(source)}")]
 
+    # ------------------------------------------------------------------ data
+    def setup(self, data: str) -> None:
+        config, worker = self.config, self.worker
+        self.check(config, data, worker.world_size)
+        corpus = corpus_of(config, data)
+        self.data = CharData(corpus, corpus.valid.shard(worker.rank, worker.world_size),
+                             config.batch_size // worker.world_size)
+
+    def num_train_batches(self) -> int:
+        per_rank = len(self.data.corpus.train) // self.worker.world_size
+        return -(-per_rank // self.data.rank_batch)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of an epoch's shuffled training windows, ``rank_batch`` at a time
+        (the last batch may be smaller, the same on every rank)."""
+        data, worker = self.data, self.worker
+        mine = textdata.epoch_shard(len(data.corpus.train), (self.config.seed, epoch), worker.rank, worker.world_size)
+        for i in range(0, len(mine), data.rank_batch):
+            x, y = data.corpus.train.batch(mine[i:i + data.rank_batch])
+            yield x.to(worker.device), y.to(worker.device)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        return CharLSTM(len(self.data.corpus.vocab), self.config.hidden_size)
+
+    def loss_limit(self) -> float:
+        return LOSS_LIMIT_TIMES_UNIFORM * math.log(max(len(self.data.corpus.vocab), 2))
+
+    def train_step(self, model: CharLSTM, batch: tuple[torch.Tensor, torch.Tensor], state: Any) -> StepOutput:
+        x, y = batch
+        loss_sum = F.cross_entropy(model(x).float(), y, reduction="sum")
+        n = y.numel()
+        return StepOutput(loss=loss_sum / n, sums={"loss_sum": loss_sum.detach(), "chars": n}, samples=n,
+                          mean_loss=loss_sum.detach() / n)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: CharLSTM, split: str) -> dict[str, float]:
+        """Summed cross-entropy (nats) over this rank's share of the held-out windows."""
+        windows, device = self.data.valid, self.worker.device
+        loss_sum = 0.0
+        for i in range(0, len(windows), self.config.eval_batch_size):
+            x, y = windows.batch(slice(i, i + self.config.eval_batch_size))
+            loss_sum += float(F.cross_entropy(model(x.to(device)).float(), y.to(device), reduction="sum"))
+        return {"loss_sum": loss_sum, "chars": float(len(windows))}
+
+    @staticmethod
+    def summarize(sums: Mapping[str, float], prefix: str) -> dict[str, float]:
+        nats = sums.get("loss_sum", 0.0) / max(sums.get("chars", 0.0), 1.0)
+        return {f"{prefix}loss": nats, f"{prefix}bpc": nats / LN2}
+
+    def epoch_extras(self, model: CharLSTM, epoch: int) -> dict[str, Any]:
+        """The example's end-of-epoch samples: one random seed window, each diversity."""
+        config, corpus = self.config, self.data.corpus
+        if config.sample_length <= 0:
+            return {}
+        rng = np.random.default_rng([config.seed, epoch, SAMPLE_SEED_OFFSET])
+        start = int(rng.integers(0, len(corpus.text) - config.window))
+        seed = corpus.codes[start:start + config.window]
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        out = model.generate(seed.repeat(len(config.diversities), 1), config.diversities, config.sample_length,
+                             window=config.window, generator=gen)
+        seed_text = "".join(corpus.vocab.decode(seed.tolist()))
+        samples = [{"diversity": d, "text": "".join(corpus.vocab.decode(row.tolist()))}
+                   for d, row in zip(config.diversities, out)]
+        lines = [f'----- Generating with seed: "{seed_text}"']
+        for s in samples:
+            lines += [f"----- diversity: {s['diversity']}", seed_text + s["text"]]
+        return {"print": lines, "seed_text": seed_text, "samples": samples}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"vocab": list(self.data.corpus.vocab.tokens)}
+
+    def check_checkpoint(self, meta: Mapping[str, Any]) -> None:
+        theirs = meta.get("vocab")
+        ours = list(self.data.corpus.vocab.tokens)
+        if theirs is not None and list(theirs) != ours:
+            extra, lacking = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            raise UserError(
+                f"the checkpoint's vocabulary ({len(theirs)} chars) differs from this corpus' ({len(ours)} chars; "
+                f"new: {''.join(extra)!r}, missing: {''.join(lacking)!r}); resume with the corpus it was "
+                "trained on, or start a new run with another --name")
+
 
 # --------------------------------------------------------------------------- sampling a saved run
 
 
-def sample_from_checkpoint(checkpoint: str | os.PathLike, seed_text: str, *, temperature: float = 0.5,
+def sample_from_checkpoint(location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5,
                            length: int = 400, seed: int = 0) -> str:
     """Generate ``length`` characters continuing ``seed_text`` from a saved run (a run folder,
-    whose newest checkpoint is used, or a ``checkpoint_*`` folder). Returns the continuation.
-    UserError for a checkpoint of another task, a bad temperature/length, or a seed text with
-    characters the checkpoint's vocabulary lacks."""
-    from lstm import config as cfg
-    from lstm.loop import load_model_state, read_checkpoint_state
-    from lstm.trainer import latest_checkpoint_dir
-
+    whose newest checkpoint is used, or a ``checkpoint_*`` folder; local or remote). Returns
+    the continuation. UserError for a checkpoint of another task, a bad temperature/length,
+    or a seed text with characters the checkpoint's vocabulary lacks."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UserError(f"--temperature must be positive (got {temperature})")
     if length <= 0:
         raise UserError(f"--length must be positive (got {length})")
     if not seed_text:
         raise UserError("--seed-text is empty; pass some text for the model to continue")
-    if not Path(checkpoint).expanduser().exists():
-        raise UserError(f"checkpoint {checkpoint} does not exist; pass a run folder or one of its checkpoint_* folders")
-    ckpt_dir = latest_checkpoint_dir(Path(checkpoint).expanduser())
-    state = read_checkpoint_state(ckpt_dir)
-    if state.get("task") != CharTask.name:
-        raise UserError(f"{ckpt_dir} is a checkpoint of task {state.get('task')!r}, not 'char'; use jobs/{state.get('task')}.py")
-    config = cfg.build(CharConfig, state["config"])
-    vocab = textdata.Vocab.from_list(state.get("meta", {}).get("vocab") or [])
-    if not len(vocab):
-        raise UserError(f"checkpoint {ckpt_dir} carries no vocabulary; it was not written by the char task")
-    model = CharLSTM(len(vocab), config.hidden_size)
-    load_model_state(model, ckpt_dir)
-    codes = torch.from_numpy(vocab.encode(seed_text.lower() if config.lowercase else seed_text, "--seed-text"))
+    with ckpt.opened(str(location)) as directory:
+        state = ckpt.read_state(directory)
+        if state.get("task") != CharTask.name:
+            raise UserError(f"{directory} is a checkpoint of task {state.get('task')!r}, not 'char'; "
+                            f"use jobs/{state.get('task')}.py")
+        config = cfg.build(CharConfig, state["config"])
+        vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
+        if not len(vocab):
+            raise UserError(f"checkpoint {directory} carries no vocabulary; it was not written by the char task")
+        model = CharLSTM(len(vocab), config.hidden_size)
+        ckpt.load_model(model, directory)
+    text = seed_text.lower() if config.lowercase else seed_text
+    codes = torch.from_numpy(vocab.encode(list(text), what="--seed-text", unit="character"))
     gen = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one window at a time: extra threads only contend (100x slower on a busy CPU)
@@ -260,4 +270,4 @@ def sample_from_checkpoint(checkpoint: str | os.PathLike, seed_text: str, *, tem
         out = model.generate(codes[None], [temperature], length, window=config.window, generator=gen)
     finally:
         torch.set_num_threads(threads)
-    return vocab.decode(out[0].tolist())
+    return "".join(vocab.decode(out[0].tolist()))

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lstm.config import TaskConfig
+from lstm.config import TaskConfig, check_fields, flag_name, positive_finite
 from lstm.data import ptb
 from lstm.data.download import locate
 from lstm.errors import UserError
@@ -55,6 +55,7 @@ from lstm.models.word import WordLM, detach_state
 from lstm.task import StepOutput, Task, WorkerInfo, perplexity, register
 
 EVAL_SPLITS = ("valid", "test")
+LOSS_LIMIT_TIMES_UNIFORM = 10  # a mean loss this many times a uniform guess's (ln vocab) has diverged
 
 
 @dataclass(frozen=True)
@@ -81,18 +82,13 @@ class PTBConfig(TaskConfig):
     def validate(self) -> None:
         if not 0.0 < self.keep_prob <= 1.0:
             raise UserError(f"--keep-prob must be in (0, 1] (got {self.keep_prob}); 1 means no dropout")
-        for name in ("num_layers", "num_steps", "hidden_size", "max_max_epoch", "batch_size", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_epoch", "eval_batch_size", "eval_num_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
-        for name in ("init_scale", "learning_rate", "max_grad_norm", "lr_decay"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise UserError(f"--{name.replace('_', '-')} must be a positive number (got {value})")
+        check_fields(self, ("num_layers", "num_steps", "hidden_size", "max_max_epoch", "batch_size", "vocab_size"),
+                     lambda v: v >= 1, ">= 1")
+        check_fields(self, ("max_epoch", "eval_batch_size", "eval_num_steps"), lambda v: v >= 0, ">= 0")
+        check_fields(self, ("init_scale", "learning_rate", "max_grad_norm", "lr_decay"), positive_finite,
+                     "a positive number")
         if not 0.0 < self.train_fraction <= 1.0:
-            raise UserError(f"--train-fraction must be in (0, 1] (got {self.train_fraction})")
+            raise UserError(f"{flag_name('train_fraction')} must be in (0, 1] (got {self.train_fraction})")
 
     @property
     def eval_shape(self) -> tuple[int, int]:
@@ -116,15 +112,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 class PTBData:
     """One rank's share of the corpus, as tensors on its device."""
 
-    vocab: ptb.Vocabulary
+    vocab: Any  # lstm.data.vocab.Vocabulary
     train: torch.Tensor  # (batch_size / N, batch_len) rows of the training stream
     epoch_size: int  # steps per epoch (the same on every rank)
     eval_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> this rank's rows (maybe none)
     eval_steps: dict[str, int] = field(default_factory=dict)  # split -> steps of eval_num_steps
 
 
-def check_sizes(config: PTBConfig, corpus: ptb.Corpus) -> None:
-    """One-line errors when the vocabulary or a split does not fit the config."""
+def check_sizes(config: PTBConfig, corpus: ptb.Corpus, num_workers: int = 1) -> None:
+    """One-line errors when the vocabulary, a split or the worker count does not fit the config."""
+    if config.batch_size % num_workers:
+        raise UserError(f"--batch-size {config.batch_size} is not a multiple of --num-workers {num_workers}; pass a "
+                        "--batch-size that is (it is the global batch, split over the workers)")
     if len(corpus.vocab) > config.vocab_size:
         raise UserError(f"the training file has {len(corpus.vocab)} distinct words (with {ptb.EOS}), more than "
                         f"--vocab-size {config.vocab_size}; pass --vocab-size {len(corpus.vocab)} or more")
@@ -162,104 +161,114 @@ class PTBTask(Task):
     sample_unit = "words"
     eval_splits = ("valid",)
     final_splits = ("test",)
+    epochs_field = "max_max_epoch"
     primary_metric = "valid_ppl"
+    search_space = {"keep_prob": "0.3:1.0", "hidden_size": "200,400,650,1000,1500", "lr_decay": "0.5:1.0"}
+    pbt_mutations = ("keep_prob", "learning_rate")
+    config: PTBConfig
 
     # ------------------------------------------------------------------ driver side
-    def check(self, config: PTBConfig, data_dir: Optional[str]) -> None:
-        """Read the corpus once on the driver (downloading it if needed) and check its sizes."""
-        check_sizes(config, ptb.load_corpus(locate("ptb", data_dir)))
+    @classmethod
+    def read_data(cls, config: PTBConfig, data_dir: Optional[str]) -> ptb.Corpus:
+        """The whole corpus (downloaded once if needed): ~1M word ids and the vocabulary."""
+        return ptb.load_corpus(locate("ptb", data_dir))
 
-    def plot(self, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    @classmethod
+    def check(cls, config: PTBConfig, data: ptb.Corpus, num_workers: int) -> None:
+        check_sizes(config, data, num_workers)
+
+    @classmethod
+    def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         from lstm import plots
 
         c = results["config"]
-        title = (f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, keep_prob {c['keep_prob']:g}, "
-                 f"{results['epochs'][-1].get('workers', 1) if results['epochs'] else 1} worker(s)")
+        workers = results["epochs"][-1].get("workers", 1) if results["epochs"] else 1
+        title = f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, keep_prob {c['keep_prob']:g}, {workers} worker(s)"
         return [plots.learning_curves(results["epochs"], [("perplexity", ["train_ppl", "valid_ppl", "test_ppl"])],
                                       out_dir / "learning_curve.png", title=title, log_y=["perplexity"])]
 
-    # ------------------------------------------------------------------ data
-    def load_data(self, config: PTBConfig, data_dir: Optional[str], worker: WorkerInfo) -> PTBData:
-        corpus = ptb.load_corpus(locate("ptb", data_dir))
-        check_sizes(config, corpus)
-        rows = ptb.batchify(ptb.prefix(corpus.train, config.train_fraction), config.batch_size)
-        data = PTBData(vocab=corpus.vocab,
-                       train=torch.from_numpy(ptb.shard_rows(rows, worker.rank, worker.world_size)).to(worker.device),
-                       epoch_size=(rows.shape[1] - 1) // config.num_steps)
-        batch, steps = config.eval_shape
-        for split in EVAL_SPLITS:
-            all_rows = ptb.batchify(corpus.split(split), batch)
-            data.eval_rows[split] = torch.from_numpy(eval_shard(all_rows, worker)).to(worker.device)
-            data.eval_steps[split] = (all_rows.shape[1] - 1) // steps
-        return data
-
-    def num_epochs(self, config: PTBConfig) -> int:
-        return config.max_max_epoch
-
-    def num_train_batches(self, config: PTBConfig, data: PTBData, worker: WorkerInfo) -> int:
-        return data.epoch_size
-
-    def train_batches(self, config: PTBConfig, data: PTBData, epoch: int,
-                      worker: WorkerInfo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The same batches every epoch, in order (the tutorial's producer does not shuffle)."""
-        return ptb.iterate(data.train, config.num_steps, data.epoch_size)
-
-    # ------------------------------------------------------------------ model and optimisation
-    def build_model(self, config: PTBConfig, data: PTBData) -> nn.Module:
-        return WordLM(config.vocab_size, config.hidden_size, config.num_layers, config.keep_prob, config.init_scale)
-
-    def build_optimizer(self, config: PTBConfig, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=self.learning_rate(config, 0))
-
-    def learning_rate(self, config: PTBConfig, epoch: int) -> float:
-        return config.learning_rate * config.lr_decay ** max(epoch + 1 - config.max_epoch, 0)
-
-    def max_grad_norm(self, config: PTBConfig) -> Optional[float]:
-        return config.max_grad_norm
-
-    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: Any,
-                   config: PTBConfig, worker: WorkerInfo) -> StepOutput:
-        """Loss summed over time, averaged over this rank's rows; DDP's gradient average over
-        ranks then makes it the average over the global batch."""
-        inputs, targets = batch
-        loss, loss_sum, state = model(inputs, targets, state, 1.0 / inputs.shape[0])
-        words = inputs.numel()
-        return StepOutput(loss=loss, sums={"loss_sum": loss_sum.detach(), "words": words}, samples=words,
-                          state=detach_state(state))
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: nn.Module, data: PTBData, split: str, config: PTBConfig,
-                 worker: WorkerInfo) -> dict[str, float]:
-        return evaluate_rows(model, data.eval_rows[split], config.eval_shape[1], data.eval_steps[split])
-
-    def summarize(self, sums: Mapping[str, float], prefix: str) -> dict[str, float]:
-        words = sums.get("words", 0.0)
-        loss_sum = sums.get("loss_sum", 0.0)
-        return {f"{prefix}loss": loss_sum / max(words, 1.0), f"{prefix}ppl": perplexity(loss_sum, words)}
-
-    def epoch_extras(self, model: nn.Module, data: PTBData, config: PTBConfig, epoch: int,
-                     worker: WorkerInfo) -> dict[str, Any]:
-        """Rank 0's peak resident memory so far (kept in results.json's history)."""
-        return {"peak_rss_mib": round(peak_rss_mib(), 1)}
-
-    # ------------------------------------------------------------------ checkpoints and output
-    def checkpoint_meta(self, data: PTBData) -> dict[str, Any]:
-        return {"vocab_size": len(data.vocab), "vocab_sha256": data.vocab.sha256, "vocab": list(data.vocab.words)}
-
-    def check_checkpoint(self, meta: Mapping[str, Any], data: PTBData) -> None:
-        if meta.get("vocab_sha256") != data.vocab.sha256:
-            raise UserError(
-                f"the checkpoint was trained on another vocabulary ({meta.get('vocab_size')} words, sha256 "
-                f"{str(meta.get('vocab_sha256'))[:12]}) than this data's ({len(data.vocab)} words, sha256 "
-                f"{data.vocab.sha256[:12]}); resume with the --data-dir it was trained on, or start a new run with another --name")
-
-    def format_epoch_line(self, m: Mapping[str, Any]) -> str:
+    @staticmethod
+    def format_epoch_line(m: Mapping[str, Any]) -> str:
         parts = [f"epoch {m['epoch']:>2}/{m['epochs']}", f"lr {m['lr']:.4g}", f"train ppl {m['train_ppl']:.2f}",
                  f"valid ppl {m['valid_ppl']:.2f}"]
         if "test_ppl" in m:
             parts.append(f"test ppl {m['test_ppl']:.2f}")
         parts += [f"words/sec {m.get('words_per_sec', 0):,.0f}", f"elapsed {m.get('elapsed_s', 0):.1f}s"]
         return " | ".join(parts)
+
+    # ------------------------------------------------------------------ data
+    def setup(self, corpus: ptb.Corpus) -> None:
+        config, worker = self.config, self.worker
+        check_sizes(config, corpus, worker.world_size)
+        rows = ptb.batchify(ptb.prefix(corpus.train, config.train_fraction), config.batch_size)
+        self.data = PTBData(vocab=corpus.vocab,
+                            train=torch.from_numpy(ptb.shard_rows(rows, worker.rank, worker.world_size)).to(worker.device),
+                            epoch_size=(rows.shape[1] - 1) // config.num_steps)
+        batch, steps = config.eval_shape
+        for split in EVAL_SPLITS:
+            all_rows = ptb.batchify(corpus.split(split), batch)
+            self.data.eval_rows[split] = torch.from_numpy(eval_shard(all_rows, worker)).to(worker.device)
+            self.data.eval_steps[split] = (all_rows.shape[1] - 1) // steps
+
+    def num_train_batches(self) -> int:
+        return self.data.epoch_size
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same batches every epoch, in order (the tutorial's producer does not shuffle)."""
+        return ptb.iterate(self.data.train, self.config.num_steps, self.data.epoch_size)
+
+    # ------------------------------------------------------------------ model and optimisation
+    def build_model(self) -> nn.Module:
+        c = self.config
+        return WordLM(c.vocab_size, c.hidden_size, c.num_layers, c.keep_prob, c.init_scale)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=self.learning_rate(0))
+
+    def learning_rate(self, epoch: int) -> float:
+        c = self.config
+        return c.learning_rate * c.lr_decay ** max(epoch + 1 - c.max_epoch, 0)
+
+    def loss_limit(self) -> float:
+        return LOSS_LIMIT_TIMES_UNIFORM * math.log(self.config.vocab_size)
+
+    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: Any) -> StepOutput:
+        """Loss summed over time, averaged over this rank's rows; DDP's gradient average over
+        ranks then makes it the average over the global batch."""
+        inputs, targets = batch
+        loss, loss_sum, state = model(inputs, targets, state, 1.0 / inputs.shape[0])
+        words = inputs.numel()
+        loss_sum = loss_sum.detach()
+        return StepOutput(loss=loss, sums={"loss_sum": loss_sum, "words": words}, samples=words,
+                          mean_loss=loss_sum / words, state=detach_state(state))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        return evaluate_rows(model, self.data.eval_rows[split], self.config.eval_shape[1], self.data.eval_steps[split])
+
+    @staticmethod
+    def summarize(sums: Mapping[str, float], prefix: str) -> dict[str, float]:
+        words = sums.get("words", 0.0)
+        loss_sum = sums.get("loss_sum", 0.0)
+        return {f"{prefix}loss": loss_sum / max(words, 1.0), f"{prefix}ppl": perplexity(loss_sum, words)}
+
+    def epoch_extras(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+        """Rank 0's peak resident memory so far (kept in results.json's history)."""
+        return {"peak_rss_mib": round(peak_rss_mib(), 1)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_meta(self) -> dict[str, Any]:
+        vocab = self.data.vocab
+        return {"vocab_size": len(vocab), "vocab_sha256": vocab.sha256, "vocab": list(vocab.tokens)}
+
+    def check_checkpoint(self, meta: Mapping[str, Any]) -> None:
+        vocab = self.data.vocab
+        if meta.get("vocab_sha256") != vocab.sha256:
+            raise UserError(
+                f"the checkpoint was trained on another vocabulary ({meta.get('vocab_size')} words, sha256 "
+                f"{str(meta.get('vocab_sha256'))[:12]}) than this data's ({len(vocab)} words, sha256 "
+                f"{vocab.sha256[:12]}); resume with the --data-dir it was trained on, or start a new run with "
+                "another --name")
 
 
 def peak_rss_mib() -> float:

@@ -20,16 +20,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from lstm.config import TaskConfig
+from lstm.config import TaskConfig, check_fields, positive_finite
 from lstm.data import shapes
 from lstm.errors import UserError
-from lstm.loop import unwrap
 from lstm.models.shape import ShapeLSTM
 from lstm.task import StepOutput, Task, WorkerInfo, register
 
@@ -58,17 +57,13 @@ class ShapeConfig(TaskConfig):
         shapes.get_family(self.shape)
         if self.head not in ("dense", "mdn"):
             raise UserError(f"--head must be dense or mdn (got {self.head!r})")
-        for name in ("points_per_edge", "mixtures", "hidden_size", "examples", "epochs", "batch_size",
-                     "valid_examples", "eval_shapes", "curve_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        check_fields(self, ("points_per_edge", "mixtures", "hidden_size", "examples", "epochs", "batch_size",
+                            "valid_examples", "eval_shapes", "curve_every"), lambda v: v > 0, "positive")
         if self.examples < self.epochs * self.batch_size:
             raise UserError(f"--examples {self.examples} is fewer than one batch per epoch "
                             f"({self.epochs} epochs x batch {self.batch_size}); raise --examples")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UserError(f"--learning-rate must be positive (got {self.learning_rate})")
-        if self.aux_weight < 0:
-            raise UserError("--aux-weight must be >= 0")
+        check_fields(self, ("learning_rate",), positive_finite, "positive")
+        check_fields(self, ("aux_weight",), lambda v: v >= 0, ">= 0")
         if self.aux_weight and (self.shape != "rectangle" or self.points_per_edge != 1):
             raise UserError("--aux-weight applies to corner-only rectangles (--shape rectangle --points-per-edge 1)")
 
@@ -79,6 +74,9 @@ class ShapeData:
     length: int  # points per shape
     per_epoch: int  # shapes per epoch on this worker
     valid: torch.Tensor  # (n, length, 2) this worker's share of the held-out shapes
+
+
+LOSS_LIMIT = 1000.0  # per point: an MAE or NLL no training model of unit-square shapes reaches
 
 
 @register
@@ -94,75 +92,90 @@ class RectangleTask(Task):
     default_preset = "chapter"
     sample_unit = "shapes"
     max_threads = 1  # one shape of a few points at a time: a second thread only adds overhead (65 s -> 49 s)
+    epochs_field = "epochs"
     primary_metric = "valid_consistency"
+    # A 10-unit model of a few points: small hidden sizes, and Adam's learning rate around the chapter's.
+    search_space = {"hidden_size": "4,8,16,32", "learning_rate": "log:0.0003:0.01"}
+    pbt_mutations = ("learning_rate",)
+    config: ShapeConfig
+
+    @classmethod
+    def check(cls, config: ShapeConfig, data: Any, num_workers: int) -> None:
+        if config.examples // config.epochs // num_workers < config.batch_size:
+            raise UserError(f"{config.examples} examples over {config.epochs} epochs and {num_workers} workers leave "
+                            f"fewer than one batch of {config.batch_size} per worker; raise --examples")
+
+    @staticmethod
+    def format_epoch_line(m: Mapping[str, Any]) -> str:
+        return (f"epoch {m['epoch']:>2}/{m['epochs']} | train_loss {m['train_loss']:.4f} | "
+                f"valid_loss {m['valid_loss']:.4f} | consistency {m['valid_consistency']:.4f} | "
+                f"width_std {m['valid_width_std']:.3f} height_std {m['valid_height_std']:.3f} | "
+                f"shapes/sec {m['shapes_per_sec']:,.0f} | elapsed {m['elapsed_s']:.1f}s")
 
     # ------------------------------------------------------------------ data
-    def load_data(self, config: ShapeConfig, data_dir: Optional[str], worker: WorkerInfo) -> ShapeData:
+    def setup(self, data: Any) -> None:
+        """The held-out shapes (this rank's share); training shapes are drawn fresh each epoch."""
+        config, worker = self.config, self.worker
+        self.check(config, data, worker.world_size)
         family = shapes.get_family(config.shape)
         length = len(family.outline(family.sample_params(np.random.default_rng(0), 1), config.points_per_edge)[0])
-        per_epoch = config.examples // config.epochs // worker.world_size
-        if per_epoch < config.batch_size:
-            raise UserError(f"{config.examples} examples over {config.epochs} epochs and {worker.world_size} "
-                            f"workers leave fewer than one batch of {config.batch_size} per worker; raise --examples")
         rng = np.random.default_rng([config.seed, VALID_SEED_OFFSET])
         valid = family.outline(family.sample_params(rng, config.valid_examples), config.points_per_edge)
         share = np.array_split(valid, worker.world_size)[worker.rank]
-        return ShapeData(family, length, per_epoch, torch.tensor(share, dtype=torch.float32))
+        per_epoch = config.examples // config.epochs // worker.world_size
+        self.data = ShapeData(family, length, per_epoch, torch.tensor(share, dtype=torch.float32))
 
-    def num_epochs(self, config: ShapeConfig) -> int:
-        return config.epochs
+    def num_train_batches(self) -> int:
+        return self.data.per_epoch // self.config.batch_size
 
-    def num_train_batches(self, config: ShapeConfig, data: ShapeData, worker: WorkerInfo) -> int:
-        return data.per_epoch // config.batch_size
-
-    def train_batches(self, config: ShapeConfig, data: ShapeData, epoch: int, worker: WorkerInfo):
+    def train_batches(self, epoch: int) -> Iterator[torch.Tensor]:
         """Fresh shapes each epoch, from a generator seeded by (seed, epoch, rank)."""
-        rng = np.random.default_rng([config.seed, epoch, worker.rank])
-        n = self.num_train_batches(config, data, worker) * config.batch_size
+        config, data = self.config, self.data
+        rng = np.random.default_rng([config.seed, epoch, self.worker.rank])
+        n = self.num_train_batches() * config.batch_size
         pts = torch.tensor(data.family.outline(data.family.sample_params(rng, n), config.points_per_edge),
                            dtype=torch.float32)
         for i in range(0, n, config.batch_size):
-            yield pts[i:i + config.batch_size].to(worker.device)
+            yield pts[i:i + config.batch_size].to(self.worker.device)
 
     # ------------------------------------------------------------------ model
-    def build_model(self, config: ShapeConfig, data: ShapeData) -> nn.Module:
-        return ShapeLSTM(config.hidden_size, config.head, config.mixtures)
+    def build_model(self) -> nn.Module:
+        return ShapeLSTM(self.config.hidden_size, self.config.head, self.config.mixtures)
 
-    def train_step(self, model: nn.Module, batch: torch.Tensor, state: Any, config: ShapeConfig,
-                   worker: WorkerInfo) -> StepOutput:
+    def loss_limit(self) -> float:
+        return LOSS_LIMIT
+
+    def train_step(self, model: ShapeLSTM, batch: torch.Tensor, state: Any) -> StepOutput:
         """Inputs are points 0..k-2, targets points 1..k; a fresh state per shape."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out, _ = model(inputs)
-        per_point = unwrap(model).loss(out, targets)
+        per_point = model.loss(out, targets)
         loss = per_point.mean()
-        if config.aux_weight:
-            pred = unwrap(model).point(out, sample=False)
+        if self.config.aux_weight:
+            pred = model.point(out, sample=False)
             with_origin = torch.cat([torch.zeros_like(pred[:, :1]), pred], 1)
-            loss = loss + config.aux_weight * rectangle_terms_torch(with_origin).abs().mean()
+            loss = loss + self.config.aux_weight * rectangle_terms_torch(with_origin).abs().mean()
         return StepOutput(loss=loss, sums={"loss_sum": per_point.detach().sum(), "points": per_point.numel()},
-                          samples=batch.shape[0])
+                          samples=batch.shape[0], mean_loss=per_point.detach().mean())
 
-    def after_step(self, model: nn.Module, data: ShapeData, config: ShapeConfig, examples_seen: int,
-                   worker: WorkerInfo) -> Optional[dict[str, Any]]:
+    def after_step(self, model: ShapeLSTM, examples_seen: int) -> Optional[dict[str, Any]]:
         """Rank 0: a point of the consistency learning curve every ``curve_every`` examples, and
         generated shapes at the chapter's snapshot counts (100, 500, 1000, 5000, 10000)."""
+        config, worker = self.config, self.worker
         if not worker.is_chief:
             return None
-        step_size = config.batch_size * worker.world_size
-        prev = examples_seen - step_size
+        prev = examples_seen - config.batch_size * worker.world_size
         snaps = [s for s in config.snapshot_at if prev < s <= examples_seen]
-        on_curve = examples_seen // config.curve_every > prev // config.curve_every or examples_seen == step_size
+        on_curve = examples_seen // config.curve_every > prev // config.curve_every or prev == 0
         if not (snaps or on_curve):
             return None
-        raw = unwrap(model)
-        was_training = raw.training
-        raw.eval()
+        model.eval()
         gen = torch.Generator().manual_seed(config.seed + examples_seen)
-        pts = raw.generate(64, data.length, sample=True, generator=gen, device=worker.device).cpu().numpy()
-        raw.train(was_training)
+        pts = model.generate(64, self.data.length, sample=True, generator=gen, device=worker.device).cpu().numpy()
+        model.train()
         record: dict[str, Any] = {
             "examples": examples_seen,
-            "consistency": float(shapes.consistency_error(data.family, pts, config.points_per_edge).mean()),
+            "consistency": float(shapes.consistency_error(self.data.family, pts, config.points_per_edge).mean()),
         }
         if snaps:
             record["snapshot"] = snaps[-1]
@@ -170,8 +183,8 @@ class RectangleTask(Task):
         return record
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: nn.Module, data: ShapeData, split: str, config: ShapeConfig,
-                 worker: WorkerInfo) -> dict[str, float]:
+    def evaluate(self, model: ShapeLSTM, split: str) -> dict[str, float]:
+        config, worker, data = self.config, self.worker, self.data
         valid = data.valid.to(worker.device)
         out, _ = model(valid[:, :-1])
         per_point = model.loss(out, valid[:, 1:])
@@ -187,7 +200,8 @@ class RectangleTask(Task):
             "h_sum": float(size[:, 1].sum()), "h_sq": float((size[:, 1] ** 2).sum()),
         }
 
-    def summarize(self, sums: Mapping[str, float], prefix: str) -> dict[str, float]:
+    @staticmethod
+    def summarize(sums: Mapping[str, float], prefix: str) -> dict[str, float]:
         out = {f"{prefix}loss": sums.get("loss_sum", 0.0) / max(sums.get("points", 0.0), 1.0)}
         n = sums.get("shapes", 0.0)
         if n:
@@ -197,24 +211,17 @@ class RectangleTask(Task):
                 out[f"{prefix}{name}_std"] = math.sqrt(max(sums[f"{key}_sq"] / n - mean ** 2, 0.0))
         return out
 
-    def epoch_extras(self, model: nn.Module, data: ShapeData, config: ShapeConfig, epoch: int,
-                     worker: WorkerInfo) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(config.seed + 31 * epoch)
-        pts = model.generate(6, data.length, sample=True, generator=gen, device=worker.device).cpu().numpy()
+    def epoch_extras(self, model: ShapeLSTM, epoch: int) -> dict[str, Any]:
+        gen = torch.Generator().manual_seed(self.config.seed + 31 * epoch)
+        pts = model.generate(6, self.data.length, sample=True, generator=gen, device=self.worker.device).cpu().numpy()
         return {"shapes": np.round(pts, 4).tolist()}
 
-    def format_epoch_line(self, m: Mapping[str, Any]) -> str:
-        return (f"epoch {m['epoch']:>2}/{m['epochs']} | train_loss {m['train_loss']:.4f} | "
-                f"valid_loss {m['valid_loss']:.4f} | consistency {m['valid_consistency']:.4f} | "
-                f"width_std {m['valid_width_std']:.3f} height_std {m['valid_height_std']:.3f} | "
-                f"shapes/sec {m['shapes_per_sec']:,.0f} | elapsed {m['elapsed_s']:.1f}s")
-
     # ------------------------------------------------------------------ plots (driver)
-    def plot(self, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    @classmethod
+    def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         from lstm import plots
 
-        config = results["config"]
-        epochs = results["epochs"]
+        config, epochs = results["config"], results["epochs"]
         steps = [s for e in epochs for s in e.get("steps", [])]
         rows = [(f"after {s['snapshot']:,}", s["shapes"]) for s in steps if "snapshot" in s]
         if epochs and epochs[-1].get("extras", {}).get("shapes"):
@@ -227,11 +234,12 @@ class RectangleTask(Task):
                                            limits, title=title))
         elif rows:
             made.append(plots.shape_grid(rows, out_dir / "shapes_grid.png", limits, title=title))
+        dense = config["head"] == "dense"
         made.append(plots.xy_curve(
             {"consistency error (64 generated shapes)": [(s["examples"], s["consistency"]) for s in steps],
              "valid consistency (per epoch)": [(e["samples_seen"], e["valid_consistency"]) for e in epochs],
-             "train loss": [(e["samples_seen"], e["train_loss"]) for e in epochs] if config["head"] == "dense" else [],
-             "valid loss": [(e["samples_seen"], e["valid_loss"]) for e in epochs] if config["head"] == "dense" else []},
+             "train loss": [(e["samples_seen"], e["train_loss"]) for e in epochs] if dense else [],
+             "valid loss": [(e["samples_seen"], e["valid_loss"]) for e in epochs] if dense else []},
             out_dir / "learning_curve.png", xlabel="training examples", ylabel="error",
             title=f"{config['shape']} learning curve", log_x=True, log_y=True))
         return made

@@ -1,0 +1,179 @@
+"""Connecting to Ray, and what a run may ask of the cluster, checked before any worker starts.
+
+* :func:`ensure_ray` joins ``$RAY_ADDRESS`` (set by ``ray job submit``) or starts a local instance.
+* :func:`plan_workers` fills in ``--cpus-per-worker 0`` (a fair share) and refuses a worker
+  group that can never be placed: "64 workers x 1 CPU requested, the cluster has 2 CPUs".
+  Ray Train itself would wait for it forever. On a cluster whose autoscaler can add nodes it
+  waits instead, printing a line every 15 s, for ``--wait-for-workers-s`` seconds at most.
+* :func:`check_shared_storage` refuses a local storage path on a multi-node cluster: since
+  Ray 2.7 checkpoints are not copied to the head, so they would be scattered over the nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from lstm import storage
+from lstm.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Ray Train V2 patches print() on workers to also go through its logger, which shows every
+# line twice in the driver's output; the loop's own lines are enough.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+AUTOSCALER_WAIT_S = 600.0  # --wait-for-workers-s -1 (auto) on a cluster with an autoscaler
+PROGRESS_EVERY_S = 15.0
+
+
+def ensure_ray(num_cpus: Optional[int] = None) -> None:
+    """Connect to ``$RAY_ADDRESS`` (the job's cluster under ``ray job submit``) or start a
+    local instance; nothing if Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env = dict(WORKER_ENV)
+    if address and "://" not in address and address not in ("auto", "local"):
+        # The cluster's GCS address, for the job's actors: Ray Train's placement-group cleaner
+        # looks its controller up through the state API, which otherwise guesses "the" cluster
+        # and can find another Ray instance on the same machine.
+        env["RAY_ADDRESS"] = address
+    ray.init(num_cpus=num_cpus if not address else None, runtime_env={"env_vars": env})
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+@dataclass(frozen=True)
+class Node:
+    address: str
+    resources: dict[str, float]
+
+
+def alive_nodes(raw: Optional[Sequence[dict[str, Any]]] = None) -> list[Node]:
+    """The cluster's live nodes (``ray.nodes()`` entries, or ``raw`` for tests)."""
+    if raw is None:
+        import ray
+
+        raw = ray.nodes()
+    return [Node(n.get("NodeManagerAddress", ""), dict(n.get("Resources", {}))) for n in raw if n.get("Alive", True)]
+
+
+def auto_cpus_per_worker(num_workers: int, gpus_per_worker: float, nodes: Sequence[Node]) -> int:
+    """CPUs per worker for ``--cpus-per-worker 0``: a fair share that still fits.
+
+    GPU workers: the fewest CPUs per GPU of any GPU node, times the worker's GPUs (so each
+    GPU keeps a worker). CPU workers: the cluster's CPUs split evenly over the workers, but no
+    more than the largest node has (a worker cannot span nodes). On a 2-core machine one
+    worker gets both cores, two workers one each."""
+    if gpus_per_worker:
+        shares = [n.resources.get("CPU", 0) / n.resources["GPU"] for n in nodes if n.resources.get("GPU")]
+        return max(1, int(min(shares) * min(gpus_per_worker, 1.0))) if shares else 1
+    cpus = [int(n.resources.get("CPU", 0)) for n in nodes]
+    if not cpus:
+        return 1
+    return max(1, min(sum(cpus) // max(num_workers, 1), max(cpus)))
+
+
+def placeable(bundle: dict[str, float], nodes: Sequence[Node]) -> int:
+    """How many workers of ``bundle`` the nodes can hold at once, if nothing else ran."""
+    total = 0
+    for node in nodes:
+        fits = [math.floor(node.resources.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+        total += min(fits) if fits else 0
+    return total
+
+
+def describe(num_workers: int, bundle: dict[str, float], nodes: Sequence[Node]) -> str:
+    """ "64 workers x 1 CPU requested, the cluster has 2 CPUs" """
+    ask = " + ".join(f"{v:g} {k}" for k, v in bundle.items() if v > 0)
+    have = ", ".join(f"{sum(n.resources.get(k, 0.0) for n in nodes):g} {k}s" for k, v in bundle.items() if v > 0)
+    largest = max((n.resources.get("CPU", 0.0) for n in nodes), default=0.0)
+    return (f"{num_workers} worker(s) x {ask} requested, the cluster has {have} "
+            f"on {len(nodes)} node(s) (at most {largest:g} CPUs on one)")
+
+
+def autoscaler_can_add_nodes() -> bool:
+    """Whether an autoscaler with node types of its own runs (the cluster launcher's, or
+    KubeRay's). Read from the status Ray's monitor keeps in the GCS; a private key, so if it
+    cannot be read this warns and answers False (the run then fails fast rather than wait)."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get("__autoscaling_status")
+    except Exception as e:  # noqa: BLE001 - private Ray API; never fail a run over it
+        logger.warning("could not read the autoscaler's status (%s); assuming no autoscaler", e)
+        return False
+    if not raw:
+        return False
+    report = json.loads(raw).get("autoscaler_report") or {}
+    types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
+    # Without an autoscaler the monitor mirrors each live node as a type "node_<id>".
+    return any(not t.startswith("node_") for t in types)
+
+
+def plan_workers(num_workers: int, cpus_per_worker: int, gpus_per_worker: float, wait_s: float, *,
+                 nodes: Callable[[], list[Node]] = alive_nodes, sleep: Callable[[float], None] = time.sleep) -> int:
+    """The CPUs per worker (``cpus_per_worker`` or the auto share) once ``num_workers`` such
+    workers can be placed; UserError when they cannot (after waiting ``wait_s`` seconds, or
+    at once when ``wait_s`` is 0; -1 means: wait only if an autoscaler can add nodes)."""
+    current = nodes()
+    cpus = cpus_per_worker or auto_cpus_per_worker(num_workers, gpus_per_worker, current)
+    bundle = {"CPU": float(cpus), **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    if placeable(bundle, current) >= num_workers:
+        return cpus
+    if wait_s < 0:
+        wait_s = AUTOSCALER_WAIT_S if autoscaler_can_add_nodes() else 0.0
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        print(f"waiting for nodes: {describe(num_workers, bundle, current)}; "
+              f"{deadline - time.monotonic():.0f}s left (--wait-for-workers-s)", flush=True)
+        sleep(min(PROGRESS_EVERY_S, max(deadline - time.monotonic(), 0.0)))
+        current = nodes()
+        if placeable(bundle, current) >= num_workers:
+            return cpus
+    waited = f" after waiting {wait_s:g}s for the autoscaler" if wait_s > 0 else ""
+    raise UserError(f"{describe(num_workers, bundle, current)}{waited}; lower --num-workers or --cpus-per-worker, "
+                    "add nodes, or pass --wait-for-workers-s SECONDS to wait for an autoscaler")
+
+
+# --------------------------------------------------------------------------- shared storage
+
+# Filesystem types (as /proc/mounts names them) that every node of a cluster can share.
+SHARED_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                                "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph"})
+
+
+def filesystem_type(path: str, mounts_file: str = "/proc/mounts") -> str:
+    """The type of the filesystem holding ``path`` (the longest mount point above it), or ''
+    where that cannot be read (not Linux)."""
+    try:
+        with open(mounts_file) as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return ""
+    real = os.path.realpath(os.path.expanduser(path))
+    best, fstype = "", ""
+    for mount_point, kind in mounts:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, fstype = mount_point, kind
+    return fstype
+
+
+def check_shared_storage(root: str, nodes: Optional[Sequence[Node]] = None) -> None:
+    """UserError for a local, unshared storage path on a cluster of several machines."""
+    nodes = alive_nodes() if nodes is None else nodes
+    machines = {n.address for n in nodes}
+    if len(machines) > 1 and not storage.is_remote(root) and filesystem_type(root) not in SHARED_FILESYSTEMS:
+        raise UserError(f"storage path {root} is local but this Ray cluster has {len(machines)} nodes; pass "
+                        "--storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted "
+                        "on every node)")

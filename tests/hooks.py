@@ -1,0 +1,57 @@
+"""Worker hooks for tests (lstm.loop.WorkerHook): they travel to the Ray Train workers by
+value (conftest registers this module with Ray's cloudpickle), so the library carries no
+test-only code in its loop."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from lstm.loop import WorkerHook
+from lstm.task import WorkerInfo
+
+
+def wait_for_reports(timeout_s: float = 30.0) -> None:
+    """Block until Ray Train's controller has registered every reported checkpoint: it polls
+    the workers, so a crash right after a report could lose that report's checkpoint and cost
+    one more epoch (a real crash minutes into an epoch cannot)."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(timeout_s=timeout_s)
+
+
+class ExitOnce(WorkerHook):
+    """Rank 0 exits abruptly (``os._exit``) before step ``step`` of ``epoch``, on the first
+    attempt only: a marker file in the run folder remembers that it happened."""
+
+    def __init__(self, epoch: int, step: int):
+        self.epoch, self.step = epoch, step
+
+    def on_step(self, epoch: int, step: int, worker: WorkerInfo, run_dir: str) -> None:
+        marker = Path(run_dir) / ".exited"
+        if (epoch, step) != (self.epoch, self.step) or not worker.is_chief or marker.exists():
+            return
+        marker.write_text("exited\n")
+        print(f"[test] worker exits at epoch {epoch} step {step}", flush=True)
+        wait_for_reports()
+        os._exit(1)
+
+
+class PauseOnce(WorkerHook):
+    """Rank ``rank`` writes ``<marker>.ready`` before step ``step`` of ``epoch`` and waits until
+    the test removes its node (the test watches for the file), on the first attempt only."""
+
+    def __init__(self, epoch: int, step: int, marker: str, rank: int = 1, timeout_s: float = 300.0):
+        self.epoch, self.step, self.marker, self.rank, self.timeout_s = epoch, step, marker, rank, timeout_s
+
+    def on_step(self, epoch: int, step: int, worker: WorkerInfo, run_dir: str) -> None:
+        ready = Path(self.marker + ".ready")
+        if (epoch, step) != (self.epoch, self.step) or worker.rank != self.rank or ready.exists():
+            return
+        wait_for_reports()
+        ready.write_text(f"{os.getpid()}\n")
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:  # the node goes away under us
+            time.sleep(0.2)
+        raise RuntimeError(f"the test did not remove this worker's node within {self.timeout_s:.0f}s")
