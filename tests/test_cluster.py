@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from lstm.errors import UserError
-from lstm.trainer import SHARED_FILESYSTEMS, check_multinode_storage, filesystem_type, is_remote
+from lstm.cluster import SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
+from lstm.storage import is_remote
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -196,17 +197,14 @@ def test_rayignore_keeps_data_runs_and_environments_out_of_the_job_package(tmp_p
 # --------------------------------------------------------------------------- multi-node storage
 
 
-def two_nodes(monkeypatch, *addresses, alive=True):
-    import ray
-
-    nodes = [{"NodeID": f"n{i}", "Alive": alive, "NodeManagerAddress": a} for i, a in enumerate(addresses)]
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+def nodes(*addresses, alive=True):
+    return alive_nodes([{"NodeID": f"n{i}", "Alive": alive, "NodeManagerAddress": a, "Resources": {"CPU": 2.0}}
+                        for i, a in enumerate(addresses)])
 
 
-def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(monkeypatch, tmp_path):
-    two_nodes(monkeypatch, "10.0.0.1", "10.0.0.2")
+def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(tmp_path):
     with pytest.raises(UserError) as e:
-        check_multinode_storage(str(tmp_path))
+        check_shared_storage(str(tmp_path), nodes("10.0.0.1", "10.0.0.2"))
     message = str(e.value)
     assert "\n" not in message
     assert message == (f"storage path {tmp_path} is local but this Ray cluster has 2 nodes; pass --storage-path "
@@ -214,18 +212,14 @@ def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(monkeypatch, tm
 
 
 @pytest.mark.parametrize("path", ["s3://bucket/lstm-ray", "gs://bucket/runs", "abfs://container@account/runs"])
-def test_shared_storage_uris_pass_on_a_multi_node_cluster(monkeypatch, path):
-    two_nodes(monkeypatch, "10.0.0.1", "10.0.0.2")
-    check_multinode_storage(path)
+def test_shared_storage_uris_pass_on_a_multi_node_cluster(path):
+    check_shared_storage(path, nodes("10.0.0.1", "10.0.0.2"))
 
 
-def test_a_local_path_is_fine_on_one_node(monkeypatch, tmp_path):
-    two_nodes(monkeypatch, "10.0.0.1")
-    check_multinode_storage(str(tmp_path))
-    two_nodes(monkeypatch, "10.0.0.1", "10.0.0.1")  # two raylets, one machine
-    check_multinode_storage(str(tmp_path))
-    two_nodes(monkeypatch, "10.0.0.1", "10.0.0.2", alive=False)  # dead nodes do not count
-    check_multinode_storage(str(tmp_path))
+def test_a_local_path_is_fine_on_one_node(tmp_path):
+    check_shared_storage(str(tmp_path), nodes("10.0.0.1"))
+    check_shared_storage(str(tmp_path), nodes("10.0.0.1", "10.0.0.1"))  # two raylets, one machine
+    check_shared_storage(str(tmp_path), nodes("10.0.0.1", "10.0.0.2", alive=False))  # dead nodes do not count
 
 
 def test_a_folder_on_a_network_filesystem_is_shared(monkeypatch, tmp_path):
@@ -240,22 +234,22 @@ def test_a_folder_on_a_network_filesystem_is_shared(monkeypatch, tmp_path):
     assert filesystem_type("/x", str(tmp_path / "no-such-file")) == ""
     assert "nfs4" in SHARED_FILESYSTEMS and "ext4" not in SHARED_FILESYSTEMS
 
-    import lstm.trainer as trainer
+    import lstm.cluster as cluster
 
-    two_nodes(monkeypatch, "10.0.0.1", "10.0.0.2")
-    monkeypatch.setattr(trainer, "filesystem_type", lambda path: "nfs4")
-    check_multinode_storage("/mnt/shared runs/lstm")
+    monkeypatch.setattr(cluster, "filesystem_type", lambda path: "nfs4")
+    check_shared_storage("/mnt/shared runs/lstm", nodes("10.0.0.1", "10.0.0.2"))
 
 
 def test_the_job_refuses_a_local_path_before_training(monkeypatch, tmp_path, capsys):
     """The whole command line (jobs/rectangle.py), as on a two-node cluster: one line, exit 2,
     nothing written."""
+    import lstm.cluster as cluster
     import lstm.trainer as trainer
     from lstm.cli import train_main
     from lstm.errors import run_cli
 
-    two_nodes(monkeypatch, "10.0.0.1", "10.0.0.2")
-    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: nodes("10.0.0.1", "10.0.0.2"))
+    monkeypatch.setattr(cluster, "ensure_ray", lambda *a, **k: None)
     monkeypatch.setattr(trainer, "make_trainer", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(SystemExit) as e:
         run_cli(lambda argv: train_main("rectangle", argv),
