@@ -67,8 +67,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reference_trainer(config: PTBConfig, batches: list, device: torch.device,
-                      precision: str) -> Callable[[int], float]:
+def reference_trainer(config: PTBConfig, batches: list, device: torch.device, precision: str) -> Callable[[int], float]:
     """The plain loop. (Written as pytorch/examples' word_language_model writes it --
     time-major, a hand-written SGD update -- it measured 5-10% slower still here, so this,
     the faster of the two, is the reference.)"""
@@ -103,8 +102,9 @@ def reference_trainer(config: PTBConfig, batches: list, device: torch.device,
     return run
 
 
-def job_trainer(task: PTBTask, config: PTBConfig, batches: list, device: torch.device,
-                precision: str) -> tuple[Callable[[int], float], nn.Module]:
+def job_trainer(
+    task: PTBTask, config: PTBConfig, batches: list, device: torch.device, precision: str
+) -> tuple[Callable[[int], float], nn.Module]:
     torch.manual_seed(config.seed)
     model = task.build_model(config, None).to(device)
     optimizer = task.build_optimizer(config, model)
@@ -214,7 +214,9 @@ def main(argv=None) -> int:
         "eval_over_train": round(statistics.median(eval_wps) / job_median, 2),
         "eval_shape": [eval_batch, eval_steps],
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        **({"peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)} if device.type == "cuda" else {}),
+        **(
+            {"peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)} if device.type == "cuda" else {}
+        ),
         "torch": torch.__version__,
     }
     print(json.dumps(result))

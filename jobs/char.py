@@ -1,10 +1,10 @@
 """Char-level LSTM text generation (the Keras char-LSTM example) as a Ray Train job.
 
-    python jobs/char.py                                   # train on Nietzsche (downloaded once)
-    python jobs/char.py --data-dir DIR --epochs 5         # a local copy of nietzsche.txt
-    python jobs/char.py --corpus my.txt --num-workers 2   # any UTF-8 text file
-    python jobs/char.py --corpus-name tinyshakespeare
-    python jobs/char.py sample --checkpoint runs/char-... --seed-text "the meaning of" --temperature 0.5
+python jobs/char.py                                   # train on Nietzsche (downloaded once)
+python jobs/char.py --data-dir DIR --epochs 5         # a local copy of nietzsche.txt
+python jobs/char.py --corpus my.txt --num-workers 2   # any UTF-8 text file
+python jobs/char.py --corpus-name tinyshakespeare
+python jobs/char.py sample --checkpoint runs/char-... --seed-text "the meaning of" --temperature 0.5
 """
 
 import argparse
@@ -22,16 +22,20 @@ def sample_main(argv: Sequence[str]) -> int:
     """``sample``: continue a seed text from a saved run and print it."""
     from lstm.tasks.char import sample_from_checkpoint
 
-    p = argparse.ArgumentParser(prog="jobs/char.py sample", description="Generate text from a saved char run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="jobs/char.py sample",
+        description="Generate text from a saved char run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="a run folder (its newest checkpoint) or a checkpoint_* folder")
     p.add_argument("--seed-text", required=True, help="text to continue (lower-cased if the run lower-cased)")
     p.add_argument("--temperature", type=float, default=0.5, help="diversity: log(p)/T, renormalised")
     p.add_argument("--length", type=int, default=400, help="characters to generate")
     p.add_argument("--seed", type=int, default=0, help="random seed of the draws")
     args = p.parse_args(argv)
-    text = sample_from_checkpoint(args.checkpoint, args.seed_text, temperature=args.temperature,
-                                  length=args.length, seed=args.seed)
+    text = sample_from_checkpoint(
+        args.checkpoint, args.seed_text, temperature=args.temperature, length=args.length, seed=args.seed
+    )
     print(args.seed_text + text)
     return 0
 

@@ -1,8 +1,8 @@
 """Generative LSTM that draws rectangles (and circles, stars, crosses) point by point.
 
-    python jobs/rectangle.py                      # the chapter: LSTM(10), MAE, 25,000 rectangles
-    python jobs/rectangle.py --config mdn         # mixture density head: diverse shapes
-    python jobs/rectangle.py --shape star --points-per-edge 2 --num-workers 2
+python jobs/rectangle.py                      # the chapter: LSTM(10), MAE, 25,000 rectangles
+python jobs/rectangle.py --config mdn         # mixture density head: diverse shapes
+python jobs/rectangle.py --shape star --points-per-edge 2 --num-workers 2
 """
 
 import os

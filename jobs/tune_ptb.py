@@ -1,10 +1,10 @@
 """Ray Tune search over the PTB hyperparameters (or another task's, with --task).
 
-    python jobs/tune_ptb.py --base small --train-fraction 0.1 --max-epochs 4 --num-samples 8
-    python jobs/tune_ptb.py --space keep_prob=0.4:1.0 hidden_size=200,650 learning_rate=log:0.5:2
-    python jobs/tune_ptb.py --scheduler pbt --space learning_rate=log:0.25:2
-    python jobs/tune_ptb.py --name tune-ptb-20250101-120000 --resume
-    python jobs/tune_ptb.py --task rectangle --base test --space hidden_size=4,16 learning_rate=log:0.0001:0.05
+python jobs/tune_ptb.py --base small --train-fraction 0.1 --max-epochs 4 --num-samples 8
+python jobs/tune_ptb.py --space keep_prob=0.4:1.0 hidden_size=200,650 learning_rate=log:0.5:2
+python jobs/tune_ptb.py --scheduler pbt --space learning_rate=log:0.25:2
+python jobs/tune_ptb.py --name tune-ptb-20250101-120000 --resume
+python jobs/tune_ptb.py --task rectangle --base test --space hidden_size=4,16 learning_rate=log:0.0001:0.05
 """
 
 import os

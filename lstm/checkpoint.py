@@ -47,8 +47,10 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
     """The JSON state of a local checkpoint folder."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise UserError(f"{directory} is not an lstm-ray checkpoint (no {STATE_FILE}); "
-                        "pass a run folder or one of its checkpoint_* folders")
+        raise UserError(
+            f"{directory} is not an lstm-ray checkpoint (no {STATE_FILE}); "
+            "pass a run folder or one of its checkpoint_* folders"
+        )
     return json.loads(path.read_text())
 
 
@@ -60,8 +62,10 @@ def load_model(model: nn.Module, directory: str | os.PathLike) -> None:
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
-        raise UserError(f"checkpoint {directory} does not match this model's architecture ({detail}); "
-                        "resume with the config it was trained with, or start a new run with another --name") from None
+        raise UserError(
+            f"checkpoint {directory} does not match this model's architecture ({detail}); "
+            "resume with the config it was trained with, or start a new run with another --name"
+        ) from None
 
 
 def load_optimizer_state(directory: str | os.PathLike) -> dict[str, Any]:

@@ -20,16 +20,25 @@ from lstm.trainer import fit
 def build_parser(task: type[Task], description: Optional[str] = None) -> argparse.ArgumentParser:
     """Flags: --config PRESET, --config-file, one flag per config field, run/scaling flags."""
     p = argparse.ArgumentParser(
-        prog=f"jobs/{task.name}.py",
-        description=description or f"Train the {task.name} task with Ray Train.",
+        prog=f"jobs/{task.name}.py", description=description or f"Train the {task.name} task with Ray Train."
     )
     if task.presets:
-        p.add_argument("--config", default=None, metavar="PRESET",
-                       help=f"named config: {', '.join(task.presets)} (default {task.default_preset})")
+        p.add_argument(
+            "--config",
+            default=None,
+            metavar="PRESET",
+            help=f"named config: {', '.join(task.presets)} (default {task.default_preset})",
+        )
     p.add_argument("--config-file", default=None, help="JSON file of config fields (e.g. a search's best_config.json)")
     p.add_argument("--resume", action="store_true", help="continue the run called --name from its latest checkpoint")
-    p.add_argument("--gpu", dest="run__use_gpu", action="store_const", const=True, default=None,
-                   help="one GPU per worker, nccl backend")
+    p.add_argument(
+        "--gpu",
+        dest="run__use_gpu",
+        action="store_const",
+        const=True,
+        default=None,
+        help="one GPU per worker, nccl backend",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     cfg.add_config_flags(p, task.config_class, group_title=f"{task.name} config (override any preset field)")
     cfg.add_config_flags(p, cfg.RunSettings, prefix="run", group_title="run and scaling", exclude=("use_gpu",))
@@ -41,14 +50,24 @@ def resolve_configs(task: type[Task], args: argparse.Namespace) -> tuple[cfg.Tas
     preset = getattr(args, "config", None)
     if preset is None and not args.config_file:
         preset = task.default_preset
-    config = cfg.resolve(task.config_class, task.presets, preset=preset, config_file=args.config_file,
-                         overrides=cfg.flags_given(args), task_name=task.name)
+    config = cfg.resolve(
+        task.config_class,
+        task.presets,
+        preset=preset,
+        config_file=args.config_file,
+        overrides=cfg.flags_given(args),
+        task_name=task.name,
+    )
     settings = cfg.build(cfg.RunSettings, cfg.flags_given(args, prefix="run"), source="run setting")
     return config, settings
 
 
-def train_main(task_name: str, argv: Optional[Sequence[str]] = None, *,
-               add_commands: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
+def train_main(
+    task_name: str,
+    argv: Optional[Sequence[str]] = None,
+    *,
+    add_commands: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+) -> int:
     """Parse ``argv``, train, print where the outputs are. Returns the exit status."""
     task = get_task(task_name)
     parser = build_parser(task)
@@ -64,8 +83,9 @@ def train_main(task_name: str, argv: Optional[Sequence[str]] = None, *,
 
 def print_summary(result: RunResult) -> None:
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    headline = ", ".join(f"{k} {v:.4g}" for k, v in final.items()
-                         if k.startswith(("valid_", "test_")) and not k.endswith("_loss"))
+    headline = ", ".join(
+        f"{k} {v:.4g}" for k, v in final.items() if k.startswith(("valid_", "test_")) and not k.endswith("_loss")
+    )
     print(f"done: {result.task} run in {storage.display(result.run_dir)}" + (f" ({headline})" if headline else ""))
     if result.results_path:
         print(f"  results:    {storage.display(result.results_path)}")

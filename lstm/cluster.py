@@ -96,8 +96,10 @@ def describe(num_workers: int, bundle: dict[str, float], nodes: Sequence[Node]) 
     ask = " + ".join(f"{v:g} {k}" for k, v in bundle.items() if v > 0)
     have = ", ".join(f"{sum(n.resources.get(k, 0.0) for n in nodes):g} {k}s" for k, v in bundle.items() if v > 0)
     largest = max((n.resources.get("CPU", 0.0) for n in nodes), default=0.0)
-    return (f"{num_workers} worker(s) x {ask} requested, the cluster has {have} "
-            f"on {len(nodes)} node(s) (at most {largest:g} CPUs on one)")
+    return (
+        f"{num_workers} worker(s) x {ask} requested, the cluster has {have} "
+        f"on {len(nodes)} node(s) (at most {largest:g} CPUs on one)"
+    )
 
 
 def autoscaler_can_add_nodes() -> bool:
@@ -119,8 +121,15 @@ def autoscaler_can_add_nodes() -> bool:
     return any(not t.startswith("node_") for t in types)
 
 
-def plan_workers(num_workers: int, cpus_per_worker: int, gpus_per_worker: float, wait_s: float, *,
-                 nodes: Callable[[], list[Node]] = alive_nodes, sleep: Callable[[float], None] = time.sleep) -> int:
+def plan_workers(
+    num_workers: int,
+    cpus_per_worker: int,
+    gpus_per_worker: float,
+    wait_s: float,
+    *,
+    nodes: Callable[[], list[Node]] = alive_nodes,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """The CPUs per worker (``cpus_per_worker`` or the auto share) once ``num_workers`` such
     workers can be placed; UserError when they cannot (after waiting ``wait_s`` seconds, or
     at once when ``wait_s`` is 0; -1 means: wait only if an autoscaler can add nodes)."""
@@ -133,22 +142,43 @@ def plan_workers(num_workers: int, cpus_per_worker: int, gpus_per_worker: float,
         wait_s = AUTOSCALER_WAIT_S if autoscaler_can_add_nodes() else 0.0
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        print(f"waiting for nodes: {describe(num_workers, bundle, current)}; "
-              f"{deadline - time.monotonic():.0f}s left (--wait-for-workers-s)", flush=True)
+        print(
+            f"waiting for nodes: {describe(num_workers, bundle, current)}; "
+            f"{deadline - time.monotonic():.0f}s left (--wait-for-workers-s)",
+            flush=True,
+        )
         sleep(min(PROGRESS_EVERY_S, max(deadline - time.monotonic(), 0.0)))
         current = nodes()
         if placeable(bundle, current) >= num_workers:
             return cpus
     waited = f" after waiting {wait_s:g}s for the autoscaler" if wait_s > 0 else ""
-    raise UserError(f"{describe(num_workers, bundle, current)}{waited}; lower --num-workers or --cpus-per-worker, "
-                    "add nodes, or pass --wait-for-workers-s SECONDS to wait for an autoscaler")
+    raise UserError(
+        f"{describe(num_workers, bundle, current)}{waited}; lower --num-workers or --cpus-per-worker, "
+        "add nodes, or pass --wait-for-workers-s SECONDS to wait for an autoscaler"
+    )
 
 
 # --------------------------------------------------------------------------- shared storage
 
 # Filesystem types (as /proc/mounts names them) that every node of a cluster can share.
-SHARED_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
-                                "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph"})
+SHARED_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "glusterfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.juicefs",
+        "fuse.glusterfs",
+        "fuse.ceph",
+    }
+)
 
 
 def filesystem_type(path: str, mounts_file: str = "/proc/mounts") -> str:
@@ -174,6 +204,8 @@ def check_shared_storage(root: str, nodes: Optional[Sequence[Node]] = None) -> N
     nodes = alive_nodes() if nodes is None else nodes
     machines = {n.address for n in nodes}
     if len(machines) > 1 and not storage.is_remote(root) and filesystem_type(root) not in SHARED_FILESYSTEMS:
-        raise UserError(f"storage path {root} is local but this Ray cluster has {len(machines)} nodes; pass "
-                        "--storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted "
-                        "on every node)")
+        raise UserError(
+            f"storage path {root} is local but this Ray cluster has {len(machines)} nodes; pass "
+            "--storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted "
+            "on every node)"
+        )

@@ -77,9 +77,11 @@ class RunSettings:
         if not (math.isfinite(g) and g > 0 and (g <= 1 or g == int(g))):
             raise UserError(f"--gpus-per-worker must be a fraction in (0, 1] or a whole number (got {g:g})")
         if self.use_gpu and g < 1 and self.num_workers > 1:
-            raise UserError(f"--gpus-per-worker {g:g} with --num-workers {self.num_workers} could put two ranks of "
-                            "one run on the same GPU, which nccl cannot do; use whole GPUs for a run of several "
-                            "workers, or --num-workers 1 to share GPUs between runs")
+            raise UserError(
+                f"--gpus-per-worker {g:g} with --num-workers {self.num_workers} could put two ranks of "
+                "one run on the same GPU, which nccl cannot do; use whole GPUs for a run of several "
+                "workers, or --num-workers 1 to share GPUs between runs"
+            )
 
     @property
     def gpus(self) -> float:
@@ -194,11 +196,15 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON config file (a dict of field -> value; optional 'task' and 'preset')."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {p} does not exist; pass the path of a JSON file such as a search's best_config.json")
+        raise UserError(
+            f"config file {p} does not exist; pass the path of a JSON file such as a search's best_config.json"
+        )
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"config file {p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it")
+        raise UserError(
+            f"config file {p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a JSON object of field names to values")
     if isinstance(data.get("config"), dict):  # accept a results.json too: its 'config' section
@@ -222,7 +228,9 @@ def resolve(
         file_values = read_config_file(config_file)
         file_task = file_values.pop("task", None)
         if task_name and file_task and file_task != task_name:
-            raise UserError(f"config file {config_file} is for task {file_task!r}, not {task_name!r}; use jobs/{file_task}.py")
+            raise UserError(
+                f"config file {config_file} is for task {file_task!r}, not {task_name!r}; use jobs/{file_task}.py"
+            )
         preset = preset or file_values.pop("preset", None)
         file_values.pop("preset", None)
     if preset is not None:
@@ -241,8 +249,14 @@ def to_dict(config: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- argparse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "cfg",
-                     group_title: Optional[str] = None, exclude: tuple[str, ...] = ()) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    prefix: str = "cfg",
+    group_title: Optional[str] = None,
+    exclude: tuple[str, ...] = (),
+) -> None:
     """Add one ``--field-name`` flag per dataclass field. Values stay raw strings (default
     None = not given) so that precedence and validation happen in :func:`resolve`."""
     group = parser.add_argument_group(group_title or f"{cls.__name__} fields")
@@ -253,14 +267,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str 
         base, _ = _unwrap_optional(_field_type(cls, f.name))
         kwargs: dict[str, Any] = dict(dest=f"{prefix}__{f.name}", default=None)
         if base is bool:
-            group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
-                               help=f"(default {defaults[f.name]})", **kwargs)
+            group.add_argument(
+                flag_name(f.name), action=argparse.BooleanOptionalAction, help=f"(default {defaults[f.name]})", **kwargs
+            )
         else:
-            group.add_argument(flag_name(f.name), metavar=getattr(base, "__name__", "VALUE").upper(),
-                               help=f"(default {defaults[f.name]!r})", **kwargs)
+            group.add_argument(
+                flag_name(f.name),
+                metavar=getattr(base, "__name__", "VALUE").upper(),
+                help=f"(default {defaults[f.name]!r})",
+                **kwargs,
+            )
 
 
 def flags_given(args: argparse.Namespace, prefix: str = "cfg") -> dict[str, Any]:
     """The ``--field`` values the user actually passed, keyed by field name."""
     head = f"{prefix}__"
-    return {k[len(head):]: v for k, v in vars(args).items() if k.startswith(head) and v is not None}
+    return {k[len(head) :]: v for k, v in vars(args).items() if k.startswith(head) and v is not None}

@@ -49,8 +49,7 @@ def find_user_error(exc: BaseException) -> Optional[UserError]:
     return None
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], int | None],
-            argv: Optional[Sequence[str]] = None) -> NoReturn:
+def run_cli(main: Callable[[Optional[Sequence[str]]], int | None], argv: Optional[Sequence[str]] = None) -> NoReturn:
     """Run ``main(argv)``; print a UserError as ``error: <message>`` and exit 2."""
     try:
         code = main(argv)

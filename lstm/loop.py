@@ -75,7 +75,7 @@ def all_reduce_sums(sums: Mapping[str, float], device: torch.device) -> dict[str
         return {k: float(sums[k]) for k in keys}
     values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, values.tolist()))
+    return dict(zip(keys, values.tolist(), strict=True))
 
 
 # --------------------------------------------------------------------------- the parts
@@ -88,8 +88,9 @@ def restore(task: Task, model: nn.Module, checkpoint: Any) -> tuple[History, Opt
     with checkpoint.as_directory() as directory:
         state = ckpt.read_state(directory)
         if state.get("task") != task.name:
-            raise UserError(f"checkpoint {directory} is from task {state.get('task')!r}, not {task.name!r}; "
-                            "use another --name")
+            raise UserError(
+                f"checkpoint {directory} is from task {state.get('task')!r}, not {task.name!r}; use another --name"
+            )
         task.check_checkpoint(state.get("meta", {}))
         ckpt.load_model(model, directory)
         optimizer_state = ckpt.load_optimizer_state(directory)
@@ -118,11 +119,21 @@ class Loop:
         optimizer = self.task.build_optimizer(self.model)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        guard = DivergenceGuard(self.task.loss_limit(), self.worker.device, self.worker.world_size,
-                                check_gradients=self.settings.precision != "fp16")
-        self.stepper = Stepper(forward, optimizer, [p for p in self.model.parameters() if p.requires_grad],
-                               max_grad_norm=self.task.max_grad_norm(), guard=guard,
-                               precision=self.settings.precision, device=self.worker.device)
+        guard = DivergenceGuard(
+            self.task.loss_limit(),
+            self.worker.device,
+            self.worker.world_size,
+            check_gradients=self.settings.precision != "fp16",
+        )
+        self.stepper = Stepper(
+            forward,
+            optimizer,
+            [p for p in self.model.parameters() if p.requires_grad],
+            max_grad_norm=self.task.max_grad_norm(),
+            guard=guard,
+            precision=self.settings.precision,
+            device=self.worker.device,
+        )
 
     def train_epoch(self, epoch: int, seen_before: int) -> tuple[dict[str, float], list[dict[str, Any]], float]:
         """One epoch of this rank's batches: (sums, the task's step records, seconds)."""
@@ -132,8 +143,9 @@ class Loop:
         self.model.train()
         sums: dict[str, Any] = defaultdict(float)
         records, state = [], None
-        progress = Progress(task.num_train_batches(), f"[{task.name}] epoch {epoch + 1}", task.sample_unit,
-                            enabled=worker.is_chief)
+        progress = Progress(
+            task.num_train_batches(), f"[{task.name}] epoch {epoch + 1}", task.sample_unit, enabled=worker.is_chief
+        )
         start = time.perf_counter()
         index = -1
         for index, batch in enumerate(task.train_batches(epoch)):
@@ -166,19 +178,20 @@ class Loop:
         metrics: dict[str, Any] = {"epoch": epoch + 1, "epochs": self.n_epochs, "lr": self.stepper.lr}
         for split in ["train"] + splits:
             head = split + ":"
-            metrics.update(task.summarize({k[len(head):]: v for k, v in global_sums.items() if k.startswith(head)},
-                                          f"{split}_"))
+            metrics.update(
+                task.summarize({k[len(head) :]: v for k, v in global_sums.items() if k.startswith(head)}, f"{split}_")
+            )
         metrics["global_samples"] = global_sums["train:samples"]
         metrics["eval_s"] = eval_seconds
         return metrics
 
-    def report(self, metrics: dict[str, Any], history: History, records: list[dict[str, Any]],
-               report: Report) -> None:
+    def report(self, metrics: dict[str, Any], history: History, records: list[dict[str, Any]], report: Report) -> None:
         """Keep the epoch in the history, print it, and report it with a checkpoint."""
         task, worker = self.task, self.worker
         extras = task.epoch_extras(self.model, metrics["epoch"] - 1) if worker.is_chief else {}
-        history.epochs.append({**metrics, **({"extras": extras} if extras else {}),
-                               **({"steps": records} if records else {})})
+        history.epochs.append(
+            {**metrics, **({"extras": extras} if extras else {}), **({"steps": records} if records else {})}
+        )
         if worker.is_chief:
             print(task.format_epoch_line(metrics), flush=True)
             for line in extras.get("print", []):
@@ -187,18 +200,34 @@ class Loop:
         with tempfile.TemporaryDirectory(prefix="lstm-ckpt-") as tmp:
             checkpoint = None
             if worker.is_chief:
-                ckpt.save(Path(tmp), self.model, self.stepper.optimizer, {
-                    "task": task.name, "config": cfg.to_dict(task.config), "epoch": metrics["epoch"],
-                    "elapsed_s": metrics["elapsed_s"], "meta": task.checkpoint_meta(), "history": history.epochs,
-                })
+                ckpt.save(
+                    Path(tmp),
+                    self.model,
+                    self.stepper.optimizer,
+                    {
+                        "task": task.name,
+                        "config": cfg.to_dict(task.config),
+                        "epoch": metrics["epoch"],
+                        "elapsed_s": metrics["elapsed_s"],
+                        "meta": task.checkpoint_meta(),
+                        "history": history.epochs,
+                    },
+                )
                 import ray.train
 
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report(scalars, checkpoint)
 
 
-def run_training(task: Task, settings: cfg.RunSettings, *, get_checkpoint: Callable[[], Any], report: Report,
-                 run_dir: str = "", hooks: Sequence[WorkerHook] = ()) -> None:
+def run_training(
+    task: Task,
+    settings: cfg.RunSettings,
+    *,
+    get_checkpoint: Callable[[], Any],
+    report: Report,
+    run_dir: str = "",
+    hooks: Sequence[WorkerHook] = (),
+) -> None:
     """One worker's run, separated from Ray's context so that its parts stay testable."""
     loop = Loop(task, settings, run_dir, hooks)
     torch.manual_seed(task.config.seed)
@@ -213,9 +242,12 @@ def run_training(task: Task, settings: cfg.RunSettings, *, get_checkpoint: Calla
         metrics = loop.evaluate_and_reduce(epoch, sums)
         samples = int(metrics.pop("global_samples"))
         metrics[f"{task.sample_unit}_per_sec"] = samples / max(train_seconds, 1e-9)
-        metrics.update(samples_seen=history.samples_seen + samples, train_s=train_seconds,
-                       elapsed_s=history.elapsed_before + time.perf_counter() - run_start,
-                       workers=task.worker.world_size)
+        metrics.update(
+            samples_seen=history.samples_seen + samples,
+            train_s=train_seconds,
+            elapsed_s=history.elapsed_before + time.perf_counter() - run_start,
+            workers=task.worker.world_size,
+        )
         loop.report(metrics, history, records, report)
 
 
@@ -271,9 +303,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str
     try:
         task = task_class(cfg.build(task_class.config_class, loop_config["config"]), worker)
         task.setup(ray.get(loop_config["data"]))
-        run_training(task, settings, get_checkpoint=get_checkpoint,
-                     report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
-                     run_dir=loop_config.get("run_dir", ""), hooks=loop_config.get("hooks", ()))
+        run_training(
+            task,
+            settings,
+            get_checkpoint=get_checkpoint,
+            report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+            run_dir=loop_config.get("run_dir", ""),
+            hooks=loop_config.get("hooks", ()),
+        )
     except UserError as e:
         # Ray Train V2 keeps only the metrics reported with a checkpoint, so the error is
         # also returned (the driver reads rank 0's return value).

@@ -39,24 +39,35 @@ class RunResult:
     plots: list[str] = field(default_factory=list)
 
 
-def collect(task: type[Task], run_dir: str, checkpoint_path: str, *, extra: Optional[dict[str, Any]] = None
-            ) -> RunResult:
+def collect(
+    task: type[Task], run_dir: str, checkpoint_path: str, *, extra: Optional[dict[str, Any]] = None
+) -> RunResult:
     """Read the history from the final checkpoint (a folder or URI); write results.json and
     the plots into the run folder."""
     state = storage.read_json(storage.join(checkpoint_path, ckpt.STATE_FILE))
     history = state.get("history", [])
     results = {
-        "task": task.name, "config": state.get("config", {}), "run_dir": storage.display(run_dir),
-        "checkpoint": storage.display(checkpoint_path), "epochs": history,
-        "final": history[-1] if history else {}, "wall_time_s": history[-1].get("elapsed_s") if history else None,
+        "task": task.name,
+        "config": state.get("config", {}),
+        "run_dir": storage.display(run_dir),
+        "checkpoint": storage.display(checkpoint_path),
+        "epochs": history,
+        "final": history[-1] if history else {},
+        "wall_time_s": history[-1].get("elapsed_s") if history else None,
         **(extra or {}),
     }
     with storage.staging(run_dir) as out:
         plots = [p.name for p in task.plot(results, out)]
     results_path = storage.write_json(storage.join(run_dir, RESULTS_FILE), results)
-    return RunResult(task=task.name, run_dir=run_dir, metrics=history[-1] if history else {}, history=history,
-                     checkpoint_path=checkpoint_path, results_path=results_path,
-                     plots=[storage.join(run_dir, name) for name in plots])
+    return RunResult(
+        task=task.name,
+        run_dir=run_dir,
+        metrics=history[-1] if history else {},
+        history=history,
+        checkpoint_path=checkpoint_path,
+        results_path=results_path,
+        plots=[storage.join(run_dir, name) for name in plots],
+    )
 
 
 def checkpoint_location(checkpoint: Any, run_dir: str) -> str:
@@ -72,7 +83,9 @@ def load_results(run_dir: str) -> dict[str, Any]:
     try:
         return storage.read_json(storage.join(run_dir, RESULTS_FILE))
     except FileNotFoundError:
-        raise UserError(f"{storage.display(run_dir)} has no {RESULTS_FILE}; pass the folder of a finished run") from None
+        raise UserError(
+            f"{storage.display(run_dir)} has no {RESULTS_FILE}; pass the folder of a finished run"
+        ) from None
 
 
 # --------------------------------------------------------------------------- TensorBoard

@@ -9,8 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.path import Path as MplPath  # noqa: E402
 from matplotlib.patches import PathPatch  # noqa: E402
+from matplotlib.path import Path as MplPath  # noqa: E402
 
 from lstm.io import atomic_write  # noqa: E402
 
@@ -22,16 +22,22 @@ def save(fig: "plt.Figure", path: Path) -> Path:
     return path
 
 
-def learning_curves(epochs: Sequence[Mapping[str, Any]], panels: Sequence[tuple[str, Sequence[str]]],
-                    path: Path, *, title: str = "", log_y: Iterable[str] = ()) -> Path:
+def learning_curves(
+    epochs: Sequence[Mapping[str, Any]],
+    panels: Sequence[tuple[str, Sequence[str]]],
+    path: Path,
+    *,
+    title: str = "",
+    log_y: Iterable[str] = (),
+) -> Path:
     """One panel per (ylabel, metric keys) against epoch; missing keys are skipped."""
     log_y = set(log_y)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (ylabel, keys) in zip(axes[0], panels):
+    for ax, (ylabel, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
             pts = [(e["epoch"], e[key]) for e in epochs if isinstance(e.get(key), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=key)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=key)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(ylabel)
@@ -51,8 +57,12 @@ def shape_path(points: Sequence[Sequence[float]]) -> MplPath:
     return MplPath(verts, codes)
 
 
-def draw_shape(ax: "plt.Axes", points: Sequence[Sequence[float]], limits: tuple[float, float, float, float],
-               color: str = "tab:blue") -> None:
+def draw_shape(
+    ax: "plt.Axes",
+    points: Sequence[Sequence[float]],
+    limits: tuple[float, float, float, float],
+    color: str = "tab:blue",
+) -> None:
     ax.add_patch(PathPatch(shape_path(points), facecolor="none", edgecolor=color, lw=1.6))
     ax.scatter([p[0] for p in points], [p[1] for p in points], s=8, color=color, zorder=3)
     ax.set_xlim(limits[0], limits[1])
@@ -62,8 +72,14 @@ def draw_shape(ax: "plt.Axes", points: Sequence[Sequence[float]], limits: tuple[
     ax.set_yticks([])
 
 
-def shape_grid(rows: Sequence[tuple[str, Sequence[Sequence[Sequence[float]]]]], path: Path,
-               limits: tuple[float, float, float, float], *, title: str = "", max_cols: int = 6) -> Path:
+def shape_grid(
+    rows: Sequence[tuple[str, Sequence[Sequence[Sequence[float]]]]],
+    path: Path,
+    limits: tuple[float, float, float, float],
+    *,
+    title: str = "",
+    max_cols: int = 6,
+) -> Path:
     """A grid: one row per (label, list of shapes)."""
     cols = max(1, min(max_cols, max((len(s) for _, s in rows), default=1)))
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols + 1.2, 1.9 * len(rows)), squeeze=False)
@@ -80,11 +96,16 @@ def shape_grid(rows: Sequence[tuple[str, Sequence[Sequence[Sequence[float]]]]], 
     return save(fig, path)
 
 
-def shape_series(items: Sequence[tuple[str, Sequence[Sequence[float]]]], path: Path,
-                 limits: tuple[float, float, float, float], *, title: str = "") -> Path:
+def shape_series(
+    items: Sequence[tuple[str, Sequence[Sequence[float]]]],
+    path: Path,
+    limits: tuple[float, float, float, float],
+    *,
+    title: str = "",
+) -> Path:
     """One row of shapes, each titled (e.g. the one shape a deterministic model draws after N examples)."""
     fig, axes = plt.subplots(1, len(items), figsize=(2.0 * len(items), 2.5), squeeze=False)
-    for ax, (label, points) in zip(axes[0], items):
+    for ax, (label, points) in zip(axes[0], items, strict=True):
         draw_shape(ax, points, limits)
         ax.set_title(label, fontsize=9)
     if title:
@@ -92,13 +113,22 @@ def shape_series(items: Sequence[tuple[str, Sequence[Sequence[float]]]], path: P
     return save(fig, path)
 
 
-def xy_curve(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, xlabel: str, ylabel: str,
-             title: str = "", log_x: bool = False, log_y: bool = False, extra: Optional[Mapping[str, Any]] = None) -> Path:
+def xy_curve(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    log_x: bool = False,
+    log_y: bool = False,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Path:
     """Curves of (x, y) points, one per label."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, pts in series.items():
         if pts:
-            ax.plot(*zip(*pts), marker=".", label=label)
+            ax.plot(*zip(*pts, strict=True), marker=".", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_x:

@@ -22,8 +22,17 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """``update(n_items)`` after each step; prints ``[#####.....] 52% 1716/3300 | 5,210 words/sec | eta 58s``."""
 
-    def __init__(self, total: Optional[int], label: str, unit: str, *, enabled: bool = True,
-                 interval_s: float = 15.0, width: int = 20, stream: TextIO = sys.stdout):
+    def __init__(
+        self,
+        total: Optional[int],
+        label: str,
+        unit: str,
+        *,
+        enabled: bool = True,
+        interval_s: float = 15.0,
+        width: int = 20,
+        stream: TextIO = sys.stdout,
+    ):
         self.total, self.label, self.unit = total, label, unit
         self.enabled, self.interval_s, self.width, self.stream = enabled, interval_s, width, stream
         self.start = self.last = time.perf_counter()
@@ -50,6 +59,8 @@ class Progress:
             filled = int(round(frac * self.width))
             bar = "#" * filled + "." * (self.width - filled)
             eta = elapsed * (1 - frac) / max(frac, 1e-9)
-            return (f"{self.label} [{bar}] {frac:4.0%} {self.steps}/{self.total} | "
-                    f"{rate:,.0f} {self.unit}/sec | eta {format_duration(eta)}")
+            return (
+                f"{self.label} [{bar}] {frac:4.0%} {self.steps}/{self.total} | "
+                f"{rate:,.0f} {self.unit}/sec | eta {format_duration(eta)}"
+            )
         return f"{self.label} {self.steps} steps | {rate:,.0f} {self.unit}/sec | {format_duration(elapsed)}"

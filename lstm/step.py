@@ -27,6 +27,7 @@ from lstm.errors import UserError
 from lstm.task import StepOutput, Task
 
 GPU_CHECK_EVERY = 50
+CPU = torch.device("cpu")
 NEVER = 2**62
 
 
@@ -59,8 +60,14 @@ class DivergenceGuard:
     on the device as ``step * len(KINDS) + kind``, so the minimum over steps and ranks is the
     earliest bad step and what went wrong there."""
 
-    def __init__(self, limit: float, device: torch.device, world_size: int = 1,
-                 check_every: Optional[int] = None, check_gradients: bool = True):
+    def __init__(
+        self,
+        limit: float,
+        device: torch.device,
+        world_size: int = 1,
+        check_every: Optional[int] = None,
+        check_gradients: bool = True,
+    ):
         self.limit = limit
         self.world_size = world_size
         self.check_every = check_every or (1 if device.type == "cpu" else GPU_CHECK_EVERY)
@@ -68,7 +75,9 @@ class DivergenceGuard:
         self.first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
 
     def observe(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        values = torch.stack([mean_loss.float(), grad_norm.float()]) if self.check_gradients else mean_loss.float()[None]
+        values = (
+            torch.stack([mean_loss.float(), grad_norm.float()]) if self.check_gradients else mean_loss.float()[None]
+        )
         kind = torch.where(values.isnan().any(), 0, torch.where(values.isinf().any(), 1, 2))
         bad = ~torch.isfinite(values).all() | (mean_loss > self.limit)
         code = torch.where(bad, step * len(KINDS) + kind, NEVER)
@@ -89,17 +98,27 @@ class DivergenceGuard:
 
 def diverged_error(epoch: int, step: int, kind: str, limit: float) -> UserError:
     became = f"too large (over {limit:.4g} per unit, beyond any training model)" if kind == "too large" else kind
-    return UserError(f"the loss became {became} at epoch {epoch + 1} step {step}; "
-                     "lower --learning-rate or set a smaller --max-grad-norm")
+    return UserError(
+        f"the loss became {became} at epoch {epoch + 1} step {step}; "
+        "lower --learning-rate or set a smaller --max-grad-norm"
+    )
 
 
 class Stepper:
     """Runs training steps: ``forward`` is the :class:`StepModule` (DDP-wrapped with several
     workers), ``params`` the model's trainable parameters."""
 
-    def __init__(self, forward: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], *,
-                 max_grad_norm: Optional[float], guard: DivergenceGuard, precision: str = "fp32",
-                 device: torch.device = torch.device("cpu")):
+    def __init__(
+        self,
+        forward: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+        *,
+        max_grad_norm: Optional[float],
+        guard: DivergenceGuard,
+        precision: str = "fp32",
+        device: torch.device = CPU,
+    ):
         self.forward, self.optimizer, self.params = forward, optimizer, params
         self.max_norm = max_grad_norm if max_grad_norm else math.inf
         self.guard, self.precision, self.device = guard, precision, device
@@ -134,8 +153,10 @@ class Stepper:
         if bad is not None:
             raise diverged_error(epoch, *bad, self.guard.limit)
         if self.scaler is not None and self.scaler.get_scale() < 1e-6:
-            raise UserError(f"the fp16 loss scale collapsed in epoch {epoch + 1}; use --precision bf16 or fp32, "
-                            "or lower --learning-rate")
+            raise UserError(
+                f"the fp16 loss scale collapsed in epoch {epoch + 1}; use --precision bf16 or fp32, "
+                "or lower --learning-rate"
+            )
 
     def _optimizer_step(self, lr_scale: float) -> None:
         if lr_scale != 1.0:

@@ -65,7 +65,7 @@ def resolve_root(storage_path: str = "") -> str:
     if is_remote(root):
         return root
     if root.startswith("file://"):
-        root = root[len("file://"):]
+        root = root[len("file://") :]
     return os.path.abspath(os.path.expanduser(root))
 
 
@@ -100,8 +100,10 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(location if is_remote(location) else os.path.abspath(location))
     except (pafs.ArrowInvalid, ValueError, OSError) as e:  # type: ignore[attr-defined]
-        raise UserError(f"storage path {display(location)} is not usable ({_reason(e)}); pass --storage-path "
-                        "with a local folder or a URI such as s3://bucket/prefix") from None
+        raise UserError(
+            f"storage path {display(location)} is not usable ({_reason(e)}); pass --storage-path "
+            "with a local folder or a URI such as s3://bucket/prefix"
+        ) from None
 
 
 def _reason(error: BaseException) -> str:
@@ -213,5 +215,7 @@ def check_writable(root: str) -> None:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any filesystem error is the same problem to the user
-        raise UserError(f"cannot write to storage path {display(root)} ({_reason(e)}); pass --storage-path with "
-                        "a folder you can write to, or an s3:// URI with credentials that allow writing") from None
+        raise UserError(
+            f"cannot write to storage path {display(root)} ({_reason(e)}); pass --storage-path with "
+            "a folder you can write to, or an s3:// URI with credentials that allow writing"
+        ) from None

@@ -105,7 +105,7 @@ class Task(ABC):
         The result is pickled into Ray's object store: keep it to arrays and plain values."""
         return None
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook: most tasks have nothing to check
     def check(cls, config: TaskConfig, data: Any, num_workers: int) -> None:
         """UserError if ``config`` cannot train on ``data`` with ``num_workers`` workers."""
 
@@ -137,7 +137,7 @@ class Task(ABC):
 
     def learning_rate(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch``; the loop sets it on the optimizer."""
-        return float(getattr(self.config, "learning_rate"))
+        return float(self.config.learning_rate)
 
     def max_grad_norm(self) -> Optional[float]:
         """Clip gradients to this global norm (None: no clipping)."""
@@ -182,7 +182,7 @@ class Task(ABC):
         """JSON-able facts a checkpoint must carry to be usable alone (e.g. the vocabulary)."""
         return {}
 
-    def check_checkpoint(self, meta: Mapping[str, Any]) -> None:
+    def check_checkpoint(self, meta: Mapping[str, Any]) -> None:  # noqa: B027 - an optional hook
         """UserError if a checkpoint's meta does not fit this data (another vocabulary)."""
 
 

@@ -27,16 +27,27 @@ def check_run_folder(run_dir: str, name: str, resume: bool) -> None:
     """A run is never continued by accident, nor a missing one 'resumed' from scratch."""
     exists = ckpt.has_checkpoints(run_dir)
     if resume and not exists:
-        raise UserError(f"--resume: no run to resume at {storage.display(run_dir)}; check --name/--storage-path, "
-                        "or drop --resume to start one")
+        raise UserError(
+            f"--resume: no run to resume at {storage.display(run_dir)}; check --name/--storage-path, "
+            "or drop --resume to start one"
+        )
     if exists and not resume:
-        raise UserError(f"a run named {name!r} already exists at {storage.display(run_dir)}; pass --resume to "
-                        "continue it, or choose another --name")
+        raise UserError(
+            f"a run named {name!r} already exists at {storage.display(run_dir)}; pass --resume to "
+            "continue it, or choose another --name"
+        )
 
 
-def make_trainer(task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, data: Any, *,
-                 callbacks: Sequence[Any] = (), hooks: Sequence[WorkerHook] = (),
-                 init_checkpoint: Any = None) -> Any:
+def make_trainer(
+    task: type[Task],
+    config: cfg.TaskConfig,
+    settings: cfg.RunSettings,
+    data: Any,
+    *,
+    callbacks: Sequence[Any] = (),
+    hooks: Sequence[WorkerHook] = (),
+    init_checkpoint: Any = None,
+) -> Any:
     """The TorchTrainer of one run. ``settings`` is complete (storage root, name, CPUs per
     worker); ``data`` is the object-store reference of what ``task.read_data`` returned;
     ``init_checkpoint`` (a ``Checkpoint``) is where a *new* run starts (PBT's clone of another
@@ -46,24 +57,38 @@ def make_trainer(task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSett
 
     run_dir = storage.join(settings.storage_path, settings.name)
     scaling = ray.train.ScalingConfig(
-        num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+        num_workers=settings.num_workers,
+        use_gpu=settings.use_gpu,
         resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus} if settings.use_gpu else {})},
     )
     run_config = ray.train.RunConfig(
-        name=settings.name, storage_path=settings.storage_path,
+        name=settings.name,
+        storage_path=settings.storage_path,
         failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
         callbacks=[*callbacks, outputs.TensorBoardCallback(run_dir)],
     )
-    loop_config = {"task": task.name, "config": cfg.to_dict(config), "run": cfg.to_dict(settings),
-                   "run_dir": run_dir, "data": data, "hooks": list(hooks),
-                   **({"init_checkpoint": init_checkpoint} if init_checkpoint else {})}
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"), run_config=run_config)
+    loop_config = {
+        "task": task.name,
+        "config": cfg.to_dict(config),
+        "run": cfg.to_dict(settings),
+        "run_dir": run_dir,
+        "data": data,
+        "hooks": list(hooks),
+        **({"init_checkpoint": init_checkpoint} if init_checkpoint else {}),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        run_config=run_config,
+    )
 
 
-def prepare(task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, *, resume: bool = False
-            ) -> tuple[cfg.RunSettings, Any]:
+def prepare(
+    task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, *, resume: bool = False
+) -> tuple[cfg.RunSettings, Any]:
     """Every up-front check of ``fit`` (see the module docstring). Returns the completed
     settings and the task's data; starts or joins Ray."""
     config.validate()
@@ -75,13 +100,21 @@ def prepare(task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings,
     cluster.ensure_ray()
     cluster.check_shared_storage(where.root)
     storage.check_writable(where.root)
-    cpus = cluster.plan_workers(settings.num_workers, settings.cpus_per_worker, settings.gpus,
-                                settings.wait_for_workers_s)
+    cpus = cluster.plan_workers(
+        settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
+    )
     return dataclasses.replace(settings, storage_path=where.root, name=where.name, cpus_per_worker=cpus), data
 
 
-def fit(task_name: str, config: cfg.TaskConfig, settings: cfg.RunSettings, *, resume: bool = False,
-        callbacks: Sequence[Any] = (), hooks: Sequence[WorkerHook] = ()) -> RunResult:
+def fit(
+    task_name: str,
+    config: cfg.TaskConfig,
+    settings: cfg.RunSettings,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    hooks: Sequence[WorkerHook] = (),
+) -> RunResult:
     """Train ``config`` for task ``task_name`` on Ray Train workers; return the run's result.
 
     ``resume=True`` continues the run named ``settings.name`` from its latest checkpoint (Ray

@@ -45,9 +45,19 @@ def ray_session():
         # suite waits on that poll a few times (start, each report, the end).
         os.environ[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
         try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                     runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}",
-                                               TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV]}})
+            ray.init(
+                address="local",
+                num_cpus=4,
+                include_dashboard=False,
+                logging_level="WARNING",
+                runtime_env={
+                    "env_vars": {
+                        **WORKER_ENV,
+                        "RAY_ADDRESS": f"127.0.0.1:{port}",
+                        TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV],
+                    }
+                },
+            )
         finally:
             del os.environ["RAY_GCS_SERVER_PORT"]
     yield ray

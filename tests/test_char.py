@@ -34,7 +34,7 @@ def keras_windows(text: str, maxlen: int, step: int) -> tuple[list[str], list[st
     """The example's construction, verbatim."""
     sentences, next_chars = [], []
     for i in range(0, len(text) - maxlen, step):
-        sentences.append(text[i: i + maxlen])
+        sentences.append(text[i : i + maxlen])
         next_chars.append(text[i + maxlen])
     return sentences, next_chars
 
@@ -149,13 +149,16 @@ def run_settings(tmp_path: Path, name: str) -> cfg.RunSettings:
     return cfg.RunSettings(storage_path=str(tmp_path / "runs"), name=name, max_failures=0)
 
 
-@pytest.mark.parametrize("content,kw,message", [
-    (None, {}, "does not exist"),
-    ("", {}, "is empty"),
-    ("too short", {}, "fewer than one window of 40"),
-    ("x" * 100, {"window": 20}, "held-out tail"),
-    ("x" * 100, {"window": 20, "valid_fraction": 0.95}, "training head"),
-])
+@pytest.mark.parametrize(
+    "content,kw,message",
+    [
+        (None, {}, "does not exist"),
+        ("", {}, "is empty"),
+        ("too short", {}, "fewer than one window of 40"),
+        ("x" * 100, {"window": 20}, "held-out tail"),
+        ("x" * 100, {"window": 20, "valid_fraction": 0.95}, "training head"),
+    ],
+)
 def test_unusable_corpus_is_a_one_line_error_before_any_worker_starts(tmp_path, content, kw, message):
     path = str(tmp_path / "missing.txt") if content is None else write(tmp_path, content)
     with pytest.raises(UserError, match=message) as info:
@@ -164,9 +167,20 @@ def test_unusable_corpus_is_a_one_line_error_before_any_worker_starts(tmp_path, 
     assert not (tmp_path / "runs" / "bad").exists() or not any((tmp_path / "runs" / "bad").iterdir())
 
 
-@pytest.mark.parametrize("field,value", [("window", 0), ("step", -3), ("hidden_size", 0), ("batch_size", 0),
-                                         ("epochs", 0), ("max_chars", -1), ("valid_fraction", 0.0),
-                                         ("learning_rate", -0.01), ("diversities", "0.2,0")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("window", 0),
+        ("step", -3),
+        ("hidden_size", 0),
+        ("batch_size", 0),
+        ("epochs", 0),
+        ("max_chars", -1),
+        ("valid_fraction", 0.0),
+        ("learning_rate", -0.01),
+        ("diversities", "0.2,0"),
+    ],
+)
 def test_non_positive_sizes_are_refused(field, value):
     flag = "--" + field.replace("_", "-")
     with pytest.raises(UserError, match=flag):
@@ -214,16 +228,20 @@ def trained(ray_session, tmp_path_factory):
 
 def unigram_bpc(corpus: textdata.CharCorpus) -> float:
     """Bits per char on the held-out tail of the best context-free model (train frequencies)."""
-    counts = Counter(corpus.text[:corpus.split])
+    counts = Counter(corpus.text[: corpus.split])
     total = sum(counts.values())
-    tail = corpus.text[corpus.split + corpus.train.window:]
+    tail = corpus.text[corpus.split + corpus.train.window :]
     return -sum(math.log2(counts[c] / total) for c in tail) / len(tail)
 
 
 def test_char_model_learns(trained):
     config, result = trained
-    corpus = textdata.build_corpus(textdata.prepare(textdata.read_corpus(config.corpus), max_chars=config.max_chars),
-                                   window=config.window, step=config.step, valid_fraction=config.valid_fraction)
+    corpus = textdata.build_corpus(
+        textdata.prepare(textdata.read_corpus(config.corpus), max_chars=config.max_chars),
+        window=config.window,
+        step=config.step,
+        valid_fraction=config.valid_fraction,
+    )
     torch.manual_seed(config.seed)
     untrained = CharLSTM(len(corpus.vocab), config.hidden_size)
     with torch.no_grad():
@@ -288,8 +306,8 @@ def test_sample_command_prints_seed_and_continuation(trained, capsys):
     out = capsys.readouterr().out
     assert out.startswith("the will to") and len(out.rstrip("\n")) >= len("the will to") + 20
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(job.main, args + ["--seed-text", "emoji \U0001F600"])
+        run_cli(job.main, args + ["--seed-text", "emoji \U0001f600"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --seed-text has 1 character(s)") and "\U0001F600" in err
+    assert err.startswith("error: --seed-text has 1 character(s)") and "\U0001f600" in err
     assert len(err.strip().splitlines()) == 1

@@ -13,16 +13,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lstm.errors import UserError
 from lstm.cluster import SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
+from lstm.errors import UserError
 from lstm.storage import is_remote
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 
 # vCPUs and GPUs of instance types a user is likely to pick for the worker node type.
-GPU_INSTANCES = {"g5.12xlarge": (48, 4), "g5.48xlarge": (192, 8), "g6.12xlarge": (48, 4), "g6e.12xlarge": (48, 4),
-                 "g4dn.12xlarge": (48, 4), "p3.8xlarge": (32, 4), "p4d.24xlarge": (96, 8), "p5.48xlarge": (192, 8)}
+GPU_INSTANCES = {
+    "g5.12xlarge": (48, 4),
+    "g5.48xlarge": (192, 8),
+    "g6.12xlarge": (48, 4),
+    "g6e.12xlarge": (48, 4),
+    "g4dn.12xlarge": (48, 4),
+    "p3.8xlarge": (32, 4),
+    "p4d.24xlarge": (96, 8),
+    "p5.48xlarge": (192, 8),
+}
 GPU_FAMILIES = ("g4dn.", "g5.", "g6.", "g6e.", "p3.", "p4d.", "p4de.", "p5.")
 
 
@@ -64,14 +72,19 @@ def test_ray_accepts_the_cluster_config(cluster):
     assert cluster["worker_setup_commands"][: len(cluster["setup_commands"])] == cluster["setup_commands"]
 
 
-@pytest.mark.parametrize("break_it, error", [
-    (lambda c: c.pop("head_node_type"), "head_node_type"),
-    (lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"), "node_config"),
-    (lambda c: c.update(max_workers=0) or c["available_node_types"]["gpu_worker"].update(min_workers=1),
-     "max_workers"),
-    (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=0.5), "0.5"),
-    (lambda c: c.update(setup_commandz=[]), "setup_commandz"),
-])
+@pytest.mark.parametrize(
+    "break_it, error",
+    [
+        (lambda c: c.pop("head_node_type"), "head_node_type"),
+        (lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"), "node_config"),
+        (
+            lambda c: c.update(max_workers=0) or c["available_node_types"]["gpu_worker"].update(min_workers=1),
+            "max_workers",
+        ),
+        (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=0.5), "0.5"),
+        (lambda c: c.update(setup_commandz=[]), "setup_commandz"),
+    ],
+)
 def test_the_validation_fails_when_the_config_breaks(break_it, error):
     config = load_cluster_yaml()
     break_it(config)
@@ -99,9 +112,20 @@ def test_a_gpu_search_fits_the_cluster_at_its_minimum_size(cluster, tmp_path):
     from tune import cli, runner
 
     head, gpu = node_types(cluster)
-    resources = {k: head["resources"].get(k, 0) + gpu["min_workers"] * gpu["resources"].get(k, 0)
-                 for k in ("CPU", "GPU")}
-    argv = ["--task", "rectangle", "--base", "test", "--gpu", "--workers-per-trial", "2", "--storage-path", str(tmp_path)]
+    resources = {
+        k: head["resources"].get(k, 0) + gpu["min_workers"] * gpu["resources"].get(k, 0) for k in ("CPU", "GPU")
+    }
+    argv = [
+        "--task",
+        "rectangle",
+        "--base",
+        "test",
+        "--gpu",
+        "--workers-per-trial",
+        "2",
+        "--storage-path",
+        str(tmp_path),
+    ]
     spec = cli.spec_from_args(cli.build_parser().parse_args(argv))
     assert runner.check_resources(spec, cluster=resources) == min(resources["GPU"] // 2, spec.num_trials) >= 1
 
@@ -130,8 +154,11 @@ def test_the_repo_is_mounted_where_the_install_command_looks(cluster):
 
 
 def test_runs_go_to_shared_storage_named_by_lstm_ray_storage(cluster):
-    exports = [m.group(1) for c in cluster["setup_commands"]
-               for m in re.finditer(r"echo 'export LSTM_RAY_STORAGE=([^'\s]+)'", c)]
+    exports = [
+        m.group(1)
+        for c in cluster["setup_commands"]
+        for m in re.finditer(r"echo 'export LSTM_RAY_STORAGE=([^'\s]+)'", c)
+    ]
     assert len(exports) == 1, "setup_commands should export LSTM_RAY_STORAGE once"
     assert is_remote(exports[0]), f"LSTM_RAY_STORAGE={exports[0]} is not shared storage"
     # the nodes can write there: the workers get an instance profile (the head gets one from `ray up`)
@@ -154,8 +181,13 @@ def test_token_auth_reaches_every_node_the_way_rays_docs_say(cluster):
 
 def test_no_credentials_in_the_file():
     text = CLUSTER_YAML.read_text()
-    for pattern in (r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key", r"(?i)aws_access_key_id",
-                    r"RAY_AUTH_TOKEN=\S", r"(?i)password"):
+    for pattern in (
+        r"AKIA[0-9A-Z]{16}",
+        r"(?i)aws_secret_access_key",
+        r"(?i)aws_access_key_id",
+        r"RAY_AUTH_TOKEN=\S",
+        r"(?i)password",
+    ):
         assert not re.search(pattern, text), pattern
 
 
@@ -180,10 +212,18 @@ def test_rayignore_keeps_data_runs_and_environments_out_of_the_job_package(tmp_p
     root.mkdir()
     shutil.copy(REPO / ".rayignore", root / ".rayignore")
     wanted = ["jobs/ptb.py", "lstm/data/ptb.py", "lstm/trainer.py", "tune/cli.py", "pyproject.toml"]
-    unwanted = [".git/objects/pack/big.pack", ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
-                "venv/bin/python", "runs/ptb-1/checkpoint_000001/model.pt", "data/ptb/ptb.train.txt",
-                "simple-examples/data/ptb.train.txt", "simple-examples.tgz", "lstm/__pycache__/x.cpython-311.pyc",
-                "lstm_ray.egg-info/PKG-INFO", "tests/runs/old/results.json"]
+    unwanted = [
+        ".git/objects/pack/big.pack",
+        ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so",
+        "venv/bin/python",
+        "runs/ptb-1/checkpoint_000001/model.pt",
+        "data/ptb/ptb.train.txt",
+        "simple-examples/data/ptb.train.txt",
+        "simple-examples.tgz",
+        "lstm/__pycache__/x.cpython-311.pyc",
+        "lstm_ray.egg-info/PKG-INFO",
+        "tests/runs/old/results.json",
+    ]
     for rel in wanted + unwanted:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x" * 1000)
@@ -198,8 +238,12 @@ def test_rayignore_keeps_data_runs_and_environments_out_of_the_job_package(tmp_p
 
 
 def nodes(*addresses, alive=True):
-    return alive_nodes([{"NodeID": f"n{i}", "Alive": alive, "NodeManagerAddress": a, "Resources": {"CPU": 2.0}}
-                        for i, a in enumerate(addresses)])
+    return alive_nodes(
+        [
+            {"NodeID": f"n{i}", "Alive": alive, "NodeManagerAddress": a, "Resources": {"CPU": 2.0}}
+            for i, a in enumerate(addresses)
+        ]
+    )
 
 
 def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(tmp_path):
@@ -207,8 +251,10 @@ def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(tmp_path):
         check_shared_storage(str(tmp_path), nodes("10.0.0.1", "10.0.0.2"))
     message = str(e.value)
     assert "\n" not in message
-    assert message == (f"storage path {tmp_path} is local but this Ray cluster has 2 nodes; pass --storage-path "
-                       "s3://bucket/prefix (or a folder on shared storage such as NFS mounted on every node)")
+    assert message == (
+        f"storage path {tmp_path} is local but this Ray cluster has 2 nodes; pass --storage-path "
+        "s3://bucket/prefix (or a folder on shared storage such as NFS mounted on every node)"
+    )
 
 
 @pytest.mark.parametrize("path", ["s3://bucket/lstm-ray", "gs://bucket/runs", "abfs://container@account/runs"])
@@ -224,9 +270,11 @@ def test_a_local_path_is_fine_on_one_node(tmp_path):
 
 def test_a_folder_on_a_network_filesystem_is_shared(monkeypatch, tmp_path):
     mounts = tmp_path / "mounts"
-    mounts.write_text("/dev/vda / ext4 rw 0 0\n"
-                      "fs-1.efs.us-west-2.amazonaws.com:/ /mnt/shared\\040runs nfs4 rw 0 0\n"
-                      "tmpfs /mnt/shared\\040runs/tmp tmpfs rw 0 0\n")
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "fs-1.efs.us-west-2.amazonaws.com:/ /mnt/shared\\040runs nfs4 rw 0 0\n"
+        "tmpfs /mnt/shared\\040runs/tmp tmpfs rw 0 0\n"
+    )
     assert filesystem_type("/mnt/shared runs/lstm", str(mounts)) == "nfs4"
     assert filesystem_type("/mnt/shared runs", str(mounts)) == "nfs4"
     assert filesystem_type("/mnt/shared runs/tmp/x", str(mounts)) == "tmpfs"
@@ -252,10 +300,14 @@ def test_the_job_refuses_a_local_path_before_training(monkeypatch, tmp_path, cap
     monkeypatch.setattr(cluster, "ensure_ray", lambda *a, **k: None)
     monkeypatch.setattr(trainer, "make_trainer", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(SystemExit) as e:
-        run_cli(lambda argv: train_main("rectangle", argv),
-                ["--config", "test", "--storage-path", str(tmp_path / "runs"), "--name", "r"])
+        run_cli(
+            lambda argv: train_main("rectangle", argv),
+            ["--config", "test", "--storage-path", str(tmp_path / "runs"), "--name", "r"],
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: storage path {tmp_path / 'runs'} is local but this Ray cluster has 2 nodes; pass "
-                   "--storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted on every node)"]
+    assert err == [
+        f"error: storage path {tmp_path / 'runs'} is local but this Ray cluster has 2 nodes; pass "
+        "--storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted on every node)"
+    ]
     assert not (tmp_path / "runs").exists()

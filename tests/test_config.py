@@ -32,15 +32,18 @@ def test_values_parse_from_strings():
         cfg.parse_value(int, "ten", "hidden_size")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"shape": "hexagon"}, "unknown shape 'hexagon'"),
-    ({"hidden_size": 0}, "--hidden-size must be positive"),
-    ({"examples": -5}, "--examples must be positive"),
-    ({"batch_size": 0}, "--batch-size must be positive"),
-    ({"head": "gaussian"}, "--head must be dense or mdn"),
-    ({"learning_rate": 0}, "--learning-rate must be positive"),
-    ({"colour": "red"}, "unknown config field"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"shape": "hexagon"}, "unknown shape 'hexagon'"),
+        ({"hidden_size": 0}, "--hidden-size must be positive"),
+        ({"examples": -5}, "--examples must be positive"),
+        ({"batch_size": 0}, "--batch-size must be positive"),
+        ({"head": "gaussian"}, "--head must be dense or mdn"),
+        ({"learning_rate": 0}, "--learning-rate must be positive"),
+        ({"colour": "red"}, "unknown config field"),
+    ],
+)
 def test_bad_rectangle_config_is_one_line_error(overrides, message):
     with pytest.raises(UserError, match=message) as info:
         cfg.resolve(ShapeConfig, get_task("rectangle").presets, preset="chapter", overrides=overrides)
@@ -68,36 +71,45 @@ def test_missing_and_corrupt_config_files(tmp_path):
         cfg.read_config_file(bad)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"num_workers": -1}, "--num-workers"),
-    ({"cpus_per_worker": -1}, "--cpus-per-worker"),
-    ({"precision": "fp8"}, "--precision"),
-    ({"precision": "fp16"}, "needs --gpu"),
-    ({"gpus_per_worker": 0}, "--gpus-per-worker must be a fraction in"),
-    ({"gpus_per_worker": 1.5}, "--gpus-per-worker must be a fraction in"),
-    ({"use_gpu": True, "gpus_per_worker": 0.25, "num_workers": 2}, "two ranks of one run on the same GPU"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_workers": -1}, "--num-workers"),
+        ({"cpus_per_worker": -1}, "--cpus-per-worker"),
+        ({"precision": "fp8"}, "--precision"),
+        ({"precision": "fp16"}, "needs --gpu"),
+        ({"gpus_per_worker": 0}, "--gpus-per-worker must be a fraction in"),
+        ({"gpus_per_worker": 1.5}, "--gpus-per-worker must be a fraction in"),
+        ({"use_gpu": True, "gpus_per_worker": 0.25, "num_workers": 2}, "two ranks of one run on the same GPU"),
+    ],
+)
 def test_bad_run_settings(overrides, message):
     with pytest.raises(UserError, match=message):
         cfg.build(cfg.RunSettings, overrides)
 
 
 def _node(cpus: int, gpus: int = 0, alive: bool = True) -> dict:
-    return {"Alive": alive, "NodeManagerAddress": "10.0.0.1",
-            "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+    return {
+        "Alive": alive,
+        "NodeManagerAddress": "10.0.0.1",
+        "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})},
+    }
 
 
-@pytest.mark.parametrize("workers, gpus_per_worker, nodes, expected", [
-    (1, 0.0, [_node(2)], 2),  # one worker takes the whole 2-core machine
-    (2, 0.0, [_node(2)], 1),
-    (3, 0.0, [_node(2)], 1),  # never 0
-    (2, 0.0, [_node(16), _node(16)], 16),
-    (4, 0.0, [_node(8), _node(16)], 6),  # 24 CPUs over 4 workers
-    (1, 0.0, [_node(8), _node(16)], 16),  # capped by the largest node
-    (1, 0.0, [_node(8), _node(64, alive=False)], 8),  # dead nodes do not count
-    (4, 1.0, [_node(8), _node(48, gpus=4)], 12),  # GPU workers: the GPU nodes' CPUs per GPU
-    (8, 1.0, [_node(48, gpus=4), _node(16, gpus=4)], 4),
-    (1, 0.25, [_node(48, gpus=4)], 3),  # a quarter of a GPU: a quarter of its CPUs
-])
+@pytest.mark.parametrize(
+    "workers, gpus_per_worker, nodes, expected",
+    [
+        (1, 0.0, [_node(2)], 2),  # one worker takes the whole 2-core machine
+        (2, 0.0, [_node(2)], 1),
+        (3, 0.0, [_node(2)], 1),  # never 0
+        (2, 0.0, [_node(16), _node(16)], 16),
+        (4, 0.0, [_node(8), _node(16)], 6),  # 24 CPUs over 4 workers
+        (1, 0.0, [_node(8), _node(16)], 16),  # capped by the largest node
+        (1, 0.0, [_node(8), _node(64, alive=False)], 8),  # dead nodes do not count
+        (4, 1.0, [_node(8), _node(48, gpus=4)], 12),  # GPU workers: the GPU nodes' CPUs per GPU
+        (8, 1.0, [_node(48, gpus=4), _node(16, gpus=4)], 4),
+        (1, 0.25, [_node(48, gpus=4)], 3),  # a quarter of a GPU: a quarter of its CPUs
+    ],
+)
 def test_auto_cpus_per_worker(workers, gpus_per_worker, nodes, expected):
     assert auto_cpus_per_worker(workers, gpus_per_worker, alive_nodes(nodes)) == expected

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA, TRAIN_POLL_ENV, TRAIN_POLL_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +68,7 @@ def process_table() -> dict[int, tuple[int, int, str]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
         table[int(entry)] = (int(fields[1]), int(fields[2]), fields[19])
     return table
 
@@ -113,8 +112,9 @@ class Head:
     proc: subprocess.Popen
 
     def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["ray", *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["ray", *args], env=env or self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
 
 
 def shell_env(bin_dir: Path, **extra: str) -> dict[str, str]:
@@ -129,8 +129,10 @@ def shell_env(bin_dir: Path, **extra: str) -> dict[str, str]:
 def make_bin(bin_dir: Path) -> None:
     """`python` and `ray` commands that run this interpreter (a venv or not)."""
     bin_dir.mkdir()
-    for name, command in (("python", f'exec "{sys.executable}" "$@"'),
-                          ("ray", f'exec "{sys.executable}" -m ray.scripts.scripts "$@"')):
+    for name, command in (
+        ("python", f'exec "{sys.executable}" "$@"'),
+        ("ray", f'exec "{sys.executable}" -m ray.scripts.scripts "$@"'),
+    ):
         (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
         (bin_dir / name).chmod(0o755)
 
@@ -179,17 +181,43 @@ def head():
     url = f"http://127.0.0.1:{dashboard}"
     log = temp_dir / "ray-start.log"
     # 3 logical CPUs: the PTB job's worker and the search's two trial workers at once.
-    command = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
-               "--num-cpus", "3", "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    command = [
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--ray-client-server-port",
+        str(client),
+        "--num-cpus",
+        "3",
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
     # Without the drain wait, SIGTERM stops the node at once (the default waits 30 s for Serve).
     # The Train controllers of the jobs poll their workers every 0.5 s instead of 2 s, as in
     # the rest of the suite (conftest.TRAIN_POLL_S): the node's processes inherit this.
     start_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", TRAIN_POLL_ENV: TRAIN_POLL_S}
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=start_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            env=start_env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         wait_until_ready(proc, url, token_file.read_text(), log)
         yield Head(temp_dir, gcs, url, env, token_file, proc)
@@ -218,10 +246,30 @@ def submit_all(head: Head, log_dir: Path, jobs: dict[str, list[str]]) -> dict[st
         sid = f"{name}-{secrets.token_hex(4)}"
         log = log_dir / f"{name}.log"
         with open(log, "w") as out:  # a file, not a pipe: the jobs are read one after the other
-            running[name] = sid, log, subprocess.Popen(
-                ["ray", "job", "submit", "--address", head.url, "--working-dir", ".", "--submission-id", sid,
-                 "--", *entrypoint],
-                env=head.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            running[name] = (
+                sid,
+                log,
+                subprocess.Popen(
+                    [
+                        "ray",
+                        "job",
+                        "submit",
+                        "--address",
+                        head.url,
+                        "--working-dir",
+                        ".",
+                        "--submission-id",
+                        sid,
+                        "--",
+                        *entrypoint,
+                    ],
+                    env=head.env,
+                    cwd=REPO,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                ),
+            )
     done = {}
     deadline = time.monotonic() + JOB_TIMEOUT_S
     for name, (sid, log, proc) in running.items():
@@ -239,8 +287,9 @@ def submit_all(head: Head, log_dir: Path, jobs: dict[str, list[str]]) -> dict[st
 
 def job_status(head: Head, submission_id: str) -> str:
     """The job's status as the jobs API reports it (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    request = urllib.request.Request(f"{head.url}/api/jobs/{submission_id}",
-                                     headers={"Authorization": f"Bearer {head.token_file.read_text()}"})
+    request = urllib.request.Request(
+        f"{head.url}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {head.token_file.read_text()}"}
+    )
     with urllib.request.urlopen(request, timeout=30) as r:
         return json.load(r)["status"]
 
@@ -253,22 +302,64 @@ def storage(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def jobs(head, storage) -> dict[str, Job]:
     data = str(SHARED_DATA / "ptb")
-    return submit_all(head, storage, {
-        # the tutorial's test config on 1% of the training words, evaluated in steps of 35 words
-        "ptb": ["python", "jobs/ptb.py", "--config", "test", "--train-fraction", "0.01", "--eval-num-steps", "35",
-                "--cpus-per-worker", "1", "--data-dir", data, "--storage-path", str(storage), "--name", "ptb-run",
-                "--max-failures", "0"],
-        # two trials (a grid over the learning rate) of one epoch each
-        "tune": ["python", "jobs/tune_ptb.py", "--base", "test", "--data-dir", data, "--train-fraction", "0.01",
-                 "--max-epochs", "1", "--num-samples", "1",
-                 "--space", "hidden_size=base", "keep_prob=base", "lr_decay=base", "eval_num_steps=35",
-                 "learning_rate=grid:1.0,0.5", "--storage-path", str(storage), "--name", "search"],
-    })
+    return submit_all(
+        head,
+        storage,
+        {
+            # the tutorial's test config on 1% of the training words, evaluated in steps of 35 words
+            "ptb": [
+                "python",
+                "jobs/ptb.py",
+                "--config",
+                "test",
+                "--train-fraction",
+                "0.01",
+                "--eval-num-steps",
+                "35",
+                "--cpus-per-worker",
+                "1",
+                "--data-dir",
+                data,
+                "--storage-path",
+                str(storage),
+                "--name",
+                "ptb-run",
+                "--max-failures",
+                "0",
+            ],
+            # two trials (a grid over the learning rate) of one epoch each
+            "tune": [
+                "python",
+                "jobs/tune_ptb.py",
+                "--base",
+                "test",
+                "--data-dir",
+                data,
+                "--train-fraction",
+                "0.01",
+                "--max-epochs",
+                "1",
+                "--num-samples",
+                "1",
+                "--space",
+                "hidden_size=base",
+                "keep_prob=base",
+                "lr_decay=base",
+                "eval_num_steps=35",
+                "learning_rate=grid:1.0,0.5",
+                "--storage-path",
+                str(storage),
+                "--name",
+                "search",
+            ],
+        },
+    )
 
 
 def check_succeeded(job: Job) -> None:
-    assert job.returncode == 0 and job.status == "SUCCEEDED", \
+    assert job.returncode == 0 and job.status == "SUCCEEDED", (
         f"job {job.submission_id}: exit {job.returncode}, status {job.status}\n{job.output[-6000:]}"
+    )
 
 
 def test_the_ptb_job_runs_on_the_cluster_and_writes_its_results(jobs, head, storage):
@@ -307,10 +398,14 @@ def test_the_tune_search_runs_on_the_cluster(jobs, storage):
 
 def test_the_uploaded_working_dir_is_the_code_only(jobs, head):
     for job in jobs.values():
-        assert re.search(r"Uploading package gcs://_ray_pkg_\w+\.zip", job.output) or \
-            re.search(r"Package gcs://_ray_pkg_\w+\.zip already exists", job.output), job.output[:3000]
-    packages = [p for p in (head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
-                if p.is_dir()]
+        assert re.search(r"Uploading package gcs://_ray_pkg_\w+\.zip", job.output) or re.search(
+            r"Package gcs://_ray_pkg_\w+\.zip already exists", job.output
+        ), job.output[:3000]
+    packages = [
+        p
+        for p in (head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
+        if p.is_dir()
+    ]
     assert packages, "no working_dir package on the head"
     for package in packages:
         files = [p for p in package.rglob("*") if p.is_file()]
@@ -323,12 +418,15 @@ def test_the_uploaded_working_dir_is_the_code_only(jobs, head):
         assert size < MAX_PACKAGE_BYTES, f"uploaded {size / 2**20:.1f} MiB"
 
 
-@pytest.mark.parametrize("setting, message", [
-    # forgot `export RAY_AUTH_MODE=token`: the token is there, but not sent
-    ({}, "Unauthorized: Missing authentication token"),
-    # another cluster's token
-    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "Forbidden: Invalid authentication token"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        # forgot `export RAY_AUTH_MODE=token`: the token is there, but not sent
+        ({}, "Unauthorized: Missing authentication token"),
+        # another cluster's token
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "Forbidden: Invalid authentication token"),
+    ],
+)
 def test_the_head_refuses_clients_without_its_token(head, setting, message):
     env = shell_env(head.temp_dir / "bin", RAY_AUTH_TOKEN_PATH=str(head.token_file), **setting)
     refused = head.ray("job", "list", "--address", head.url, env=env)

@@ -32,6 +32,7 @@ def write_corpus(folder: Path, train: str = TRAIN, valid: str = VALID, test: str
 
 # --------------------------------------------------------------------------- the tutorial, literally
 
+
 def tutorial_read_words(text: str) -> list[str]:
     return text.replace("\n", "<eos>").split()  # reader._read_words
 
@@ -45,13 +46,16 @@ def tutorial_producer(raw: np.ndarray, batch_size: int, num_steps: int) -> list[
     """reader.ptb_producer without TensorFlow: the batches of one epoch, in order."""
     data_len = len(raw)
     batch_len = data_len // batch_size
-    data = np.reshape(raw[0: batch_size * batch_len], [batch_size, batch_len])
+    data = np.reshape(raw[0 : batch_size * batch_len], [batch_size, batch_len])
     epoch_size = (batch_len - 1) // num_steps
-    return [(data[:, i * num_steps:(i + 1) * num_steps], data[:, i * num_steps + 1:(i + 1) * num_steps + 1])
-            for i in range(epoch_size)]
+    return [
+        (data[:, i * num_steps : (i + 1) * num_steps], data[:, i * num_steps + 1 : (i + 1) * num_steps + 1])
+        for i in range(epoch_size)
+    ]
 
 
 # --------------------------------------------------------------------------- reader and vocabulary
+
 
 def test_newlines_become_eos_and_words_split_on_whitespace():
     assert ptb.tokenize(" a  b\tc \n d \n") == ["a", "b", "c", "<eos>", "d", "<eos>"]
@@ -84,6 +88,7 @@ def test_ptb_files_read_exactly_as_the_tutorial(ptb_dir):
 
 # --------------------------------------------------------------------------- producer batching
 
+
 def test_batchify_and_iterate_match_the_docstring_example():
     alphabet = np.arange(26)
     rows = ptb.batchify(alphabet, 4)
@@ -95,14 +100,16 @@ def test_batchify_and_iterate_match_the_docstring_example():
     assert y1.tolist() == [[3, 4], [9, 10], [15, 16], [21, 22]]
 
 
-@pytest.mark.parametrize("n,batch_size,num_steps", [(1000, 20, 20), (1001, 7, 3), (99, 4, 5), (120, 20, 5), (41, 20, 1)])
+@pytest.mark.parametrize(
+    "n,batch_size,num_steps", [(1000, 20, 20), (1001, 7, 3), (99, 4, 5), (120, 20, 5), (41, 20, 1)]
+)
 def test_producer_matches_the_tutorial(n, batch_size, num_steps):
     raw = np.random.default_rng(n).integers(0, 50, n)
     expected = tutorial_producer(raw, batch_size, num_steps)
     got = list(ptb.iterate(ptb.batchify(raw, batch_size), num_steps))
     assert ptb.epoch_size(n, batch_size, num_steps) == ((n // batch_size) - 1) // num_steps == len(expected)
     assert len(got) == len(expected)
-    for (x, y), (ex, ey) in zip(got, expected):
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
         np.testing.assert_array_equal(x, ex)
         np.testing.assert_array_equal(y, ey)
 
@@ -124,13 +131,22 @@ def test_train_fraction_is_a_prefix():
 
 # --------------------------------------------------------------------------- configs
 
+
 def test_presets_are_the_tutorials_table():
     small = cfg.resolve(PTBConfig, PRESETS, preset="small")
-    assert (small.hidden_size, small.num_steps, small.max_max_epoch, small.keep_prob, small.lr_decay) == (200, 20, 13, 1.0, 0.5)
+    assert (small.hidden_size, small.num_steps, small.max_max_epoch, small.keep_prob, small.lr_decay) == (
+        200,
+        20,
+        13,
+        1.0,
+        0.5,
+    )
     large = cfg.resolve(PTBConfig, PRESETS, preset="large")
     assert (large.init_scale, large.max_grad_norm, large.hidden_size, large.keep_prob) == (0.04, 10, 1500, 0.35)
     assert large.lr_decay == pytest.approx(1 / 1.15)
-    assert cfg.resolve(PTBConfig, PRESETS, preset="medium", overrides={"lr_decay": "1/1.15"}).lr_decay == pytest.approx(1 / 1.15)
+    assert cfg.resolve(PTBConfig, PRESETS, preset="medium", overrides={"lr_decay": "1/1.15"}).lr_decay == pytest.approx(
+        1 / 1.15
+    )
     test = cfg.resolve(PTBConfig, PRESETS, preset="test")
     assert (test.num_layers, test.hidden_size, test.num_steps, test.max_grad_norm) == (1, 2, 2, 1)
     assert PTBConfig() == small  # the dataclass defaults are the small config
@@ -142,7 +158,7 @@ def test_learning_rate_schedule():
     large = PTBTask(PTBConfig(**PRESETS["large"]))
     assert large.learning_rate(13) == 1.0
     assert large.learning_rate(14) == pytest.approx(1 / 1.15)
-    assert large.learning_rate(54) == pytest.approx(1.15 ** -41)
+    assert large.learning_rate(54) == pytest.approx(1.15**-41)
 
 
 @pytest.mark.parametrize("keep_prob", ["0", "-0.5", "1.01"])
@@ -152,17 +168,28 @@ def test_keep_prob_outside_zero_one_is_a_one_line_error(keep_prob):
 
 
 def test_unknown_config_name_is_a_one_line_error_from_the_job():
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "ptb.py"), "--config", "huge"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "ptb.py"), "--config", "huge"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config 'huge'; choose one of: small, medium, large, test"
 
 
 # --------------------------------------------------------------------------- bad data, on the driver
 
+
 def check(folder: Path, **overrides) -> None:
-    config = PTBConfig(**{**PRESETS["test"], "vocab_size": 100, "batch_size": 2, "num_steps": 2,
-                          "eval_batch_size": 1, "eval_num_steps": 1, **overrides})
+    config = PTBConfig(
+        **{
+            **PRESETS["test"],
+            "vocab_size": 100,
+            "batch_size": 2,
+            "num_steps": 2,
+            "eval_batch_size": 1,
+            "eval_num_steps": 1,
+            **overrides,
+        }
+    )
     PTBTask.check(config, PTBTask.read_data(config, str(folder)), 1)
 
 

@@ -84,8 +84,9 @@ def test_download_checks_and_extracts_into_the_cache(ptb_dir, server, cache, mon
     PTBTask.read_data(PTBConfig(train_fraction=0.01), None)
 
 
-@pytest.mark.parametrize("corrupt,message", [("content", "is corrupt: ptb.train.txt has sha256"),
-                                             ("truncated", "is not a valid archive")])
+@pytest.mark.parametrize(
+    "corrupt,message", [("content", "is corrupt: ptb.train.txt has sha256"), ("truncated", "is not a valid archive")]
+)
 def test_a_corrupted_download_is_rejected_and_leaves_nothing(ptb_dir, server, cache, monkeypatch, corrupt, message):
     monkeypatch.setenv("LSTM_PTB_URL", server("/bad.tgz", build_tgz(ptb_dir, corrupt)))
     with pytest.raises(UserError, match=message) as info:
@@ -102,7 +103,11 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize("where", ["no server", "404"])
 def test_offline_says_to_pass_data_dir(server, cache, monkeypatch, where):
-    url = f"http://127.0.0.1:{closed_port()}/x.tgz" if where == "no server" else server("/a.tgz", b"").replace("/a.tgz", "/b.tgz")
+    url = (
+        f"http://127.0.0.1:{closed_port()}/x.tgz"
+        if where == "no server"
+        else server("/a.tgz", b"").replace("/a.tgz", "/b.tgz")
+    )
     monkeypatch.setenv("LSTM_PTB_URL", url)
     with pytest.raises(UserError, match=r"could not download .*pass --data-dir"):
         PTBTask.read_data(PTBConfig(), None)

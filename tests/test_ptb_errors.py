@@ -43,8 +43,12 @@ def train(config: PTBConfig, data_dir: Path, checkpoint: Path | None = None, kee
 
     task = PTBTask(config)
     task.setup(ptb.load_corpus(data_dir))
-    run_training(task, cfg.RunSettings(), report=report,
-                 get_checkpoint=lambda: ray.train.Checkpoint(str(checkpoint)) if checkpoint else None)
+    run_training(
+        task,
+        cfg.RunSettings(),
+        report=report,
+        get_checkpoint=lambda: ray.train.Checkpoint(str(checkpoint)) if checkpoint else None,
+    )
     return reports
 
 
@@ -84,8 +88,11 @@ def test_a_checkpoint_of_another_vocabulary_is_refused(trained, tmp_path):
     text = re.sub(r"(?<=\s)the(?=\s)", "thee", (data / "ptb.train.txt").read_text())
     (tmp_path / "ptb.train.txt").write_text(text)
     longer = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "max_max_epoch": 2})
-    with pytest.raises(UserError, match=r"^the checkpoint was trained on another vocabulary \(10000 words, sha256 \w+\) "
-                                        r"than this data's \(10000 words, sha256 \w+\); resume with the --data-dir"):
+    with pytest.raises(
+        UserError,
+        match=r"^the checkpoint was trained on another vocabulary \(10000 words, sha256 \w+\) "
+        r"than this data's \(10000 words, sha256 \w+\); resume with the --data-dir",
+    ):
         train(longer, tmp_path, checkpoint=ckpt)
 
 
@@ -96,8 +103,11 @@ def test_a_diverging_loss_names_epoch_and_step(trained, tmp_path):
     data, ckpt = trained
     before = (ckpt / "model.pt").read_bytes()
     diverging = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "learning_rate": 1e30, "max_max_epoch": 2})
-    with pytest.raises(UserError, match=DIVERGED + r"2 step \d+; lower --learning-rate or set a smaller "
-                                                   r"--max-grad-norm$"):
+    with pytest.raises(
+        UserError,
+        match=DIVERGED + r"2 step \d+; lower --learning-rate or set a smaller "
+        r"--max-grad-norm$",
+    ):
         train(diverging, data, checkpoint=ckpt, keep=tmp_path / "kept")
     assert not (tmp_path / "kept").exists(), "a diverged run reports no checkpoint"
     assert (ckpt / "model.pt").read_bytes() == before  # the last good checkpoint is intact
@@ -111,8 +121,11 @@ def test_a_loss_far_above_a_uniform_guess_stops_the_run_while_still_finite(train
     assert task.loss_limit() == pytest.approx(10 * math.log(10000))
     # logits of +-300 with random targets: about 300 nats a word, far above 10 x ln(10000)
     huge = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "init_scale": 100.0, "max_grad_norm": 1e-6})
-    with pytest.raises(UserError, match=r"^the loss became too large \(over 92.1 per unit, beyond any training "
-                                        r"model\) at epoch 1 step 0; "):
+    with pytest.raises(
+        UserError,
+        match=r"^the loss became too large \(over 92.1 per unit, beyond any training "
+        r"model\) at epoch 1 step 0; ",
+    ):
         train(huge, data)
 
 

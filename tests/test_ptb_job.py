@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ptb_base_config, run_settings
 
 from lstm import config as cfg
-from lstm.errors import UserError
 from lstm.checkpoint import read_state
+from lstm.errors import UserError
 from lstm.tasks.ptb import PTBConfig, PTBTask
 from lstm.trainer import fit
-
-from conftest import ptb_base_config, run_settings
 
 CONFIG = ptb_base_config()  # the config of the session's run, conftest.ptb_base
 LOSSES = ("train_loss", "valid_loss")
@@ -57,6 +56,8 @@ def test_same_seed_same_losses(ptb_base):
 def test_resume_with_another_architecture_is_a_one_line_error(ptb_base):
     _, storage, data = ptb_base
     other = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "hidden_size": 3, "max_max_epoch": 3})
-    with pytest.raises(UserError, match="does not match this model's architecture .* resume with the config it was trained with") as info:
+    with pytest.raises(
+        UserError, match="does not match this model's architecture .* resume with the config it was trained with"
+    ) as info:
         fit("ptb", other, run_settings(storage, "base", data), resume=True)
     assert "\n" not in str(info.value)

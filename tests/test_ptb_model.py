@@ -47,11 +47,13 @@ def test_fused_linear_cross_entropy_matches_the_plain_composition(scale, grad_ou
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert loss_sum.item() == pytest.approx(ref.item() / scale, rel=1e-5)
     assert not loss_sum.requires_grad
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # the evaluation path
         ev, ev_sum = linear_cross_entropy(h, w, b, y, scale)
-    assert ev.item() == pytest.approx(ref.item(), rel=1e-5) and ev_sum.item() == pytest.approx(ref.item() / scale, rel=1e-5)
+    assert ev.item() == pytest.approx(ref.item(), rel=1e-5) and ev_sum.item() == pytest.approx(
+        ref.item() / scale, rel=1e-5
+    )
 
 
 def test_fused_loss_stays_exact_when_the_target_probability_underflows():
@@ -62,7 +64,7 @@ def test_fused_loss_stays_exact_when_the_target_probability_underflows():
     loss, _ = linear_cross_entropy(h, w, b, y)
     ref = reference_loss(h, w, b, y, 1.0)
     assert math.isfinite(loss.item()) and loss.item() == pytest.approx(ref.item(), rel=1e-6)
-    for got, want in zip(torch.autograd.grad(loss, [h, w, b]), torch.autograd.grad(ref, [h, w, b])):
+    for got, want in zip(torch.autograd.grad(loss, [h, w, b]), torch.autograd.grad(ref, [h, w, b]), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -122,7 +124,7 @@ def test_row_shards_averaged_like_ddp_give_the_one_worker_gradient():
 
     full = grads(x, y)
     for n in (2, 4):
-        shards = [grads(x[k * 8 // n:(k + 1) * 8 // n], y[k * 8 // n:(k + 1) * 8 // n]) for k in range(n)]
+        shards = [grads(x[k * 8 // n : (k + 1) * 8 // n], y[k * 8 // n : (k + 1) * 8 // n]) for k in range(n)]
         for i, want in enumerate(full):
             torch.testing.assert_close(sum(s[i] for s in shards) / n, want, rtol=1e-4, atol=1e-7)
 
@@ -161,7 +163,7 @@ def test_batch_one_with_longer_steps_is_the_tutorials_batch_one_evaluation(train
     """With the state carried, batch 1 x 35 steps is the same computation as the tutorial's
     batch 1 x 1 step (on a span where both cover the same words)."""
     model, corpus = trained
-    ids = corpus.test[:35 * 40 + 1]
+    ids = corpus.test[: 35 * 40 + 1]
     one, words_one = eval_ppl(model, ids, 1, 1)
     longer, words_longer = eval_ppl(model, ids, 1, 35)
     assert words_one == words_longer == 35 * 40
@@ -185,7 +187,11 @@ def test_batched_evaluation_agrees_with_batch_one(trained):
 def test_task_evaluation_on_two_ranks_covers_the_split_once(tmp_path):
     """Eval rows split over ranks when they divide evenly; else rank 0 takes them all."""
     folder = tmp_path
-    for split, text in (("train", " a b c d e f g h \n" * 20), ("valid", " a b c d \n" * 10), ("test", " e f g \n" * 10)):
+    for split, text in (
+        ("train", " a b c d e f g h \n" * 20),
+        ("valid", " a b c d \n" * 10),
+        ("test", " e f g \n" * 10),
+    ):
         (folder / f"ptb.{split}.txt").write_text(text)
     corpus = ptb.load_corpus(folder)
 
@@ -195,8 +201,15 @@ def test_task_evaluation_on_two_ranks_covers_the_split_once(tmp_path):
         return task.evaluate(model, "valid")
 
     for eval_batch in (1, 4):
-        config = PTBConfig(vocab_size=20, hidden_size=4, num_layers=1, batch_size=4, num_steps=3,
-                           eval_batch_size=eval_batch, eval_num_steps=2)
+        config = PTBConfig(
+            vocab_size=20,
+            hidden_size=4,
+            num_layers=1,
+            batch_size=4,
+            num_steps=3,
+            eval_batch_size=eval_batch,
+            eval_num_steps=2,
+        )
         torch.manual_seed(0)
         model = PTBTask(config).build_model().eval()
         one = evaluate(config, WorkerInfo())

@@ -4,14 +4,13 @@ both workers with one line."""
 from __future__ import annotations
 
 import pytest
+from conftest import ptb_base_config, run_settings
+from test_ptb_errors import DIVERGED
 
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.tasks.ptb import PTBConfig
 from lstm.trainer import fit
-
-from conftest import ptb_base_config, run_settings
-from test_ptb_errors import DIVERGED
 
 CONFIG = ptb_base_config()
 KEYS = ("train_loss", "valid_loss")
@@ -31,7 +30,7 @@ def test_two_workers_reproduce_one_worker(runs):
     one, two, _, _ = runs
     assert [e["workers"] for e in two.history] == [2, 2] and [e["workers"] for e in one.history] == [1, 1]
     assert [e["samples_seen"] for e in two.history] == [e["samples_seen"] for e in one.history]
-    for a, b in zip(one.history, two.history):
+    for a, b in zip(one.history, two.history, strict=True):
         for key in KEYS:
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert two.metrics["test_ppl"] == pytest.approx(one.metrics["test_ppl"], rel=1e-4)

@@ -4,7 +4,6 @@ Ray Train workers (2 workers, DDP over gloo)."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,8 +27,16 @@ def untrained_consistency(seed: int = 0) -> float:
 
 
 def test_rectangle_model_learns(ray_session, tmp_path):
-    config = ShapeConfig(examples=4000, epochs=2, batch_size=4, learning_rate=0.01, valid_examples=200,
-                         eval_shapes=64, snapshot_at=(100, 1000), curve_every=1000)
+    config = ShapeConfig(
+        examples=4000,
+        epochs=2,
+        batch_size=4,
+        learning_rate=0.01,
+        valid_examples=200,
+        eval_shapes=64,
+        snapshot_at=(100, 1000),
+        curve_every=1000,
+    )
     result = fit("rectangle", config, settings(tmp_path, "learns"))
     before = untrained_consistency()
     after = result.metrics["valid_consistency"]
@@ -46,8 +53,18 @@ def test_rectangle_model_learns(ray_session, tmp_path):
 
 
 def test_mdn_head_draws_diverse_shapes(ray_session, tmp_path):
-    config = ShapeConfig(head="mdn", hidden_size=16, examples=3000, epochs=1, batch_size=8, learning_rate=0.005,
-                         valid_examples=200, eval_shapes=128, curve_every=3000, snapshot_at=())
+    config = ShapeConfig(
+        head="mdn",
+        hidden_size=16,
+        examples=3000,
+        epochs=1,
+        batch_size=8,
+        learning_rate=0.005,
+        valid_examples=200,
+        eval_shapes=128,
+        curve_every=3000,
+        snapshot_at=(),
+    )
     m = fit("rectangle", config, settings(tmp_path, "mdn")).metrics
     # A deterministic head has 0 spread; the MDN samples widths/heights with a real spread
     # (the data's is 0.29 = std of U[0, 1)).
@@ -79,7 +96,8 @@ def test_two_workers_report_every_epoch_and_resume(ray_session, tmp_path):
 def test_checkpoint_from_another_architecture_is_refused(ray_session, tmp_path):
     small = ShapeConfig(examples=80, epochs=1, batch_size=4, valid_examples=8, eval_shapes=8, snapshot_at=())
     fit("rectangle", small, settings(tmp_path, "arch"))
-    wider = ShapeConfig(examples=160, epochs=2, batch_size=4, hidden_size=20, valid_examples=8, eval_shapes=8,
-                        snapshot_at=())
+    wider = ShapeConfig(
+        examples=160, epochs=2, batch_size=4, hidden_size=20, valid_examples=8, eval_shapes=8, snapshot_at=()
+    )
     with pytest.raises(UserError, match="does not match this model's architecture"):
         fit("rectangle", wider, settings(tmp_path, "arch"), resume=True)

@@ -15,7 +15,9 @@ def test_rectangle_points_follow_the_chapter():
 
 def test_mid_edge_points():
     pts = shapes.FAMILIES["rectangle"].outline(np.array([[0.4, 0.2]]), points_per_edge=2)
-    np.testing.assert_allclose(pts[0], [[0, 0], [0.2, 0], [0.4, 0], [0.4, 0.1], [0.4, 0.2], [0.2, 0.2], [0, 0.2], [0, 0.1]])
+    np.testing.assert_allclose(
+        pts[0], [[0, 0], [0.2, 0], [0.4, 0], [0.4, 0.1], [0.4, 0.2], [0.2, 0.2], [0, 0.2], [0, 0.1]]
+    )
 
 
 @pytest.mark.parametrize("name", list(shapes.FAMILIES))

@@ -29,23 +29,41 @@ from tune.spec import TRAIN_RUNS, load_spec
 REPO = Path(__file__).resolve().parents[1]
 
 GOOD_LR, BAD_LR = (0.0001, 0.00003), (0.5,)
-RECT_SEARCH = ["--task", "rectangle", "--base", "test", "--max-epochs", "3", "--num-samples", "1",
-               "--max-concurrent", "2", "--space", "hidden_size=16",
-               "learning_rate=grid:" + ",".join(str(v) for v in GOOD_LR + BAD_LR)]
+RECT_SEARCH = [
+    "--task",
+    "rectangle",
+    "--base",
+    "test",
+    "--max-epochs",
+    "3",
+    "--num-samples",
+    "1",
+    "--max-concurrent",
+    "2",
+    "--space",
+    "hidden_size=16",
+    "learning_rate=grid:" + ",".join(str(v) for v in GOOD_LR + BAD_LR),
+]
 
 
 def rect_space(*entries: str) -> SearchSpace:
     task = get_task("rectangle")
-    return parse_space(task.config_class, list(entries), base_values=dict(task.presets["test"]), task_name="rectangle",
-                       defaults=task.search_space)
+    return parse_space(
+        task.config_class,
+        list(entries),
+        base_values=dict(task.presets["test"]),
+        task_name="rectangle",
+        defaults=task.search_space,
+    )
 
 
 # --------------------------------------------------------------------------- search space
 
 
 def test_space_syntax_and_defaults():
-    space = rect_space("learning_rate=log:0.0001:0.1", "hidden_size=4:32", "batch_size=2,4,8",
-                       "epochs=grid:2,3", "points_per_edge=1")
+    space = rect_space(
+        "learning_rate=log:0.0001:0.1", "hidden_size=4:32", "batch_size=2,4,8", "epochs=grid:2,3", "points_per_edge=1"
+    )
     p = space.params
     assert (p["learning_rate"].kind, p["learning_rate"].low, p["learning_rate"].high) == ("loguniform", 0.0001, 0.1)
     assert (p["hidden_size"].kind, p["hidden_size"].low, p["hidden_size"].high) == ("randint", 4, 32)
@@ -60,29 +78,33 @@ def test_space_syntax_and_defaults():
     assert defaults.params["hidden_size"].values == (4, 8, 16, 32)
     assert (defaults.params["learning_rate"].kind, defaults.params["learning_rate"].high) == ("loguniform", 0.01)
     ptb = get_task("ptb")
-    assert list(parse_space(ptb.config_class, [], base_values=ptb.presets["small"], defaults=ptb.search_space).params) \
-        == ["keep_prob", "hidden_size", "lr_decay"]
+    assert list(
+        parse_space(ptb.config_class, [], base_values=ptb.presets["small"], defaults=ptb.search_space).params
+    ) == ["keep_prob", "hidden_size", "lr_decay"]
     # "base" takes a default entry out of the search
     with pytest.raises(UserError, match="search space is empty"):
         rect_space("hidden_size=base", "learning_rate=base")
     assert SearchSpace.from_dict(space.to_dict()) == space
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("learning_rate=0.1:0.01", r"learning_rate=0.1:0.01: inverted range \(0.1 > 0.01\)"),
-    ("learning_rate=0.01:0.01", r"empty range \(0.01:0.01\).*learning_rate=0.01"),
-    ("learning_rate=", "empty value"),
-    ("hidden_size=4,,8", "empty value in the list"),
-    ("dropout=0.1:0.5", r"unknown hyperparameter 'dropout' for task rectangle; searchable: .*hidden_size"),
-    ("hidden_size=200,-5", r"the value -5 is not usable: --hidden-size must be positive \(got -5\)"),
-    ("hidden_size=12.5", r"hidden_size must be an integer \(got '12.5'\)"),
-    ("hidden_size=big", r"hidden_size must be an integer \(got 'big'\)"),
-    ("hidden_size=0:10", r"the value 0 is not usable: --hidden-size must be positive \(got 0\)"),
-    ("learning_rate=log:0:1", "a log range needs LOW > 0"),
-    ("learning_rate=-1:1", r"the value -1 is not usable: --learning-rate must be positive"),
-    ("head=dense:mdn", "head is a str field, which has no range"),
-    ("learning_rate", "write NAME=SPEC"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("learning_rate=0.1:0.01", r"learning_rate=0.1:0.01: inverted range \(0.1 > 0.01\)"),
+        ("learning_rate=0.01:0.01", r"empty range \(0.01:0.01\).*learning_rate=0.01"),
+        ("learning_rate=", "empty value"),
+        ("hidden_size=4,,8", "empty value in the list"),
+        ("dropout=0.1:0.5", r"unknown hyperparameter 'dropout' for task rectangle; searchable: .*hidden_size"),
+        ("hidden_size=200,-5", r"the value -5 is not usable: --hidden-size must be positive \(got -5\)"),
+        ("hidden_size=12.5", r"hidden_size must be an integer \(got '12.5'\)"),
+        ("hidden_size=big", r"hidden_size must be an integer \(got 'big'\)"),
+        ("hidden_size=0:10", r"the value 0 is not usable: --hidden-size must be positive \(got 0\)"),
+        ("learning_rate=log:0:1", "a log range needs LOW > 0"),
+        ("learning_rate=-1:1", r"the value -1 is not usable: --learning-rate must be positive"),
+        ("head=dense:mdn", "head is a str field, which has no range"),
+        ("learning_rate", "write NAME=SPEC"),
+    ],
+)
 def test_space_errors_are_one_line(entry, message):
     with pytest.raises(UserError, match=message) as e:
         rect_space(entry)
@@ -107,12 +129,14 @@ def spec_for(argv: list[str], tmp_path: Path) -> runner.SearchSpec:
 
 
 def test_concurrency_fits_the_cluster(tmp_path):
-    spec = spec_for(["--task", "rectangle", "--base", "test", "--num-samples", "8", "--space", "hidden_size=4,8"],
-                    tmp_path)
+    spec = spec_for(
+        ["--task", "rectangle", "--base", "test", "--num-samples", "8", "--space", "hidden_size=4,8"], tmp_path
+    )
     four_cpus = {"CPU": 4.0, "memory": 8 * 2**30}
     assert runner.check_resources(spec, four_cpus) == 4  # 1 worker x 1 CPU each; drivers hold no CPU
-    two = spec_for(["--task", "rectangle", "--base", "test", "--workers-per-trial", "2", "--space", "hidden_size=4,8"],
-                   tmp_path)
+    two = spec_for(
+        ["--task", "rectangle", "--base", "test", "--workers-per-trial", "2", "--space", "hidden_size=4,8"], tmp_path
+    )
     assert runner.check_resources(two, four_cpus) == 2
     with pytest.raises(UserError, match=r"--max-concurrent 3: only 2 trial\(s\) fit at once .*4 CPUs"):
         runner.check_resources(dataclasses.replace(two, max_concurrent=3), four_cpus)
@@ -122,8 +146,22 @@ def test_concurrency_fits_the_cluster(tmp_path):
     with pytest.raises(UserError, match="one trial needs 2 worker.*but this Ray cluster has 1 CPUs"):
         runner.check_resources(two, {"CPU": 1.0})
     # fractional GPUs: four one-worker trials of a quarter GPU share one GPU
-    shared = spec_for(["--task", "rectangle", "--base", "test", "--num-samples", "8", "--gpu", "--gpus-per-worker",
-                       "0.25", "--space", "hidden_size=4,8"], tmp_path)
+    shared = spec_for(
+        [
+            "--task",
+            "rectangle",
+            "--base",
+            "test",
+            "--num-samples",
+            "8",
+            "--gpu",
+            "--gpus-per-worker",
+            "0.25",
+            "--space",
+            "hidden_size=4,8",
+        ],
+        tmp_path,
+    )
     assert runner.check_resources(shared, {"CPU": 16.0, "GPU": 1.0}) == 4
     assert runner.check_resources(dataclasses.replace(shared, gpus_per_worker=1.0), {"CPU": 16.0, "GPU": 1.0}) == 1
 
@@ -131,18 +169,23 @@ def test_concurrency_fits_the_cluster(tmp_path):
 # --------------------------------------------------------------------------- bad input, before anything starts
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--space", "learning_rate=0.1:0.01"], "inverted range"),
-    (["--space", "learning_rate=0.01:0.01"], "empty range"),
-    (["--space", "keep_prob=0.3:1.0"], "unknown hyperparameter 'keep_prob' for task rectangle"),
-    (["--space", "hidden_size=64,1.5"], "hidden_size must be an integer"),
-    (["--max-concurrent", "5"], r"--max-concurrent 5: only 4 trial\(s\) fit at once"),
-    (["--base", "huge"], "--base 'huge' is not a config of task rectangle"),
-    (["--train-fraction", "0.5"], "--train-fraction applies to tasks with a train_fraction field"),
-    (["--max-epochs", "0"], "--max-epochs must be >= 1"),
-    (["--scheduler", "pbt", "--space", "hidden_size=4,8", "learning_rate=base"],
-     "--scheduler pbt mutates learning_rate, and none is searched for task rectangle"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--space", "learning_rate=0.1:0.01"], "inverted range"),
+        (["--space", "learning_rate=0.01:0.01"], "empty range"),
+        (["--space", "keep_prob=0.3:1.0"], "unknown hyperparameter 'keep_prob' for task rectangle"),
+        (["--space", "hidden_size=64,1.5"], "hidden_size must be an integer"),
+        (["--max-concurrent", "5"], r"--max-concurrent 5: only 4 trial\(s\) fit at once"),
+        (["--base", "huge"], "--base 'huge' is not a config of task rectangle"),
+        (["--train-fraction", "0.5"], "--train-fraction applies to tasks with a train_fraction field"),
+        (["--max-epochs", "0"], "--max-epochs must be >= 1"),
+        (
+            ["--scheduler", "pbt", "--space", "hidden_size=4,8", "learning_rate=base"],
+            "--scheduler pbt mutates learning_rate, and none is searched for task rectangle",
+        ),
+    ],
+)
 def test_bad_input_fails_before_anything_starts(tmp_path, ray_session, extra, message):
     argv = ["--task", "rectangle", "--base", "test", "--storage-path", str(tmp_path), "--name", "bad"]
     with pytest.raises(UserError, match=message):
@@ -151,12 +194,27 @@ def test_bad_input_fails_before_anything_starts(tmp_path, ray_session, extra, me
 
 
 def test_cli_prints_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "tune_ptb.py"), "--task", "rectangle", "--base", "test",
-                           "--space", "learning_rate=0.1:0.01", "--storage-path", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "tune_ptb.py"),
+            "--task",
+            "rectangle",
+            "--base",
+            "test",
+            "--space",
+            "learning_rate=0.1:0.01",
+            "--storage-path",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --space learning_rate=0.1:0.01: inverted range (0.1 > 0.01); write LOW:HIGH with LOW < HIGH"]
+        "error: --space learning_rate=0.1:0.01: inverted range (0.1 > 0.01); write LOW:HIGH with LOW < HIGH"
+    ]
 
 
 def test_resume_needs_an_existing_search(tmp_path, ray_session):
@@ -186,8 +244,11 @@ def trial_footprint(exp: Path, trial_id: str) -> tuple:
     (checkpoints, TensorBoard events; not the results.json/plots each report rewrites)."""
     results = (exp / f"trial_{trial_id}" / "result.json").read_text()
     run = exp / TRAIN_RUNS / f"trial-{trial_id}"
-    files = sorted((str(p.relative_to(run)), p.stat().st_mtime_ns) for p in run.rglob("*")
-                   if p.is_file() and p.name != "results.json" and p.suffix != ".png")
+    files = sorted(
+        (str(p.relative_to(run)), p.stat().st_mtime_ns)
+        for p in run.rglob("*")
+        if p.is_file() and p.name != "results.json" and p.suffix != ".png"
+    )
     assert any(name.startswith("checkpoint_") for name, _ in files)
     return results, files
 
@@ -268,9 +329,17 @@ def test_resumable_asha_replays_results(tmp_path):
     trial_dir = tmp_path / "trial_a"
     trial_dir.mkdir()
     (trial_dir / "result.json").write_text(
-        "\n".join(json.dumps({"epoch": e, "m": v}) for e, v in [(1, 0.5), (2, 0.4)]) + "\n{\"epoch\": 3, \"m\"")
-    sched = ResumableASHA(time_attr="epoch", metric="m", mode="min", max_t=4, grace_period=1, reduction_factor=2,
-                          experiment_dir=str(tmp_path))
+        "\n".join(json.dumps({"epoch": e, "m": v}) for e, v in [(1, 0.5), (2, 0.4)]) + '\n{"epoch": 3, "m"'
+    )
+    sched = ResumableASHA(
+        time_attr="epoch",
+        metric="m",
+        mode="min",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+        experiment_dir=str(tmp_path),
+    )
     restored = SimpleNamespace(trial_id="a", storage=SimpleNamespace(trial_dir_name="trial_a"))
     sched.on_trial_add(None, restored)
     rungs = {milestone: dict(recorded) for milestone, recorded in sched._trial_info["a"]._rungs}
@@ -292,9 +361,32 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
     exp = tmp_path / "pbt"
     # Synchronous PBT: every trial reaches epoch 1 before the worst is exploited, so the exploit
     # is certain (and epoch 2, the last, is left alone).
-    cli.main(["--task", "rectangle", "--base", "test", "--scheduler", "pbt", "--synch", "--max-epochs", "2",
-              "--num-samples", "4", "--max-concurrent", "4", "--seed", "0", "--space", "hidden_size=16",
-              f"learning_rate=log:{PBT_LR[0]}:{PBT_LR[1]}", "--storage-path", str(tmp_path), "--name", "pbt"])
+    cli.main(
+        [
+            "--task",
+            "rectangle",
+            "--base",
+            "test",
+            "--scheduler",
+            "pbt",
+            "--synch",
+            "--max-epochs",
+            "2",
+            "--num-samples",
+            "4",
+            "--max-concurrent",
+            "4",
+            "--seed",
+            "0",
+            "--space",
+            "hidden_size=16",
+            f"learning_rate=log:{PBT_LR[0]}:{PBT_LR[1]}",
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            "pbt",
+        ]
+    )
     spec = load_spec(str(exp))
     rep = report.write_report(spec)
     assert len(rep.rows) == 4 and all(r.status == "TERMINATED" and r.epochs_run == 2 for r in rep.rows), rep.rows
@@ -325,10 +417,31 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
     (second in the grid, one trial at a time) is stopped after the first epoch; the best
     config is accepted by jobs/ptb.py as it is."""
     exp = tmp_path / "ptb"
-    cli.main(["--task", "ptb", "--base", "test", "--data-dir", str(ptb_dir), "--train-fraction", "0.02",
-              "--max-epochs", "2", "--num-samples", "1", "--max-concurrent", "1",
-              "--space", "hidden_size=8", "learning_rate=grid:1.0,0.01",
-              "--storage-path", str(tmp_path), "--name", "ptb"])
+    cli.main(
+        [
+            "--task",
+            "ptb",
+            "--base",
+            "test",
+            "--data-dir",
+            str(ptb_dir),
+            "--train-fraction",
+            "0.02",
+            "--max-epochs",
+            "2",
+            "--num-samples",
+            "1",
+            "--max-concurrent",
+            "1",
+            "--space",
+            "hidden_size=8",
+            "learning_rate=grid:1.0,0.01",
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            "ptb",
+        ]
+    )
     rep = report.write_report(load_spec(str(exp)))
     assert rep.metric == "valid_ppl" and rep.params == ["keep_prob", "lr_decay", "learning_rate"]
     good, bad = sorted(rep.rows, key=lambda r: -r.hparams["learning_rate"])
@@ -336,15 +449,32 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
     assert (bad.status, bad.epochs_run, bad.stopped_early) == ("TERMINATED", 1, True)
     assert rep.rows[0] is good and good.best("min")[1] < bad.best("min")[1]
     assert 0.3 <= good.hparams["keep_prob"] <= 1.0 and 0.5 <= good.hparams["lr_decay"] <= 1.0
-    for name in ("results.csv", "results.md", "plots/valid_ppl_per_epoch.png",
-                 "plots/final_valid_ppl_vs_hyperparameters.png"):
+    for name in (
+        "results.csv",
+        "results.md",
+        "plots/valid_ppl_per_epoch.png",
+        "plots/final_valid_ppl_vs_hyperparameters.png",
+    ):
         assert (exp / name).stat().st_size > 0
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "ptb.py"), "--config-file", str(exp / "best_config.json"),
-                           "--print-config"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "ptb.py"),
+            "--config-file",
+            str(exp / "best_config.json"),
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == json.loads((exp / "best_config.json").read_text())
     assert (printed["learning_rate"], printed["hidden_size"], printed["keep_prob"]) == (
-        1.0, 8, good.hparams["keep_prob"])
+        1.0,
+        8,
+        good.hparams["keep_prob"],
+    )
     # the test preset's own epochs and all of the training data, not the search's budget
     assert (printed["max_max_epoch"], printed["train_fraction"]) == (1, 1.0)

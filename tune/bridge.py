@@ -66,12 +66,15 @@ class MailboxCallback(UserCallback):
             return
         item = dict(metrics[0])
         if checkpoint is not None:
-            item[CHECKPOINT_PATH] = storage.display(storage.join(self.run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1]))
+            item[CHECKPOINT_PATH] = storage.display(
+                storage.join(self.run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+            )
         ray.get(self.mailbox.put.remote({"metrics": item, "checkpoint": checkpoint}))
 
 
-def relay_reports(make: Callable[[list[Any]], Any], run_dir: str, *, with_checkpoints: bool,
-                  poll_s: float = 1.0) -> Any:
+def relay_reports(
+    make: Callable[[list[Any]], Any], run_dir: str, *, with_checkpoints: bool, poll_s: float = 1.0
+) -> Any:
     """Run ``make(callbacks).fit()`` in a thread and report each of its results to Tune.
     Returns the Train ``Result``; re-raises the run's exception."""
     mailbox = Mailbox.remote()

@@ -53,8 +53,9 @@ def release_orphans() -> int:
         pgs, actors, job = _tables()
         removed_state = gcs_pb2.PlacementGroupTableData.PlacementGroupState.Value("REMOVED")
         dead = gcs_pb2.ActorTableData.ActorState.Value("DEAD")
-        dead_ids = {a.actor_id for a in actors
-                    if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job and a.state == dead}
+        dead_ids = {
+            a.actor_id for a in actors if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job and a.state == dead
+        }
         removed = 0
         for pg in pgs:  # the worker groups' placement groups, created by the controllers
             if pg.state != removed_state and not pg.is_detached and pg.creator_actor_id in dead_ids:
@@ -66,8 +67,10 @@ def release_orphans() -> int:
     except Exception as e:  # noqa: BLE001 - Ray internals; never fail a search over this
         if not _warned:
             _warned = True
-            logger.warning(f"could not release the resources of stopped trials ({type(e).__name__}: {e}); "
-                           "run Ray with its dashboard so that Ray Train cleans them up itself")
+            logger.warning(
+                f"could not release the resources of stopped trials ({type(e).__name__}: {e}); "
+                "run Ray with its dashboard so that Ray Train cleans them up itself"
+            )
         return 0
 
 

@@ -26,46 +26,88 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search hyperparameters with Ray Tune; every trial is a Ray Train run of jobs/<task>.py.",
     )
     p.add_argument("--task", default="ptb", help=f"task to search: {', '.join(task_names())} (default ptb)")
-    p.add_argument("--base", default=None, metavar="PRESET",
-                   help="named config trials start from (ptb: small|medium|large|test|...); default: the task's default")
-    p.add_argument("--space", nargs="+", action="extend", default=[], metavar="NAME=SPEC",
-                   help="search space entries; each replaces the task's default entry of its NAME (ptb: keep_prob, "
-                        "hidden_size, lr_decay). SPEC: LOW:HIGH, log:LOW:HIGH, V1,V2 (choice), grid:V1,V2 (every "
-                        "value), V (pinned) or base (the base's value)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
-                   help="asha (default): stop bad trials early; pbt: population based training (mutates the task's "
-                        "pbt fields: ptb keep_prob and learning_rate)")
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="PRESET",
+        help="named config trials start from (ptb: small|medium|large|test|...); default: the task's default",
+    )
+    p.add_argument(
+        "--space",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=SPEC",
+        help="search space entries; each replaces the task's default entry of its NAME (ptb: keep_prob, "
+        "hidden_size, lr_decay). SPEC: LOW:HIGH, log:LOW:HIGH, V1,V2 (choice), grid:V1,V2 (every "
+        "value), V (pinned) or base (the base's value)",
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="asha",
+        help="asha (default): stop bad trials early; pbt: population based training (mutates the task's "
+        "pbt fields: ptb keep_prob and learning_rate)",
+    )
     p.add_argument("--synch", action="store_true", help="PBT: synchronous (every trial reaches each interval first)")
-    p.add_argument("--num-samples", type=int, default=8, help="trials to sample, times the size of any grid (default 8)")
+    p.add_argument(
+        "--num-samples", type=int, default=8, help="trials to sample, times the size of any grid (default 8)"
+    )
     p.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (default: the base's)")
     p.add_argument("--time-budget-s", type=float, default=None, help="end the search after this many seconds")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
-    p.add_argument("--train-fraction", type=float, default=None,
-                   help="train every trial on this leading fraction of the training data (ptb)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: as many as the cluster's CPUs/GPUs fit)",
+    )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=None,
+        help="train every trial on this leading fraction of the training data (ptb)",
+    )
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     p.add_argument("--gpu", action="store_true", help="GPU workers (nccl)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0,
-                   help="with --gpu: GPUs per worker; 0.25 packs 4 one-worker trials on a GPU (default 1)")
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=1.0,
+        help="with --gpu: GPUs per worker; 0.25 packs 4 one-worker trials on a GPU (default 1)",
+    )
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs per worker (default 1)")
-    p.add_argument("--data-dir", default="", help="the task's data folder (default: $LSTM_DATA_DIR or the download cache)")
-    p.add_argument("--storage-path", default="",
-                   help="where searches live: a folder or s3://... (default: $LSTM_RAY_STORAGE or ~/lstm-ray/runs)")
+    p.add_argument(
+        "--data-dir", default="", help="the task's data folder (default: $LSTM_DATA_DIR or the download cache)"
+    )
+    p.add_argument(
+        "--storage-path",
+        default="",
+        help="where searches live: a folder or s3://... (default: $LSTM_RAY_STORAGE or ~/lstm-ray/runs)",
+    )
     p.add_argument("--name", default="", help="the search's name (default: tune-<task>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name with its settings")
     p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default 1)")
-    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung (default 2)")
+    p.add_argument(
+        "--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung (default 2)"
+    )
     p.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between exploits (default 1)")
-    p.add_argument("--mlflow-tracking-uri", default="", help="log every trial to this MLflow server "
-                   "(default: $MLFLOW_TRACKING_URI, or no MLflow)")
+    p.add_argument(
+        "--mlflow-tracking-uri",
+        default="",
+        help="log every trial to this MLflow server (default: $MLFLOW_TRACKING_URI, or no MLflow)",
+    )
     return p
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    for flag, value in (("--num-samples", args.num_samples), ("--workers-per-trial", args.workers_per_trial),
-                        ("--cpus-per-worker", args.cpus_per_worker), ("--grace-period", args.grace_period),
-                        ("--perturbation-interval", args.perturbation_interval)):
+    for flag, value in (
+        ("--num-samples", args.num_samples),
+        ("--workers-per-trial", args.workers_per_trial),
+        ("--cpus-per-worker", args.cpus_per_worker),
+        ("--grace-period", args.grace_period),
+        ("--perturbation-interval", args.perturbation_interval),
+    ):
         if value < 1:
             raise UserError(f"{flag} must be >= 1 (got {value})")
     if args.reduction_factor <= 1:
@@ -74,7 +116,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--time-budget-s must be positive (got {args.time_budget_s})")
     if args.max_epochs is not None and args.max_epochs < 1:
         raise UserError(f"--max-epochs must be >= 1 (got {args.max_epochs})")
-    cfg.RunSettings(num_workers=args.workers_per_trial, use_gpu=args.gpu, gpus_per_worker=args.gpus_per_worker).validate()
+    cfg.RunSettings(
+        num_workers=args.workers_per_trial, use_gpu=args.gpu, gpus_per_worker=args.gpus_per_worker
+    ).validate()
 
 
 def budget_of(args: argparse.Namespace, task: type[Task]) -> dict[str, Any]:
@@ -96,26 +140,43 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
     task = get_task(args.task)
     base = args.base or task.default_preset
     if base is not None and base not in task.presets:
-        raise UserError(f"--base {base!r} is not a config of task {task.name}; choose one of: {', '.join(task.presets)}")
+        raise UserError(
+            f"--base {base!r} is not a config of task {task.name}; choose one of: {', '.join(task.presets)}"
+        )
     preset_values = dict(task.presets.get(base, {})) if base is not None else {}
     check_flags(args)
     budget = budget_of(args, task)
     base_values = {**preset_values, **budget}
-    space = parse_space(task.config_class, args.space, base_values=base_values, task_name=task.name,
-                        defaults=task.search_space)
+    space = parse_space(
+        task.config_class, args.space, base_values=base_values, task_name=task.name, defaults=task.search_space
+    )
     if args.scheduler == "pbt":
         check_pbt_space(space, task)
     where = storage.locate(args.storage_path, args.name, f"tune-{task.name}")
     return SearchSpec(
-        task=task.name, base=base, base_values=base_values, preset_values=preset_values, space=space,
-        storage_path=where.root, name=where.name, scheduler=args.scheduler, synch=args.synch,
-        num_samples=args.num_samples, max_epochs=task.num_epochs(cfg.build(task.config_class, base_values)),
-        time_budget_s=args.time_budget_s, max_concurrent=args.max_concurrent,
-        workers_per_trial=args.workers_per_trial, use_gpu=args.gpu, gpus_per_worker=args.gpus_per_worker,
+        task=task.name,
+        base=base,
+        base_values=base_values,
+        preset_values=preset_values,
+        space=space,
+        storage_path=where.root,
+        name=where.name,
+        scheduler=args.scheduler,
+        synch=args.synch,
+        num_samples=args.num_samples,
+        max_epochs=task.num_epochs(cfg.build(task.config_class, base_values)),
+        time_budget_s=args.time_budget_s,
+        max_concurrent=args.max_concurrent,
+        workers_per_trial=args.workers_per_trial,
+        use_gpu=args.gpu,
+        gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
-        data_dir=os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else "", seed=args.seed,
-        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-        perturbation_interval=args.perturbation_interval, budget=budget,
+        data_dir=os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else "",
+        seed=args.seed,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        perturbation_interval=args.perturbation_interval,
+        budget=budget,
         mlflow_tracking_uri=args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
     )
 
@@ -147,8 +208,10 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = ())
     cluster.ensure_ray()
     cluster.check_shared_storage(spec.storage_path)
     max_concurrent = runner.check_resources(spec)
-    print(f"search {spec.name}: task {spec.task}, base {spec.base}, {spec.scheduler}, {spec.num_trials} trial(s) "
-          f"of {spec.max_epochs} epoch(s), {max_concurrent} at a time, {spec.workers_per_trial} worker(s) each")
+    print(
+        f"search {spec.name}: task {spec.task}, base {spec.base}, {spec.scheduler}, {spec.num_trials} trial(s) "
+        f"of {spec.max_epochs} epoch(s), {max_concurrent} at a time, {spec.workers_per_trial} worker(s) each"
+    )
     for line in spec.space.describe():
         print(f"  {line}")
     print(f"  folder: {storage.display(spec.experiment_dir)}", flush=True)

@@ -68,8 +68,7 @@ class TrialRow:
     def stopped_early(self) -> bool:
         """Ended (not errored, not interrupted) before its planned epochs: stopped by the
         scheduler or by the time budget."""
-        return (self.status == STATUS_DONE and self.epochs_planned is not None
-                and self.epochs_run < self.epochs_planned)
+        return self.status == STATUS_DONE and self.epochs_planned is not None and self.epochs_run < self.epochs_planned
 
 
 @dataclass
@@ -113,9 +112,16 @@ def read_rows(spec: SearchSpec) -> list[TrialRow]:
                 history.append((int(r["epoch"]), float(r[spec.metric])))
             if isinstance(r.get("epochs"), int):
                 planned = r["epochs"]
-        rows.append(TrialRow(trial_id=trial.trial_id, status=str(trial.status), hparams=dict(trial.config or {}),
-                             history=_last_per_epoch(history), epochs_planned=planned,
-                             error=_error_line(trial_dir) if trial.status == STATUS_ERROR else ""))
+        rows.append(
+            TrialRow(
+                trial_id=trial.trial_id,
+                status=str(trial.status),
+                hparams=dict(trial.config or {}),
+                history=_last_per_epoch(history),
+                epochs_planned=planned,
+                error=_error_line(trial_dir) if trial.status == STATUS_ERROR else "",
+            )
+        )
     return rows
 
 
@@ -142,6 +148,7 @@ def _error_line(trial_dir: str) -> str:
 
 def sort_rows(rows: Sequence[TrialRow], mode: str) -> list[TrialRow]:
     """Best first; trials without a finite value last."""
+
     def key(r: TrialRow) -> tuple[int, float]:
         b = r.best(mode)
         if b is None:
@@ -168,13 +175,35 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def table(rows: Sequence[TrialRow], params: Sequence[str], metric: str, mode: str) -> tuple[list[str], list[list[Any]]]:
     """Header and rows (raw values) of the results table."""
-    header = ["rank", "trial", "status", *params, "epochs run", f"best {metric}", "best epoch",
-              f"final {metric}", "stopped early", "error"]
+    header = [
+        "rank",
+        "trial",
+        "status",
+        *params,
+        "epochs run",
+        f"best {metric}",
+        "best epoch",
+        f"final {metric}",
+        "stopped early",
+        "error",
+    ]
     out = []
     for i, r in enumerate(rows, 1):
         b = r.best(mode)
-        out.append([i, r.trial_id, r.status, *[r.hparams.get(p) for p in params], r.epochs_run,
-                    b[1] if b else None, b[0] if b else None, r.final, r.stopped_early, r.error])
+        out.append(
+            [
+                i,
+                r.trial_id,
+                r.status,
+                *[r.hparams.get(p) for p in params],
+                r.epochs_run,
+                b[1] if b else None,
+                b[0] if b else None,
+                r.final,
+                r.stopped_early,
+                r.error,
+            ]
+        )
     return header, out
 
 
@@ -203,9 +232,16 @@ def best_configs(spec: SearchSpec, best: TrialRow) -> tuple[dict[str, Any], dict
     """(best_config.json, best_trial.json) contents for the best trial."""
     b = best.best(spec.mode)
     best_config = {"task": spec.task, **cfg.to_dict(spec.best_config(best.hparams))}
-    best_trial = {"task": spec.task, "trial_id": best.trial_id, "metric": spec.metric,
-                  "best": b[1] if b else None, "best_epoch": b[0] if b else None, "epochs_run": best.epochs_run,
-                  "hyperparameters": best.hparams, "config": cfg.to_dict(spec.trial_config(best.hparams))}
+    best_trial = {
+        "task": spec.task,
+        "trial_id": best.trial_id,
+        "metric": spec.metric,
+        "best": b[1] if b else None,
+        "best_epoch": b[0] if b else None,
+        "epochs_run": best.epochs_run,
+        "hyperparameters": best.hparams,
+        "config": cfg.to_dict(spec.trial_config(best.hparams)),
+    }
     return best_config, best_trial
 
 
@@ -222,7 +258,7 @@ def plot_curves(rows: Sequence[TrialRow], metric: str, path: Path, *, title: str
         if not pts:
             continue
         values += [v for _, v in pts]
-        (line,) = ax.plot(*zip(*pts), marker=".", lw=1.2, label=r.trial_id if len(rows) <= 12 else None)
+        (line,) = ax.plot(*zip(*pts, strict=True), marker=".", lw=1.2, label=r.trial_id if len(rows) <= 12 else None)
         if r.stopped_early:
             ax.plot([pts[-1][0]], [pts[-1][1]], marker="x", ms=9, color=line.get_color())
     ax.set_xlabel("epoch")
@@ -244,9 +280,12 @@ def plot_vs_params(rows: Sequence[TrialRow], params: Sequence[Any], metric: str,
     if not params:
         return None
     fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
-    for ax, p in zip(axes[0], params):
-        pts = [(r.hparams.get(p.name), r.final, r.stopped_early) for r in rows
-               if r.final is not None and math.isfinite(r.final) and p.name in r.hparams]
+    for ax, p in zip(axes[0], params, strict=True):
+        pts = [
+            (r.hparams.get(p.name), r.final, r.stopped_early)
+            for r in rows
+            if r.final is not None and math.isfinite(r.final) and p.name in r.hparams
+        ]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in pts)
         labels: list[Any] = []
         if not numeric:
@@ -278,8 +317,10 @@ def write_report(spec: SearchSpec, *, wall_time_s: Optional[float] = None) -> Se
     params = list(spec.space.params)
     out = spec.experiment_dir
     header, body = table(rows, params, spec.metric, spec.mode)
-    files = {"csv": storage.write_text(storage.join(out, "results.csv"), to_csv(header, body)),
-             "markdown": storage.write_text(storage.join(out, "results.md"), _markdown_page(spec, rows, header, body))}
+    files = {
+        "csv": storage.write_text(storage.join(out, "results.csv"), to_csv(header, body)),
+        "markdown": storage.write_text(storage.join(out, "results.md"), _markdown_page(spec, rows, header, body)),
+    }
     runs = write_trial_outputs(spec, rows)
     best = next((r for r in rows if r.best(spec.mode) is not None), None)
     if best is not None:
@@ -291,8 +332,9 @@ def write_report(spec: SearchSpec, *, wall_time_s: Optional[float] = None) -> Se
     summary = summarize(spec, rows, best, wall_time_s)
     summary["files"] = {k: storage.display(v) for k, v in files.items()}
     files["summary"] = storage.write_json(storage.join(out, "search_summary.json"), summary)
-    return SearchReport(rows=rows, metric=spec.metric, mode=spec.mode, params=params, best=best, files=files,
-                        summary=summary)
+    return SearchReport(
+        rows=rows, metric=spec.metric, mode=spec.mode, params=params, best=best, files=files, summary=summary
+    )
 
 
 def write_plots(spec: SearchSpec, rows: Sequence[TrialRow]) -> dict[str, str]:
@@ -304,26 +346,37 @@ def write_plots(spec: SearchSpec, rows: Sequence[TrialRow]) -> dict[str, str]:
     with storage.staging(folder) as local:
         curves = plot_curves(rows, spec.metric, local / f"{spec.metric}_per_epoch.png")
         files["curves"] = storage.join(folder, curves.name)
-        vs = plot_vs_params(rows, list(spec.space.params.values()), spec.metric,
-                            local / f"final_{spec.metric}_vs_hyperparameters.png")
+        vs = plot_vs_params(
+            rows, list(spec.space.params.values()), spec.metric, local / f"final_{spec.metric}_vs_hyperparameters.png"
+        )
         if vs is not None:
             files["vs_hyperparameters"] = storage.join(folder, vs.name)
     return files
 
 
-def summarize(spec: SearchSpec, rows: Sequence[TrialRow], best: Optional[TrialRow],
-              wall_time_s: Optional[float]) -> dict[str, Any]:
+def summarize(
+    spec: SearchSpec, rows: Sequence[TrialRow], best: Optional[TrialRow], wall_time_s: Optional[float]
+) -> dict[str, Any]:
     """``search_summary.json``: counts, wall time, the best trial, the space and budget."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
     b = best.best(spec.mode) if best else None
     return {
-        "task": spec.task, "base": spec.base, "scheduler": spec.scheduler, "metric": spec.metric, "mode": spec.mode,
-        "trials": len(rows), "status": counts, "stopped_early": sum(r.stopped_early for r in rows),
-        "wall_time_s": wall_time_s, "search_space": spec.space.describe(), "budget": spec.budget,
-        "best": None if best is None else {"trial_id": best.trial_id, spec.metric: b[1], "epoch": b[0],
-                                           "hyperparameters": best.hparams},
+        "task": spec.task,
+        "base": spec.base,
+        "scheduler": spec.scheduler,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "trials": len(rows),
+        "status": counts,
+        "stopped_early": sum(r.stopped_early for r in rows),
+        "wall_time_s": wall_time_s,
+        "search_space": spec.space.describe(),
+        "budget": spec.budget,
+        "best": None
+        if best is None
+        else {"trial_id": best.trial_id, spec.metric: b[1], "epoch": b[0], "hyperparameters": best.hparams},
     }
 
 
@@ -361,7 +414,9 @@ def write_trial_outputs(spec: SearchSpec, rows: Sequence[TrialRow]) -> dict[str,
     return written
 
 
-def _markdown_page(spec: SearchSpec, rows: Sequence[TrialRow], header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+def _markdown_page(
+    spec: SearchSpec, rows: Sequence[TrialRow], header: Sequence[str], body: Sequence[Sequence[Any]]
+) -> str:
     stopped = sum(r.stopped_early for r in rows)
     intro = [
         f"# Search {spec.name}: task {spec.task}, base {spec.base}, scheduler {spec.scheduler}",

@@ -60,7 +60,8 @@ def check_resources(spec: SearchSpec, cluster: Optional[dict[str, float]] = None
     need_cpu = spec.workers_per_trial * spec.cpus_per_worker
     need_gpu = spec.workers_per_trial * spec.gpus_per_worker if spec.use_gpu else 0.0
     what = f"{spec.workers_per_trial} worker(s) x {spec.cpus_per_worker} CPU" + (
-        f" + {spec.gpus_per_worker:g} GPU" if need_gpu else "")
+        f" + {spec.gpus_per_worker:g} GPU" if need_gpu else ""
+    )
     have = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if need_gpu else "")
     fits = math.floor(cpus / need_cpu + 1e-9)
     if need_gpu:
@@ -68,15 +69,19 @@ def check_resources(spec: SearchSpec, cluster: Optional[dict[str, float]] = None
     if memory:
         fits = min(fits, math.floor(memory / TRIAL_DRIVER_MEMORY))
     if fits < 1:
-        raise UserError(f"one trial needs {what} but this Ray cluster has {have}; lower --workers-per-trial "
-                        "or --cpus-per-worker" + ("" if need_gpu or gpus else ", or drop --gpu"))
+        raise UserError(
+            f"one trial needs {what} but this Ray cluster has {have}; lower --workers-per-trial "
+            "or --cpus-per-worker" + ("" if need_gpu or gpus else ", or drop --gpu")
+        )
     if spec.max_concurrent is None:
         return max(1, min(fits, spec.num_trials))
     if spec.max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1 (got {spec.max_concurrent})")
     if spec.max_concurrent > fits:
-        raise UserError(f"--max-concurrent {spec.max_concurrent}: only {fits} trial(s) fit at once on this Ray "
-                        f"cluster ({have}; each trial runs {what}); use --max-concurrent {fits} or leave it out")
+        raise UserError(
+            f"--max-concurrent {spec.max_concurrent}: only {fits} trial(s) fit at once on this Ray "
+            f"cluster ({have}; each trial runs {what}); use --max-concurrent {fits} or leave it out"
+        )
     return spec.max_concurrent
 
 
@@ -99,13 +104,21 @@ def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any]) ->
     config = spec.trial_config(hparams)
     start = rtune.get_checkpoint()
     name = train_run_name(rtune.get_context().get_trial_id(), start)
-    settings = cfg.RunSettings(num_workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
-                               gpus_per_worker=spec.gpus_per_worker, cpus_per_worker=spec.cpus_per_worker,
-                               storage_path=spec.train_runs_dir, name=name)
+    settings = cfg.RunSettings(
+        num_workers=spec.workers_per_trial,
+        use_gpu=spec.use_gpu,
+        gpus_per_worker=spec.gpus_per_worker,
+        cpus_per_worker=spec.cpus_per_worker,
+        storage_path=spec.train_runs_dir,
+        name=name,
+    )
     result = relay_reports(
-        lambda callbacks: make_trainer(spec.task_class, config, settings, data[0], callbacks=callbacks,
-                                       init_checkpoint=start),
-        storage.join(spec.train_runs_dir, name), with_checkpoints=spec.scheduler == "pbt")
+        lambda callbacks: make_trainer(
+            spec.task_class, config, settings, data[0], callbacks=callbacks, init_checkpoint=start
+        ),
+        storage.join(spec.train_runs_dir, name),
+        with_checkpoints=spec.scheduler == "pbt",
+    )
     error = returned_user_error(result)
     if error:
         raise UserError(error)
@@ -154,7 +167,8 @@ def make_tuner(spec: SearchSpec, data: Any, max_concurrent: int, callbacks: Sequ
         run_config=rtune.RunConfig(
             name=spec.name,
             storage_path=spec.storage_path,
-            checkpoint_config=rtune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP) if spec.scheduler == "pbt"
+            checkpoint_config=rtune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP)
+            if spec.scheduler == "pbt"
             else None,
             callbacks=[ReleaseOrphansCallback(), *callbacks],
             verbose=1,
@@ -162,18 +176,22 @@ def make_tuner(spec: SearchSpec, data: Any, max_concurrent: int, callbacks: Sequ
     )
 
 
-def run_search(spec: SearchSpec, data: Any, *, resume: bool = False, callbacks: Sequence[Any] = (),
-               write_report: bool = True) -> SearchOutcome:
+def run_search(
+    spec: SearchSpec, data: Any, *, resume: bool = False, callbacks: Sequence[Any] = (), write_report: bool = True
+) -> SearchOutcome:
     """Start (or with ``resume=True`` continue) the search ``spec`` describes on ``data`` (what
     the task's ``read_data`` returned); write the report. Ray must be initialised."""
     exists = rtune.Tuner.can_restore(spec.experiment_dir)
     where = storage.display(spec.experiment_dir)
     if resume and not exists:
-        raise UserError(f"--resume: no search to resume at {where}; check --name/--storage-path, "
-                        "or drop --resume to start one")
+        raise UserError(
+            f"--resume: no search to resume at {where}; check --name/--storage-path, or drop --resume to start one"
+        )
     if exists and not resume:
-        raise UserError(f"a search named {spec.name!r} already exists at {where}; pass --resume "
-                        "to continue it, or choose another --name")
+        raise UserError(
+            f"a search named {spec.name!r} already exists at {where}; pass --resume "
+            "to continue it, or choose another --name"
+        )
     max_concurrent = check_resources(spec)
     data_ref = ray.put(data)
     start = time.perf_counter()
@@ -181,8 +199,13 @@ def run_search(spec: SearchSpec, data: Any, *, resume: bool = False, callbacks: 
         # Finished and errored trials stay as they are; unfinished ones continue (their Train
         # runs restore from their own checkpoints). The RunConfig, callbacks included, is the
         # original search's.
-        tuner = rtune.Tuner.restore(spec.experiment_dir, trainable=_trainable(spec, data_ref), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = rtune.Tuner.restore(
+            spec.experiment_dir,
+            trainable=_trainable(spec, data_ref),
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
     else:
         save_spec(spec)
         tuner = make_tuner(spec, data_ref, max_concurrent, callbacks)

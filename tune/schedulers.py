@@ -80,14 +80,26 @@ def make_scheduler(spec: Any) -> TrialScheduler:
         # max_t one past the last epoch: ASHA stops every trial that reaches max_t, and a trial
         # that ends by itself shuts its Train run down cleanly instead of being killed.
         epochs = max(spec.max_epochs, 1)
-        return ResumableASHA(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=epochs + 1,
-                             grace_period=min(spec.grace_period, epochs), reduction_factor=spec.reduction_factor,
-                             experiment_dir=spec.experiment_dir)
+        return ResumableASHA(
+            time_attr=TIME_ATTR,
+            metric=spec.metric,
+            mode=spec.mode,
+            max_t=epochs + 1,
+            grace_period=min(spec.grace_period, epochs),
+            reduction_factor=spec.reduction_factor,
+            experiment_dir=spec.experiment_dir,
+        )
     if spec.scheduler == "pbt":
         mutations, clip = pbt_mutations(spec.space, task.pbt_mutations)
         return FinishingPBT(
-            time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, perturbation_interval=spec.perturbation_interval,
-            hyperparam_mutations=mutations, custom_explore_fn=clip, synch=spec.synch)
+            time_attr=TIME_ATTR,
+            metric=spec.metric,
+            mode=spec.mode,
+            perturbation_interval=spec.perturbation_interval,
+            hyperparam_mutations=mutations,
+            custom_explore_fn=clip,
+            synch=spec.synch,
+        )
     raise ValueError(f"unknown scheduler {spec.scheduler!r}")
 
 
@@ -109,8 +121,9 @@ class FinishingPBT(PopulationBasedTraining):
         return super().on_trial_result(tune_controller, trial, result)
 
 
-def pbt_mutations(space: SearchSpace, mutated: Sequence[str]
-                  ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
+def pbt_mutations(
+    space: SearchSpace, mutated: Sequence[str]
+) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
     """PBT's ``hyperparam_mutations`` for the searched ones of the ``mutated`` fields, and an
     explore function that keeps perturbed values inside their ranges."""
     mutations: dict[str, Any] = {}
@@ -144,5 +157,7 @@ class _Clip:
 def check_pbt_space(space: SearchSpace, task: Any) -> None:
     """PBT needs at least one of the fields it mutates in the search space."""
     if not any(n in space.params for n in task.pbt_mutations):
-        raise UserError(f"--scheduler pbt mutates {' and '.join(task.pbt_mutations)}, and none is searched for task "
-                        f"{task.name}; add e.g. --space learning_rate=log:0.0005:0.05")
+        raise UserError(
+            f"--scheduler pbt mutates {' and '.join(task.pbt_mutations)}, and none is searched for task "
+            f"{task.name}; add e.g. --space learning_rate=log:0.0005:0.05"
+        )

@@ -18,7 +18,6 @@ values that do not parse or that the task's config rejects raise a one-line
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
@@ -79,8 +78,9 @@ class Param:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Param":
-        return cls(name=d["name"], kind=d["kind"], values=tuple(d.get("values") or ()),
-                   low=d.get("low"), high=d.get("high"))
+        return cls(
+            name=d["name"], kind=d["kind"], values=tuple(d.get("values") or ()), low=d.get("low"), high=d.get("high")
+        )
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,14 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def parse_space(config_class: type, entries: Sequence[str], *, base_values: Mapping[str, Any],
-                task_name: str = "", defaults: Optional[Mapping[str, str]] = None) -> SearchSpace:
+def parse_space(
+    config_class: type,
+    entries: Sequence[str],
+    *,
+    base_values: Mapping[str, Any],
+    task_name: str = "",
+    defaults: Optional[Mapping[str, str]] = None,
+) -> SearchSpace:
     """Defaults (restricted to the fields ``config_class`` has) overridden by ``entries``
     (``NAME=SPEC`` strings), each checked against the config built from ``base_values``."""
     fields_ = cfg.scalar_fields(config_class)
@@ -129,12 +135,15 @@ def parse_space(config_class: type, entries: Sequence[str], *, base_values: Mapp
         name, sep, spec = entry.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or not name:
-            raise UserError(f"--space {entry!r}: write NAME=SPEC, e.g. keep_prob=0.3:1.0, hidden_size=200,650 "
-                            "or learning_rate=log:0.5:2")
+            raise UserError(
+                f"--space {entry!r}: write NAME=SPEC, e.g. keep_prob=0.3:1.0, hidden_size=200,650 "
+                "or learning_rate=log:0.5:2"
+            )
         if name not in fields_:
             where = f" for task {task_name}" if task_name else ""
-            raise UserError(f"--space {entry}: unknown hyperparameter {name!r}{where}; "
-                            f"searchable: {', '.join(sorted(fields_))}")
+            raise UserError(
+                f"--space {entry}: unknown hyperparameter {name!r}{where}; searchable: {', '.join(sorted(fields_))}"
+            )
         specs[name] = (spec.strip(), True)
 
     params: dict[str, Param] = {}
@@ -151,8 +160,10 @@ def parse_space(config_class: type, entries: Sequence[str], *, base_values: Mapp
     space = SearchSpace(params=params, fixed=fixed)
     check_against_config(config_class, space, base_values)
     if not space.params:
-        raise UserError("the search space is empty (nothing left to vary); add entries such as "
-                        "--space keep_prob=0.3:1.0 hidden_size=200,650")
+        raise UserError(
+            "the search space is empty (nothing left to vary); add entries such as "
+            "--space keep_prob=0.3:1.0 hidden_size=200,650"
+        )
     return space
 
 
@@ -204,8 +215,10 @@ def _parse_range(name: str, spec: str, tp: type, item: str, *, log: bool) -> Par
     if low > high:
         raise UserError(f"{item}: inverted range ({_fmt(low)} > {_fmt(high)}); write LOW:HIGH with LOW < HIGH")
     if low == high:
-        raise UserError(f"{item}: empty range ({_fmt(low)}:{_fmt(high)}); give a wider range, "
-                        f"or pin the value with {name}={_fmt(low)}")
+        raise UserError(
+            f"{item}: empty range ({_fmt(low)}:{_fmt(high)}); give a wider range, "
+            f"or pin the value with {name}={_fmt(low)}"
+        )
     if log and low <= 0:
         raise UserError(f"{item}: a log range needs LOW > 0 (got {_fmt(low)})")
     kind = ("lograndint" if log else "randint") if tp is int else ("loguniform" if log else "uniform")

@@ -105,7 +105,8 @@ def load_spec(experiment_dir: str) -> SearchSpec:
     try:
         saved = storage.read_json(storage.join(experiment_dir, SPEC_FILE))
     except FileNotFoundError:
-        raise UserError(f"no search at {storage.display(experiment_dir)} (no {SPEC_FILE}); check --name and "
-                        "--storage-path") from None
+        raise UserError(
+            f"no search at {storage.display(experiment_dir)} (no {SPEC_FILE}); check --name and --storage-path"
+        ) from None
     root, name = storage.parent_and_name(experiment_dir)
     return dataclasses.replace(SearchSpec.from_dict(saved), storage_path=root, name=name)

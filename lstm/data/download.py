@@ -94,12 +94,19 @@ def _download(url: str, dest: Path, timeout: float) -> None:
             shutil.copyfileobj(response, out, CHUNK)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        raise UserError(f"could not download {url} ({reason}); if this machine is offline, "
-                        f"pass --data-dir with a folder holding the files yourself") from None
+        raise UserError(
+            f"could not download {url} ({reason}); if this machine is offline, "
+            f"pass --data-dir with a folder holding the files yourself"
+        ) from None
 
 
-def locate(dataset: str | Dataset, data_dir: Optional[str | os.PathLike] = None, *,
-           download: bool = True, timeout: float = 60.0) -> Path:
+def locate(
+    dataset: str | Dataset,
+    data_dir: Optional[str | os.PathLike] = None,
+    *,
+    download: bool = True,
+    timeout: float = 60.0,
+) -> Path:
     """The folder holding all of ``dataset``'s files, downloading them into the cache if needed."""
     ds = DATASETS[dataset] if isinstance(dataset, str) else dataset
     mirror = os.environ.get(f"LSTM_{ds.name.upper()}_URL")  # e.g. LSTM_PTB_URL: a mirror of the same bytes
@@ -113,8 +120,10 @@ def locate(dataset: str | Dataset, data_dir: Optional[str | os.PathLike] = None,
             if all((candidate / f).is_file() for f in ds.files):
                 return candidate
         missing = [f for f in ds.files if not (folder / f).is_file()]
-        raise UserError(f"{folder} lacks {', '.join(missing)} ({ds.name}); pass --data-dir with a folder "
-                        f"that holds {', '.join(ds.files)}, or omit it to download {ds.url}")
+        raise UserError(
+            f"{folder} lacks {', '.join(missing)} ({ds.name}); pass --data-dir with a folder "
+            f"that holds {', '.join(ds.files)}, or omit it to download {ds.url}"
+        )
     target = cache_dir() / ds.name
     if all((target / f).is_file() for f in ds.files):
         return target
@@ -143,8 +152,10 @@ def fetch(ds: Dataset, target: Path, *, timeout: float = 60.0) -> None:
         for name, digest in ds.files.items():
             got = sha256_of(out / name)
             if got != digest:
-                raise UserError(f"the download of {ds.url} is corrupt: {name} has sha256 {got[:12]}..., "
-                                f"expected {digest[:12]}...; try again or pass --data-dir with a good copy")
+                raise UserError(
+                    f"the download of {ds.url} is corrupt: {name} has sha256 {got[:12]}..., "
+                    f"expected {digest[:12]}...; try again or pass --data-dir with a good copy"
+                )
         _move_into_place(out, target, ds)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,4 +191,6 @@ def _extract(archive: Path, ds: Dataset, out: Path) -> None:
                     shutil.copyfileobj(src, dst, CHUNK)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         # a truncated or corrupted .tgz fails while reading a member, not only when opening
-        raise UserError(f"the download of {ds.url} is not a valid archive ({e}); try again or pass --data-dir") from None
+        raise UserError(
+            f"the download of {ds.url} is not a valid archive ({e}); try again or pass --data-dir"
+        ) from None

@@ -45,7 +45,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import Iterator, TypeVar
 
 import numpy as np
 
@@ -70,17 +70,23 @@ def read_text(path: str | os.PathLike, *, require_newline: bool = False) -> str:
     """The text of a data file, with one-line errors for a missing, empty or unreadable file."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"data file {p} does not exist; pass --data-dir with a folder holding "
-                        f"{', '.join(file_name(s) for s in SPLITS)}")
+        raise UserError(
+            f"data file {p} does not exist; pass --data-dir with a folder holding "
+            f"{', '.join(file_name(s) for s in SPLITS)}"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"data file {p} is not UTF-8 text (byte {e.start}); pass a folder of plain-text PTB files") from None
+        raise UserError(
+            f"data file {p} is not UTF-8 text (byte {e.start}); pass a folder of plain-text PTB files"
+        ) from None
     if not text.split():
         raise UserError(f"data file {p} is empty; pass --data-dir with a folder of non-empty PTB files")
     if require_newline and "\n" not in text:
-        raise UserError(f"training file {p} has no newline: the PTB format has one sentence per line "
-                        f"(each newline becomes {EOS}); split the text into lines")
+        raise UserError(
+            f"training file {p} has no newline: the PTB format has one sentence per line "
+            f"(each newline becomes {EOS}); split the text into lines"
+        )
     return text
 
 
@@ -152,10 +158,12 @@ def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Rank ``rank``'s contiguous block of rows: [rank*B/N, (rank+1)*B/N)."""
     batch_size = rows.shape[0]
     if batch_size % world_size:
-        raise UserError(f"batch size {batch_size} is not divisible by {world_size} workers; "
-                        f"pass a --batch-size that is a multiple of --num-workers")
+        raise UserError(
+            f"batch size {batch_size} is not divisible by {world_size} workers; "
+            f"pass a --batch-size that is a multiple of --num-workers"
+        )
     per = batch_size // world_size
-    return rows[rank * per:(rank + 1) * per]
+    return rows[rank * per : (rank + 1) * per]
 
 
 def iterate(rows: Rows, num_steps: int, n_steps: int | None = None) -> Iterator[tuple[Rows, Rows]]:
@@ -167,4 +175,4 @@ def iterate(rows: Rows, num_steps: int, n_steps: int | None = None) -> Iterator[
         n_steps = (rows.shape[1] - 1) // num_steps
     for i in range(n_steps):
         start = i * num_steps
-        yield rows[:, start:start + num_steps], rows[:, start + 1:start + num_steps + 1]
+        yield rows[:, start : start + num_steps], rows[:, start + 1 : start + num_steps + 1]

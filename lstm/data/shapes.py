@@ -65,8 +65,20 @@ def _regular(radius: np.ndarray, k: int, inner: float | None = None) -> np.ndarr
 def _cross(p: np.ndarray) -> np.ndarray:
     a, t = p[:, 0], p[:, 1]
     z = np.zeros_like(a)
-    pts = [(z, z), (t, z), (t, a), (t + a, a), (t + a, a + t), (t, a + t), (t, 2 * a + t), (z, 2 * a + t),
-           (z, a + t), (-a, a + t), (-a, a), (z, a)]
+    pts = [
+        (z, z),
+        (t, z),
+        (t, a),
+        (t + a, a),
+        (t + a, a + t),
+        (t, a + t),
+        (t, 2 * a + t),
+        (z, 2 * a + t),
+        (z, a + t),
+        (-a, a + t),
+        (-a, a),
+        (z, a),
+    ]
     return np.stack([np.stack(xy, -1) for xy in pts], 1)
 
 
@@ -87,7 +99,7 @@ def get_family(name: str) -> ShapeFamily:
 def rectangle_terms(points: np.ndarray) -> np.ndarray:
     """The chapter's checks on generated rectangles [BL, BR, TR, TL] (n, 4, 2):
     BR.y, TL.x, TR.x - BR.x, TL.y - TR.y -- all 0 for an axis-aligned rectangle. Returns (n, 4)."""
-    bl, br, tr, tl = points[:, 0], points[:, 1], points[:, 2], points[:, 3]
+    br, tr, tl = points[:, 1], points[:, 2], points[:, 3]
     return np.stack([br[:, 1], tl[:, 0], tr[:, 0] - br[:, 0], tl[:, 1] - tr[:, 1]], axis=1)
 
 
@@ -103,9 +115,9 @@ def fit_params(family: ShapeFamily, points: np.ndarray, points_per_edge: int = 1
     templates = family.outline(cand, points_per_edge)  # (c, k, 2)
     best = np.empty((points.shape[0], n_params))
     for i in range(0, points.shape[0], 32):
-        chunk = points[i:i + 32]
+        chunk = points[i : i + 32]
         d = ((chunk[:, None] - templates[None]) ** 2).sum(-1).mean(-1)  # (n, c)
-        best[i:i + 32] = cand[d.argmin(1)]
+        best[i : i + 32] = cand[d.argmin(1)]
     return best
 
 

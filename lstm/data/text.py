@@ -41,8 +41,10 @@ def corpus_path(corpus: str, corpus_name: str, data_dir: Optional[str | os.PathL
     if corpus:
         return Path(corpus).expanduser()
     if corpus_name not in CORPORA:
-        raise UserError(f"unknown --corpus-name {corpus_name!r}; choose one of {', '.join(CORPORA)}, "
-                        "or pass --corpus with a text file")
+        raise UserError(
+            f"unknown --corpus-name {corpus_name!r}; choose one of {', '.join(CORPORA)}, "
+            "or pass --corpus with a text file"
+        )
     return locate(corpus_name, data_dir) / f"{corpus_name}.txt"
 
 
@@ -50,15 +52,20 @@ def read_corpus(path: str | os.PathLike) -> str:
     """The text of ``path`` (UTF-8, without a BOM). UserError if it is missing, unreadable or empty."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"corpus file {p} does not exist; pass --corpus with a text file "
-                        "(or omit it to use the Nietzsche text)")
+        raise UserError(
+            f"corpus file {p} does not exist; pass --corpus with a text file (or omit it to use the Nietzsche text)"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"corpus file {p} is not UTF-8 text (bad byte at offset {e.start}); "
-                        "convert it to UTF-8 or pass another --corpus") from None
+        raise UserError(
+            f"corpus file {p} is not UTF-8 text (bad byte at offset {e.start}); "
+            "convert it to UTF-8 or pass another --corpus"
+        ) from None
     except OSError as e:
-        raise UserError(f"cannot read corpus file {p} ({e.strerror}); check its permissions or pass another --corpus") from None
+        raise UserError(
+            f"cannot read corpus file {p} ({e.strerror}); check its permissions or pass another --corpus"
+        ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text:
@@ -117,15 +124,24 @@ class CharCorpus:
     split: int  # first character of the held-out tail
 
 
-def build_corpus(text: str, *, window: int, step: int, valid_fraction: float,
-                 vocab: Optional[Vocabulary] = None, source: str = "the corpus") -> CharCorpus:
+def build_corpus(
+    text: str,
+    *,
+    window: int,
+    step: int,
+    valid_fraction: float,
+    vocab: Optional[Vocabulary] = None,
+    source: str = "the corpus",
+) -> CharCorpus:
     """Encode ``text`` and index its windows: the head trains, the tail ``valid_fraction`` is
     held out. Raises UserError if either part holds no window."""
     if window <= 0 or step <= 0:
         raise UserError(f"window and step must be positive (got window {window}, step {step})")
     if len(text) <= window:
-        raise UserError(f"{source} has {len(text)} characters, fewer than one window of {window} plus its "
-                        f"target; use a longer corpus or a smaller --window")
+        raise UserError(
+            f"{source} has {len(text)} characters, fewer than one window of {window} plus its "
+            f"target; use a longer corpus or a smaller --window"
+        )
     vocab = vocab or Vocabulary.sorted_set(text)
     codes = torch.from_numpy(vocab.encode(text))
     split = int(len(text) * (1.0 - valid_fraction))
@@ -133,9 +149,11 @@ def build_corpus(text: str, *, window: int, step: int, valid_fraction: float,
     valid = Windows(codes, window_starts(split, len(text), window, step), window)
     for name, part, chars in (("training head", train, split), ("held-out tail", valid, len(text) - split)):
         if len(part) == 0:
-            raise UserError(f"the {name} of {source} ({chars} characters) is shorter than one window of "
-                            f"{window} plus its target; use a longer corpus, a smaller --window, "
-                            "or change --valid-fraction")
+            raise UserError(
+                f"the {name} of {source} ({chars} characters) is shorter than one window of "
+                f"{window} plus its target; use a longer corpus, a smaller --window, "
+                "or change --valid-fraction"
+            )
     return CharCorpus(text=text, vocab=vocab, codes=codes, train=train, valid=valid, split=split)
 
 

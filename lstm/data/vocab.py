@@ -53,8 +53,9 @@ class Vocabulary:
         """The distinct tokens this vocabulary lacks, sorted."""
         return sorted(set(tokens) - self.ids.keys())
 
-    def encode(self, tokens: Sequence[str], *, unknown: Optional[str] = None, what: str = "",
-               unit: str = "token") -> np.ndarray:
+    def encode(
+        self, tokens: Sequence[str], *, unknown: Optional[str] = None, what: str = "", unit: str = "token"
+    ) -> np.ndarray:
         """int64 ids of ``tokens``. A token outside the vocabulary is dropped (``unknown`` None
         and ``what`` empty), becomes the token ``unknown``, or -- with ``what`` naming the
         text, e.g. "--seed-text", and ``unit`` its tokens -- is a one-line UserError listing them."""
@@ -63,8 +64,10 @@ class Vocabulary:
             lacking = self.missing(tokens)
             if lacking:
                 shown = " ".join(repr(t) for t in lacking[:20]) + (" ..." if len(lacking) > 20 else "")
-                raise UserError(f"{what} has {len(lacking)} {unit}(s) the model's vocabulary lacks: {shown}; "
-                                "remove or replace them (the vocabulary is the training data's)")
+                raise UserError(
+                    f"{what} has {len(lacking)} {unit}(s) the model's vocabulary lacks: {shown}; "
+                    "remove or replace them (the vocabulary is the training data's)"
+                )
         if unknown is not None:
             stand_in = ids[unknown]
             return np.fromiter((ids.get(t, stand_in) for t in tokens), dtype=np.int64, count=len(tokens))

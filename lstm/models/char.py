@@ -31,8 +31,15 @@ class CharLSTM(nn.Module):
         return self.out(hidden[:, -1])
 
     @torch.no_grad()
-    def generate(self, seeds: torch.Tensor, temperatures: Sequence[float], length: int, *,
-                 window: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def generate(
+        self,
+        seeds: torch.Tensor,
+        temperatures: Sequence[float],
+        length: int,
+        *,
+        window: int,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         """Continue each row of ``seeds`` (batch, seed_len) by ``length`` characters, row ``i``
         at ``temperatures[i]``. As in the example, each step reads the last ``window``
         characters afresh (the model was trained on windows starting from a zero state).
@@ -48,14 +55,16 @@ class CharLSTM(nn.Module):
             logits = self(context[:, -window:])
             nxt = sample_with_temperature(logits, temps, generator)
             out.append(nxt)
-            context = torch.cat([context[:, -(window - 1):] if window > 1 else context[:, :0],
-                                 nxt.to(context.device)[:, None]], dim=1)
+            context = torch.cat(
+                [context[:, -(window - 1) :] if window > 1 else context[:, :0], nxt.to(context.device)[:, None]], dim=1
+            )
         self.train(was_training)
         return torch.stack(out, dim=1) if out else torch.zeros(seeds.shape[0], 0, dtype=torch.int64)
 
 
-def sample_with_temperature(logits: torch.Tensor, temperature: torch.Tensor | float,
-                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_with_temperature(
+    logits: torch.Tensor, temperature: torch.Tensor | float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """The example's ``sample``: ``log(probs) / temperature``, renormalise, draw one index per
     row. In float64 on the CPU; a very low temperature returns the argmax."""
     log_probs = F.log_softmax(logits.detach().to("cpu", torch.float64), dim=-1)

@@ -52,8 +52,9 @@ def _scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         probs = _scratch(h.shape[0], weight.shape[0], h)
         torch.addmm(bias, h, weight.t(), out=probs)  # logits, (N, V)
         torch.softmax(probs, 1, out=probs)  # in place: row-wise max, exp-sum, scale
@@ -81,8 +82,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
-                         scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale * summed cross entropy, summed cross entropy)`` of ``h @ weight.T + bias``.
 
     ``h`` is (N, hidden), ``weight`` (vocab, hidden), ``targets`` (N,) int64. The first value

@@ -44,9 +44,14 @@ class MixtureDensityHead(nn.Module):
         log_pi, mu_x, mu_y, log_sx, log_sy, rho = self.split(params)
         zx = (target[..., :1] - mu_x) / log_sx.exp()
         zy = (target[..., 1:] - mu_y) / log_sy.exp()
-        one_m_rho2 = 1 - rho ** 2
-        log_n = (-(zx ** 2 + zy ** 2 - 2 * rho * zx * zy) / (2 * one_m_rho2)
-                 - math.log(2 * math.pi) - log_sx - log_sy - 0.5 * torch.log(one_m_rho2))
+        one_m_rho2 = 1 - rho**2
+        log_n = (
+            -(zx**2 + zy**2 - 2 * rho * zx * zy) / (2 * one_m_rho2)
+            - math.log(2 * math.pi)
+            - log_sx
+            - log_sy
+            - 0.5 * torch.log(one_m_rho2)
+        )
         return -torch.logsumexp(log_pi + log_n, dim=-1)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ class MixtureDensityHead(nn.Module):
         e1 = torch.randn(mx.shape, generator=generator, device=mx.device)
         e2 = torch.randn(mx.shape, generator=generator, device=mx.device)
         x = mx + sx * e1
-        y = my + sy * (r * e1 + torch.sqrt(1 - r ** 2) * e2)
+        y = my + sy * (r * e1 + torch.sqrt(1 - r**2) * e2)
         return torch.stack([x, y], -1)
 
 
@@ -74,7 +79,9 @@ class ShapeLSTM(nn.Module):
         super().__init__()
         self.head_kind = head
         self.lstm = nn.LSTM(2, hidden_size, batch_first=True)
-        self.head: nn.Module = nn.Linear(hidden_size, 2) if head == "dense" else MixtureDensityHead(hidden_size, mixtures)
+        self.head: nn.Module = (
+            nn.Linear(hidden_size, 2) if head == "dense" else MixtureDensityHead(hidden_size, mixtures)
+        )
 
     def forward(self, points: torch.Tensor, state=None):
         """points (B, T, 2) -> head outputs (B, T, 2 or 6M), new state."""
@@ -94,8 +101,15 @@ class ShapeLSTM(nn.Module):
         return self.head.sample(out, generator) if sample else self.head.mean(out)  # type: ignore[operator]
 
     @torch.no_grad()
-    def generate(self, n: int, length: int, *, sample: bool = True, generator: Optional[torch.Generator] = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+    def generate(
+        self,
+        n: int,
+        length: int,
+        *,
+        sample: bool = True,
+        generator: Optional[torch.Generator] = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """Seed with [0, 0] and feed each prediction back: (n, length, 2) points incl. the seed."""
         x = torch.zeros(n, 1, 2, device=device)
         points, state = [x], None

@@ -28,8 +28,9 @@ State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, batch, hi
 class WordLM(nn.Module):
     """Embedding -> stacked LSTM with dropout -> softmax over the vocabulary."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, keep_prob: float = 1.0,
-                 init_scale: float = 0.1):
+    def __init__(
+        self, vocab_size: int, hidden_size: int, num_layers: int, keep_prob: float = 1.0, init_scale: float = 0.1
+    ):
         super().__init__()
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.keep_prob = keep_prob
@@ -55,15 +56,15 @@ class WordLM(nn.Module):
         out = self.drop(out)
         return out.reshape(-1, self.hidden_size), state
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, state: Optional[State] = None,
-                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, State]:
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, state: Optional[State] = None, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
         """(scale * summed cross entropy, summed cross entropy, final state).
 
         ``inputs`` and ``targets`` are (batch, num_steps); the tutorial's loss is
         ``scale = 1 / batch``: summed over time steps, averaged over the batch."""
         h, state = self.hidden(inputs, state)
-        loss, loss_sum = linear_cross_entropy(h, self.decoder.weight, self.decoder.bias,
-                                              targets.t().reshape(-1), scale)
+        loss, loss_sum = linear_cross_entropy(h, self.decoder.weight, self.decoder.bias, targets.t().reshape(-1), scale)
         return loss, loss_sum, state
 
     @torch.no_grad()

@@ -67,24 +67,36 @@ class CharConfig(TaskConfig):
 
     def validate(self) -> None:
         if not self.corpus and self.corpus_name not in textdata.CORPORA:
-            raise UserError(f"unknown --corpus-name {self.corpus_name!r}; choose one of "
-                            f"{', '.join(textdata.CORPORA)}, or pass --corpus with a text file")
-        check_fields(self, ("window", "step", "hidden_size", "batch_size", "epochs", "eval_batch_size"),
-                     lambda v: v > 0, "positive")
+            raise UserError(
+                f"unknown --corpus-name {self.corpus_name!r}; choose one of "
+                f"{', '.join(textdata.CORPORA)}, or pass --corpus with a text file"
+            )
+        check_fields(
+            self,
+            ("window", "step", "hidden_size", "batch_size", "epochs", "eval_batch_size"),
+            lambda v: v > 0,
+            "positive",
+        )
         check_fields(self, ("max_chars", "sample_length"), lambda v: v >= 0, ">= 0")
         check_fields(self, ("valid_fraction",), lambda v: 0.0 < v < 1.0, "between 0 and 1")
         check_fields(self, ("learning_rate",), positive_finite, "positive")
         if self.max_grad_norm is not None:
             check_fields(self, ("max_grad_norm",), positive_finite, "positive")
         if not self.diversities or not all(d > 0 and math.isfinite(d) for d in self.diversities):
-            raise UserError(f"--diversities must be positive temperatures, e.g. 0.2,0.5,1.0,1.2 (got {self.diversities})")
+            raise UserError(
+                f"--diversities must be positive temperatures, e.g. 0.2,0.5,1.0,1.2 (got {self.diversities})"
+            )
 
 
 def corpus_of(config: CharConfig, text: str, source: str = "the corpus") -> textdata.CharCorpus:
     """Encode and window the raw ``text`` as ``config`` says (UserError if it is too short)."""
-    return textdata.build_corpus(textdata.prepare(text, lowercase=config.lowercase, max_chars=config.max_chars),
-                                 window=config.window, step=config.step, valid_fraction=config.valid_fraction,
-                                 source=source)
+    return textdata.build_corpus(
+        textdata.prepare(text, lowercase=config.lowercase, max_chars=config.max_chars),
+        window=config.window,
+        step=config.step,
+        valid_fraction=config.valid_fraction,
+        source=source,
+    )
 
 
 @dataclass
@@ -129,18 +141,24 @@ class CharTask(Task):
     @classmethod
     def check(cls, config: CharConfig, data: str, num_workers: int) -> None:
         if config.batch_size < num_workers:
-            raise UserError(f"--batch-size {config.batch_size} is smaller than the {num_workers} workers; "
-                            "raise --batch-size or lower --num-workers")
+            raise UserError(
+                f"--batch-size {config.batch_size} is smaller than the {num_workers} workers; "
+                "raise --batch-size or lower --num-workers"
+            )
         windows = len(corpus_of(config, data).train)
         if windows < num_workers:
-            raise UserError(f"the corpus has {windows} training windows, fewer than the {num_workers} workers; "
-                            "use a longer corpus or fewer workers")
+            raise UserError(
+                f"the corpus has {windows} training windows, fewer than the {num_workers} workers; "
+                "use a longer corpus or fewer workers"
+            )
 
     @staticmethod
     def format_epoch_line(m: Mapping[str, Any]) -> str:
-        return (f"epoch {m['epoch']:>3}/{m['epochs']} | train_bpc {m['train_bpc']:.4f} | "
-                f"valid_bpc {m['valid_bpc']:.4f} | windows/sec {m.get('windows_per_sec', 0):,.0f} | "
-                f"train {m.get('train_s', 0):.1f}s | elapsed {m.get('elapsed_s', 0):.1f}s")
+        return (
+            f"epoch {m['epoch']:>3}/{m['epochs']} | train_bpc {m['train_bpc']:.4f} | "
+            f"valid_bpc {m['valid_bpc']:.4f} | windows/sec {m.get('windows_per_sec', 0):,.0f} | "
+            f"train {m.get('train_s', 0):.1f}s | elapsed {m.get('elapsed_s', 0):.1f}s"
+        )
 
     @classmethod
     def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
@@ -148,17 +166,23 @@ class CharTask(Task):
 
         config = results.get("config", {})
         source = config.get("corpus") or config.get("corpus_name", "")
-        return [plots.learning_curves(results["epochs"], [("bits per char", ["train_bpc", "valid_bpc"])],
-                                      out_dir / "learning_curve.png",
-                                      title=f"char LSTM({config.get('hidden_size')}) on {os.path.basename(source)}")]
+        return [
+            plots.learning_curves(
+                results["epochs"],
+                [("bits per char", ["train_bpc", "valid_bpc"])],
+                out_dir / "learning_curve.png",
+                title=f"char LSTM({config.get('hidden_size')}) on {os.path.basename(source)}",
+            )
+        ]
 
     # ------------------------------------------------------------------ data
     def setup(self, data: str) -> None:
         config, worker = self.config, self.worker
         self.check(config, data, worker.world_size)
         corpus = corpus_of(config, data)
-        self.data = CharData(corpus, corpus.valid.shard(worker.rank, worker.world_size),
-                             config.batch_size // worker.world_size)
+        self.data = CharData(
+            corpus, corpus.valid.shard(worker.rank, worker.world_size), config.batch_size // worker.world_size
+        )
 
     def num_train_batches(self) -> int:
         per_rank = len(self.data.corpus.train) // self.worker.world_size
@@ -170,7 +194,7 @@ class CharTask(Task):
         data, worker = self.data, self.worker
         mine = textdata.epoch_shard(len(data.corpus.train), (self.config.seed, epoch), worker.rank, worker.world_size)
         for i in range(0, len(mine), data.rank_batch):
-            x, y = data.corpus.train.batch(mine[i:i + data.rank_batch])
+            x, y = data.corpus.train.batch(mine[i : i + data.rank_batch])
             yield x.to(worker.device), y.to(worker.device)
 
     # ------------------------------------------------------------------ model
@@ -184,8 +208,12 @@ class CharTask(Task):
         x, y = batch
         loss_sum = F.cross_entropy(model(x).float(), y, reduction="sum")
         n = y.numel()
-        return StepOutput(loss=loss_sum / n, sums={"loss_sum": loss_sum.detach(), "chars": n}, samples=n,
-                          mean_loss=loss_sum.detach() / n)
+        return StepOutput(
+            loss=loss_sum / n,
+            sums={"loss_sum": loss_sum.detach(), "chars": n},
+            samples=n,
+            mean_loss=loss_sum.detach() / n,
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: CharLSTM, split: str) -> dict[str, float]:
@@ -209,13 +237,20 @@ class CharTask(Task):
             return {}
         rng = np.random.default_rng([config.seed, epoch, SAMPLE_SEED_OFFSET])
         start = int(rng.integers(0, len(corpus.text) - config.window))
-        seed = corpus.codes[start:start + config.window]
-        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        out = model.generate(seed.repeat(len(config.diversities), 1), config.diversities, config.sample_length,
-                             window=config.window, generator=gen)
+        seed = corpus.codes[start : start + config.window]
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        out = model.generate(
+            seed.repeat(len(config.diversities), 1),
+            config.diversities,
+            config.sample_length,
+            window=config.window,
+            generator=gen,
+        )
         seed_text = "".join(corpus.vocab.decode(seed.tolist()))
-        samples = [{"diversity": d, "text": "".join(corpus.vocab.decode(row.tolist()))}
-                   for d, row in zip(config.diversities, out)]
+        samples = [
+            {"diversity": d, "text": "".join(corpus.vocab.decode(row.tolist()))}
+            for d, row in zip(config.diversities, out, strict=True)
+        ]
         lines = [f'----- Generating with seed: "{seed_text}"']
         for s in samples:
             lines += [f"----- diversity: {s['diversity']}", seed_text + s["text"]]
@@ -232,14 +267,16 @@ class CharTask(Task):
             raise UserError(
                 f"the checkpoint's vocabulary ({len(theirs)} chars) differs from this corpus' ({len(ours)} chars; "
                 f"new: {''.join(extra)!r}, missing: {''.join(lacking)!r}); resume with the corpus it was "
-                "trained on, or start a new run with another --name")
+                "trained on, or start a new run with another --name"
+            )
 
 
 # --------------------------------------------------------------------------- sampling a saved run
 
 
-def sample_from_checkpoint(location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5,
-                           length: int = 400, seed: int = 0) -> str:
+def sample_from_checkpoint(
+    location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
+) -> str:
     """Generate ``length`` characters continuing ``seed_text`` from a saved run (a run folder,
     whose newest checkpoint is used, or a ``checkpoint_*`` folder; local or remote). Returns
     the continuation. UserError for a checkpoint of another task, a bad temperature/length,
@@ -253,8 +290,10 @@ def sample_from_checkpoint(location: str | os.PathLike, seed_text: str, *, tempe
     with ckpt.opened(str(location)) as directory:
         state = ckpt.read_state(directory)
         if state.get("task") != CharTask.name:
-            raise UserError(f"{directory} is a checkpoint of task {state.get('task')!r}, not 'char'; "
-                            f"use jobs/{state.get('task')}.py")
+            raise UserError(
+                f"{directory} is a checkpoint of task {state.get('task')!r}, not 'char'; "
+                f"use jobs/{state.get('task')}.py"
+            )
         config = cfg.build(CharConfig, state["config"])
         vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
         if not len(vocab):

@@ -82,11 +82,16 @@ class PTBConfig(TaskConfig):
     def validate(self) -> None:
         if not 0.0 < self.keep_prob <= 1.0:
             raise UserError(f"--keep-prob must be in (0, 1] (got {self.keep_prob}); 1 means no dropout")
-        check_fields(self, ("num_layers", "num_steps", "hidden_size", "max_max_epoch", "batch_size", "vocab_size"),
-                     lambda v: v >= 1, ">= 1")
+        check_fields(
+            self,
+            ("num_layers", "num_steps", "hidden_size", "max_max_epoch", "batch_size", "vocab_size"),
+            lambda v: v >= 1,
+            ">= 1",
+        )
         check_fields(self, ("max_epoch", "eval_batch_size", "eval_num_steps"), lambda v: v >= 0, ">= 0")
-        check_fields(self, ("init_scale", "learning_rate", "max_grad_norm", "lr_decay"), positive_finite,
-                     "a positive number")
+        check_fields(
+            self, ("init_scale", "learning_rate", "max_grad_norm", "lr_decay"), positive_finite, "a positive number"
+        )
         if not 0.0 < self.train_fraction <= 1.0:
             raise UserError(f"{flag_name('train_fraction')} must be in (0, 1] (got {self.train_fraction})")
 
@@ -97,14 +102,62 @@ class PTBConfig(TaskConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(init_scale=0.1, learning_rate=1.0, max_grad_norm=5, num_layers=2, num_steps=20, hidden_size=200,
-                  max_epoch=4, max_max_epoch=13, keep_prob=1.0, lr_decay=0.5, batch_size=20, vocab_size=10000),
-    "medium": dict(init_scale=0.05, learning_rate=1.0, max_grad_norm=5, num_layers=2, num_steps=35, hidden_size=650,
-                   max_epoch=6, max_max_epoch=39, keep_prob=0.5, lr_decay=0.8, batch_size=20, vocab_size=10000),
-    "large": dict(init_scale=0.04, learning_rate=1.0, max_grad_norm=10, num_layers=2, num_steps=35, hidden_size=1500,
-                  max_epoch=14, max_max_epoch=55, keep_prob=0.35, lr_decay=1 / 1.15, batch_size=20, vocab_size=10000),
-    "test": dict(init_scale=0.1, learning_rate=1.0, max_grad_norm=1, num_layers=1, num_steps=2, hidden_size=2,
-                 max_epoch=1, max_max_epoch=1, keep_prob=1.0, lr_decay=0.5, batch_size=20, vocab_size=10000),
+    "small": dict(
+        init_scale=0.1,
+        learning_rate=1.0,
+        max_grad_norm=5,
+        num_layers=2,
+        num_steps=20,
+        hidden_size=200,
+        max_epoch=4,
+        max_max_epoch=13,
+        keep_prob=1.0,
+        lr_decay=0.5,
+        batch_size=20,
+        vocab_size=10000,
+    ),
+    "medium": dict(
+        init_scale=0.05,
+        learning_rate=1.0,
+        max_grad_norm=5,
+        num_layers=2,
+        num_steps=35,
+        hidden_size=650,
+        max_epoch=6,
+        max_max_epoch=39,
+        keep_prob=0.5,
+        lr_decay=0.8,
+        batch_size=20,
+        vocab_size=10000,
+    ),
+    "large": dict(
+        init_scale=0.04,
+        learning_rate=1.0,
+        max_grad_norm=10,
+        num_layers=2,
+        num_steps=35,
+        hidden_size=1500,
+        max_epoch=14,
+        max_max_epoch=55,
+        keep_prob=0.35,
+        lr_decay=1 / 1.15,
+        batch_size=20,
+        vocab_size=10000,
+    ),
+    "test": dict(
+        init_scale=0.1,
+        learning_rate=1.0,
+        max_grad_norm=1,
+        num_layers=1,
+        num_steps=2,
+        hidden_size=2,
+        max_epoch=1,
+        max_max_epoch=1,
+        keep_prob=1.0,
+        lr_decay=0.5,
+        batch_size=20,
+        vocab_size=10000,
+    ),
 }
 
 
@@ -122,24 +175,32 @@ class PTBData:
 def check_sizes(config: PTBConfig, corpus: ptb.Corpus, num_workers: int = 1) -> None:
     """One-line errors when the vocabulary, a split or the worker count does not fit the config."""
     if config.batch_size % num_workers:
-        raise UserError(f"--batch-size {config.batch_size} is not a multiple of --num-workers {num_workers}; pass a "
-                        "--batch-size that is (it is the global batch, split over the workers)")
+        raise UserError(
+            f"--batch-size {config.batch_size} is not a multiple of --num-workers {num_workers}; pass a "
+            "--batch-size that is (it is the global batch, split over the workers)"
+        )
     if len(corpus.vocab) > config.vocab_size:
-        raise UserError(f"the training file has {len(corpus.vocab)} distinct words (with {ptb.EOS}), more than "
-                        f"--vocab-size {config.vocab_size}; pass --vocab-size {len(corpus.vocab)} or more")
+        raise UserError(
+            f"the training file has {len(corpus.vocab)} distinct words (with {ptb.EOS}), more than "
+            f"--vocab-size {config.vocab_size}; pass --vocab-size {len(corpus.vocab)} or more"
+        )
     n_train = len(ptb.prefix(corpus.train, config.train_fraction))
     if ptb.epoch_size(n_train, config.batch_size, config.num_steps) < 1:
         need = ptb.min_tokens(config.batch_size, config.num_steps)
-        raise UserError(f"the training data ({n_train} words at --train-fraction {config.train_fraction:g}) is too "
-                        f"short for --batch-size {config.batch_size} x --num-steps {config.num_steps}: one step needs "
-                        f"{need} words; lower --batch-size or --num-steps, or raise --train-fraction")
+        raise UserError(
+            f"the training data ({n_train} words at --train-fraction {config.train_fraction:g}) is too "
+            f"short for --batch-size {config.batch_size} x --num-steps {config.num_steps}: one step needs "
+            f"{need} words; lower --batch-size or --num-steps, or raise --train-fraction"
+        )
     batch, steps = config.eval_shape
     for split in EVAL_SPLITS:
         n = len(corpus.split(split))
         if ptb.epoch_size(n, batch, steps) < 1:
-            raise UserError(f"the {split} data ({n} words) is too short for an evaluation batch of {batch} x {steps} "
-                            f"words (needs {ptb.min_tokens(batch, steps)}); lower --eval-batch-size/--eval-num-steps "
-                            f"(0 = --batch-size/--num-steps)")
+            raise UserError(
+                f"the {split} data ({n} words) is too short for an evaluation batch of {batch} x {steps} "
+                f"words (needs {ptb.min_tokens(batch, steps)}); lower --eval-batch-size/--eval-num-steps "
+                f"(0 = --batch-size/--num-steps)"
+            )
 
 
 def eval_shard(rows: np.ndarray, worker: WorkerInfo) -> np.ndarray:
@@ -184,13 +245,24 @@ class PTBTask(Task):
         c = results["config"]
         workers = results["epochs"][-1].get("workers", 1) if results["epochs"] else 1
         title = f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, keep_prob {c['keep_prob']:g}, {workers} worker(s)"
-        return [plots.learning_curves(results["epochs"], [("perplexity", ["train_ppl", "valid_ppl", "test_ppl"])],
-                                      out_dir / "learning_curve.png", title=title, log_y=["perplexity"])]
+        return [
+            plots.learning_curves(
+                results["epochs"],
+                [("perplexity", ["train_ppl", "valid_ppl", "test_ppl"])],
+                out_dir / "learning_curve.png",
+                title=title,
+                log_y=["perplexity"],
+            )
+        ]
 
     @staticmethod
     def format_epoch_line(m: Mapping[str, Any]) -> str:
-        parts = [f"epoch {m['epoch']:>2}/{m['epochs']}", f"lr {m['lr']:.4g}", f"train ppl {m['train_ppl']:.2f}",
-                 f"valid ppl {m['valid_ppl']:.2f}"]
+        parts = [
+            f"epoch {m['epoch']:>2}/{m['epochs']}",
+            f"lr {m['lr']:.4g}",
+            f"train ppl {m['train_ppl']:.2f}",
+            f"valid ppl {m['valid_ppl']:.2f}",
+        ]
         if "test_ppl" in m:
             parts.append(f"test ppl {m['test_ppl']:.2f}")
         parts += [f"words/sec {m.get('words_per_sec', 0):,.0f}", f"elapsed {m.get('elapsed_s', 0):.1f}s"]
@@ -201,9 +273,11 @@ class PTBTask(Task):
         config, worker = self.config, self.worker
         check_sizes(config, corpus, worker.world_size)
         rows = ptb.batchify(ptb.prefix(corpus.train, config.train_fraction), config.batch_size)
-        self.data = PTBData(vocab=corpus.vocab,
-                            train=torch.from_numpy(ptb.shard_rows(rows, worker.rank, worker.world_size)).to(worker.device),
-                            epoch_size=(rows.shape[1] - 1) // config.num_steps)
+        self.data = PTBData(
+            vocab=corpus.vocab,
+            train=torch.from_numpy(ptb.shard_rows(rows, worker.rank, worker.world_size)).to(worker.device),
+            epoch_size=(rows.shape[1] - 1) // config.num_steps,
+        )
         batch, steps = config.eval_shape
         for split in EVAL_SPLITS:
             all_rows = ptb.batchify(corpus.split(split), batch)
@@ -239,8 +313,13 @@ class PTBTask(Task):
         loss, loss_sum, state = model(inputs, targets, state, 1.0 / inputs.shape[0])
         words = inputs.numel()
         loss_sum = loss_sum.detach()
-        return StepOutput(loss=loss, sums={"loss_sum": loss_sum, "words": words}, samples=words,
-                          mean_loss=loss_sum / words, state=detach_state(state))
+        return StepOutput(
+            loss=loss,
+            sums={"loss_sum": loss_sum, "words": words},
+            samples=words,
+            mean_loss=loss_sum / words,
+            state=detach_state(state),
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
@@ -268,7 +347,8 @@ class PTBTask(Task):
                 f"the checkpoint was trained on another vocabulary ({meta.get('vocab_size')} words, sha256 "
                 f"{str(meta.get('vocab_sha256'))[:12]}) than this data's ({len(vocab)} words, sha256 "
                 f"{vocab.sha256[:12]}); resume with the --data-dir it was trained on, or start a new run with "
-                "another --name")
+                "another --name"
+            )
 
 
 def peak_rss_mib() -> float:

@@ -30,7 +30,7 @@ from lstm.config import TaskConfig, check_fields, positive_finite
 from lstm.data import shapes
 from lstm.errors import UserError
 from lstm.models.shape import ShapeLSTM
-from lstm.task import StepOutput, Task, WorkerInfo, register
+from lstm.task import StepOutput, Task, register
 
 VALID_SEED_OFFSET = 1_000_003
 
@@ -57,11 +57,27 @@ class ShapeConfig(TaskConfig):
         shapes.get_family(self.shape)
         if self.head not in ("dense", "mdn"):
             raise UserError(f"--head must be dense or mdn (got {self.head!r})")
-        check_fields(self, ("points_per_edge", "mixtures", "hidden_size", "examples", "epochs", "batch_size",
-                            "valid_examples", "eval_shapes", "curve_every"), lambda v: v > 0, "positive")
+        check_fields(
+            self,
+            (
+                "points_per_edge",
+                "mixtures",
+                "hidden_size",
+                "examples",
+                "epochs",
+                "batch_size",
+                "valid_examples",
+                "eval_shapes",
+                "curve_every",
+            ),
+            lambda v: v > 0,
+            "positive",
+        )
         if self.examples < self.epochs * self.batch_size:
-            raise UserError(f"--examples {self.examples} is fewer than one batch per epoch "
-                            f"({self.epochs} epochs x batch {self.batch_size}); raise --examples")
+            raise UserError(
+                f"--examples {self.examples} is fewer than one batch per epoch "
+                f"({self.epochs} epochs x batch {self.batch_size}); raise --examples"
+            )
         check_fields(self, ("learning_rate",), positive_finite, "positive")
         check_fields(self, ("aux_weight",), lambda v: v >= 0, ">= 0")
         if self.aux_weight and (self.shape != "rectangle" or self.points_per_edge != 1):
@@ -86,8 +102,15 @@ class RectangleTask(Task):
     presets = {
         "chapter": {},
         "mdn": {"head": "mdn", "hidden_size": 32, "batch_size": 8, "learning_rate": 0.005},
-        "test": {"examples": 600, "epochs": 2, "batch_size": 4, "valid_examples": 64, "eval_shapes": 32,
-                 "snapshot_at": (100, 500), "curve_every": 100},
+        "test": {
+            "examples": 600,
+            "epochs": 2,
+            "batch_size": 4,
+            "valid_examples": 64,
+            "eval_shapes": 32,
+            "snapshot_at": (100, 500),
+            "curve_every": 100,
+        },
     }
     default_preset = "chapter"
     sample_unit = "shapes"
@@ -102,15 +125,19 @@ class RectangleTask(Task):
     @classmethod
     def check(cls, config: ShapeConfig, data: Any, num_workers: int) -> None:
         if config.examples // config.epochs // num_workers < config.batch_size:
-            raise UserError(f"{config.examples} examples over {config.epochs} epochs and {num_workers} workers leave "
-                            f"fewer than one batch of {config.batch_size} per worker; raise --examples")
+            raise UserError(
+                f"{config.examples} examples over {config.epochs} epochs and {num_workers} workers leave "
+                f"fewer than one batch of {config.batch_size} per worker; raise --examples"
+            )
 
     @staticmethod
     def format_epoch_line(m: Mapping[str, Any]) -> str:
-        return (f"epoch {m['epoch']:>2}/{m['epochs']} | train_loss {m['train_loss']:.4f} | "
-                f"valid_loss {m['valid_loss']:.4f} | consistency {m['valid_consistency']:.4f} | "
-                f"width_std {m['valid_width_std']:.3f} height_std {m['valid_height_std']:.3f} | "
-                f"shapes/sec {m['shapes_per_sec']:,.0f} | elapsed {m['elapsed_s']:.1f}s")
+        return (
+            f"epoch {m['epoch']:>2}/{m['epochs']} | train_loss {m['train_loss']:.4f} | "
+            f"valid_loss {m['valid_loss']:.4f} | consistency {m['valid_consistency']:.4f} | "
+            f"width_std {m['valid_width_std']:.3f} height_std {m['valid_height_std']:.3f} | "
+            f"shapes/sec {m['shapes_per_sec']:,.0f} | elapsed {m['elapsed_s']:.1f}s"
+        )
 
     # ------------------------------------------------------------------ data
     def setup(self, data: Any) -> None:
@@ -133,10 +160,11 @@ class RectangleTask(Task):
         config, data = self.config, self.data
         rng = np.random.default_rng([config.seed, epoch, self.worker.rank])
         n = self.num_train_batches() * config.batch_size
-        pts = torch.tensor(data.family.outline(data.family.sample_params(rng, n), config.points_per_edge),
-                           dtype=torch.float32)
+        pts = torch.tensor(
+            data.family.outline(data.family.sample_params(rng, n), config.points_per_edge), dtype=torch.float32
+        )
         for i in range(0, n, config.batch_size):
-            yield pts[i:i + config.batch_size].to(self.worker.device)
+            yield pts[i : i + config.batch_size].to(self.worker.device)
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
@@ -155,8 +183,12 @@ class RectangleTask(Task):
             pred = model.point(out, sample=False)
             with_origin = torch.cat([torch.zeros_like(pred[:, :1]), pred], 1)
             loss = loss + self.config.aux_weight * rectangle_terms_torch(with_origin).abs().mean()
-        return StepOutput(loss=loss, sums={"loss_sum": per_point.detach().sum(), "points": per_point.numel()},
-                          samples=batch.shape[0], mean_loss=per_point.detach().mean())
+        return StepOutput(
+            loss=loss,
+            sums={"loss_sum": per_point.detach().sum(), "points": per_point.numel()},
+            samples=batch.shape[0],
+            mean_loss=per_point.detach().mean(),
+        )
 
     def after_step(self, model: ShapeLSTM, examples_seen: int) -> Optional[dict[str, Any]]:
         """Rank 0: a point of the consistency learning curve every ``curve_every`` examples, and
@@ -194,10 +226,14 @@ class RectangleTask(Task):
         err = shapes.consistency_error(data.family, pts, config.points_per_edge)
         size = shapes.shape_sizes(pts)
         return {
-            "loss_sum": float(per_point.sum()), "points": float(per_point.numel()),
-            "consistency_sum": float(err.sum()), "shapes": float(len(pts)),
-            "w_sum": float(size[:, 0].sum()), "w_sq": float((size[:, 0] ** 2).sum()),
-            "h_sum": float(size[:, 1].sum()), "h_sq": float((size[:, 1] ** 2).sum()),
+            "loss_sum": float(per_point.sum()),
+            "points": float(per_point.numel()),
+            "consistency_sum": float(err.sum()),
+            "shapes": float(len(pts)),
+            "w_sum": float(size[:, 0].sum()),
+            "w_sq": float((size[:, 0] ** 2).sum()),
+            "h_sum": float(size[:, 1].sum()),
+            "h_sq": float((size[:, 1] ** 2).sum()),
         }
 
     @staticmethod
@@ -208,7 +244,7 @@ class RectangleTask(Task):
             out[f"{prefix}consistency"] = sums["consistency_sum"] / n
             for key, name in (("w", "width"), ("h", "height")):
                 mean = sums[f"{key}_sum"] / n
-                out[f"{prefix}{name}_std"] = math.sqrt(max(sums[f"{key}_sq"] / n - mean ** 2, 0.0))
+                out[f"{prefix}{name}_std"] = math.sqrt(max(sums[f"{key}_sq"] / n - mean**2, 0.0))
         return out
 
     def epoch_extras(self, model: ShapeLSTM, epoch: int) -> dict[str, Any]:
@@ -230,18 +266,30 @@ class RectangleTask(Task):
         made = []
         title = f"{config['shape']} ({config['head']} head): generated from [0, 0]"
         if rows and config["head"] == "dense":  # deterministic: every draw is the same shape
-            made.append(plots.shape_series([(label, s[0]) for label, s in rows], out_dir / "shapes_grid.png",
-                                           limits, title=title))
+            made.append(
+                plots.shape_series(
+                    [(label, s[0]) for label, s in rows], out_dir / "shapes_grid.png", limits, title=title
+                )
+            )
         elif rows:
             made.append(plots.shape_grid(rows, out_dir / "shapes_grid.png", limits, title=title))
         dense = config["head"] == "dense"
-        made.append(plots.xy_curve(
-            {"consistency error (64 generated shapes)": [(s["examples"], s["consistency"]) for s in steps],
-             "valid consistency (per epoch)": [(e["samples_seen"], e["valid_consistency"]) for e in epochs],
-             "train loss": [(e["samples_seen"], e["train_loss"]) for e in epochs] if dense else [],
-             "valid loss": [(e["samples_seen"], e["valid_loss"]) for e in epochs] if dense else []},
-            out_dir / "learning_curve.png", xlabel="training examples", ylabel="error",
-            title=f"{config['shape']} learning curve", log_x=True, log_y=True))
+        made.append(
+            plots.xy_curve(
+                {
+                    "consistency error (64 generated shapes)": [(s["examples"], s["consistency"]) for s in steps],
+                    "valid consistency (per epoch)": [(e["samples_seen"], e["valid_consistency"]) for e in epochs],
+                    "train loss": [(e["samples_seen"], e["train_loss"]) for e in epochs] if dense else [],
+                    "valid loss": [(e["samples_seen"], e["valid_loss"]) for e in epochs] if dense else [],
+                },
+                out_dir / "learning_curve.png",
+                xlabel="training examples",
+                ylabel="error",
+                title=f"{config['shape']} learning curve",
+                log_x=True,
+                log_y=True,
+            )
+        )
         return made
 
 
