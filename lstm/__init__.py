@@ -1,12 +1,7 @@
 """lstm-ray: LSTM sequence models trained as distributed jobs on Ray.
 
-The library is organised so that what is common to every task lives once:
-
-- :mod:`lstm.config`   -- frozen dataclass configs, presets, command-line overrides
-- :mod:`lstm.task`     -- the plug-in interface a task implements (data, model, loss, metrics)
-- :mod:`lstm.loop`     -- the one Ray Train worker loop (DDP, checkpoints, metric reduction)
-- :mod:`lstm.trainer`  -- ``fit()``: the only place that touches Ray Train's driver API
-- :mod:`lstm.tasks`    -- rectangle/shape, char and PTB tasks
+docs/design.md maps the modules: one loop (:mod:`lstm.loop`) trains every task
+(:mod:`lstm.tasks`) through the contract in :mod:`lstm.task`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -28,7 +28,7 @@ from lstm.io import atomic_torch_save, atomic_write_json
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
-PREFIX = "checkpoint"
+PREFIX = "checkpoint_"  # Ray Train's checkpoint folders: checkpoint_<timestamp>
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -72,9 +72,14 @@ def load_optimizer_state(directory: str | os.PathLike) -> dict[str, Any]:
     return torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """A Ray Train checkpoint folder's name (not its checkpoint_manager_snapshot.json)."""
+    return name.startswith(PREFIX) and not name.endswith(".json")
+
+
 def has_checkpoints(run_dir: str) -> bool:
     """Whether the run folder (local or remote) holds any checkpoint folder."""
-    return any(name.startswith(PREFIX) for name in storage.list_dir(run_dir))
+    return any(is_checkpoint_name(name) for name in storage.list_dir(run_dir))
 
 
 def latest(location: str) -> str:
@@ -84,7 +89,7 @@ def latest(location: str) -> str:
         return location
     found = []
     for name in storage.list_dir(location):
-        if not name.startswith(PREFIX):
+        if not is_checkpoint_name(name):
             continue
         try:
             state = storage.read_json(storage.join(location, name, STATE_FILE))

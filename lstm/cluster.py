@@ -121,6 +121,15 @@ def autoscaler_can_add_nodes() -> bool:
     return any(not t.startswith("node_") for t in types)
 
 
+def request_nodes(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler for room for ``bundles`` (Ray's public ``request_resources``; an empty
+    list withdraws the request). Waiting alone would not do: the autoscaler adds nodes only for
+    demand it sees, and the worker group's own request comes after the wait."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
 def plan_workers(
     num_workers: int,
     cpus_per_worker: int,
@@ -129,6 +138,8 @@ def plan_workers(
     *,
     nodes: Callable[[], list[Node]] = alive_nodes,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    request: Callable[[list[dict[str, float]]], None] = request_nodes,
 ) -> int:
     """The CPUs per worker (``cpus_per_worker`` or the auto share) once ``num_workers`` such
     workers can be placed; UserError when they cannot (after waiting ``wait_s`` seconds, or
@@ -140,22 +151,40 @@ def plan_workers(
         return cpus
     if wait_s < 0:
         wait_s = AUTOSCALER_WAIT_S if autoscaler_can_add_nodes() else 0.0
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        print(
-            f"waiting for nodes: {describe(num_workers, bundle, current)}; "
-            f"{deadline - time.monotonic():.0f}s left (--wait-for-workers-s)",
-            flush=True,
-        )
-        sleep(min(PROGRESS_EVERY_S, max(deadline - time.monotonic(), 0.0)))
-        current = nodes()
-        if placeable(bundle, current) >= num_workers:
-            return cpus
+    if wait_s > 0:
+        request([bundle] * num_workers)
+        try:
+            if wait_for_nodes(num_workers, bundle, wait_s, nodes, sleep, clock):
+                return cpus
+        finally:
+            request([])
     waited = f" after waiting {wait_s:g}s for the autoscaler" if wait_s > 0 else ""
     raise UserError(
-        f"{describe(num_workers, bundle, current)}{waited}; lower --num-workers or --cpus-per-worker, "
+        f"{describe(num_workers, bundle, nodes())}{waited}; lower --num-workers or --cpus-per-worker, "
         "add nodes, or pass --wait-for-workers-s SECONDS to wait for an autoscaler"
     )
+
+
+def wait_for_nodes(
+    num_workers: int,
+    bundle: dict[str, float],
+    wait_s: float,
+    nodes: Callable[[], list[Node]],
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> bool:
+    """Poll the nodes until the workers fit or ``wait_s`` passes, with a line every 15 s."""
+    deadline = clock() + wait_s
+    while clock() < deadline:
+        print(
+            f"waiting for nodes: {describe(num_workers, bundle, nodes())}; {deadline - clock():.0f}s left "
+            "(--wait-for-workers-s)",
+            flush=True,
+        )
+        sleep(min(PROGRESS_EVERY_S, max(deadline - clock(), 0.0)))
+        if placeable(bundle, nodes()) >= num_workers:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- shared storage

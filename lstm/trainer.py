@@ -71,7 +71,7 @@ def make_trainer(
     loop_config = {
         "task": task.name,
         "config": cfg.to_dict(config),
-        "run": cfg.to_dict(settings),
+        "run": cfg.to_dict(dataclasses.replace(settings, data_dir="")),  # the data comes through the object store
         "run_dir": run_dir,
         "data": data,
         "hooks": list(hooks),

@@ -15,53 +15,12 @@ sys.path.insert(0, str(REPO))
 import hooks  # noqa: E402  (tests/hooks.py: worker hooks, sent to the workers by value)
 import ray.cloudpickle  # noqa: E402
 
+from lstm.cluster import WORKER_ENV  # noqa: E402
+
 ray.cloudpickle.register_pickle_by_value(hooks)
 
 # ../shared/data beside the checkout (tests and benchmarks only; users download the data).
 SHARED_DATA = Path(os.environ.get("LSTM_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray instance shared by every test that needs one (start-up costs seconds).
-
-    4 logical CPUs on this 2-core machine: a 2-worker run plus Ray Train's own actors fit.
-    """
-    import ray
-
-    from lstm.cluster import WORKER_ENV
-
-    if not ray.is_initialized():
-        # Pin the GCS port and tell this cluster's processes its address: Ray Train's
-        # placement-group cleaner looks the controller up through Ray's state API, which
-        # otherwise auto-detects "the" cluster and can pick another one on this machine
-        # (e.g. the head a job-submission test starts), then frees a live run's workers.
-        port = free_port()
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        # Ray Train's controller polls its workers every 2 s by default; every run in the
-        # suite waits on that poll a few times (start, each report, the end).
-        os.environ[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
-        try:
-            ray.init(
-                address="local",
-                num_cpus=4,
-                include_dashboard=False,
-                logging_level="WARNING",
-                runtime_env={
-                    "env_vars": {
-                        **WORKER_ENV,
-                        "RAY_ADDRESS": f"127.0.0.1:{port}",
-                        TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV],
-                    }
-                },
-            )
-        finally:
-            del os.environ["RAY_GCS_SERVER_PORT"]
-    yield ray
-    ray.shutdown()
 
 
 def free_port() -> int:
@@ -70,6 +29,98 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A local S3 API (moto's server, started by the `s3` fixture) for the tests of S3 storage.
+# Its address and dummy credentials are in the environment before Ray starts, so that Ray's
+# workers and Train controllers, which write checkpoints there, see them too.
+S3_PORT = free_port()
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+)
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
+
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
+def start_session_ray() -> None:
+    """The suite's local Ray instance: 4 logical CPUs on this 2-core machine (a 2-worker run
+    plus Ray Train's own actors fit), no dashboard.
+
+    Its GCS port is pinned and its processes are told its address: Ray Train's placement-group
+    cleaner looks the controller up through Ray's state API, which otherwise auto-detects
+    "the" cluster and can pick another one on this machine (e.g. the head a job-submission
+    test starts), then frees a live run's workers. Ray Train's controller polls its workers
+    every 2 s by default, and every run waits on that poll a few times: here every 0.5 s."""
+    import ray
+
+    port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    env = {**WORKER_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}", TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV]}
+    try:
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env}
+        )
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs one (start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        start_session_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1:S3_PORT for the whole session (stopped at the end)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto's S3 server did not start")
+            time.sleep(0.2)
+    yield f"127.0.0.1:{S3_PORT}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server) -> str:
+    """A fresh, empty bucket on the local S3 server: returns its name."""
+    import uuid
+
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +155,16 @@ def run_settings(storage: Path, name: str, data_dir: Path, **kw: Any):
 
 
 @pytest.fixture(scope="session")
+def ptb_two(ptb_base, tmp_path_factory):
+    """The same config and seed as :func:`ptb_base` on 2 workers (one node): ``(result, data)``."""
+    from lstm.trainer import fit
+
+    _, _, data = ptb_base
+    storage = tmp_path_factory.mktemp("ptb-two")
+    return fit("ptb", ptb_base_config(), run_settings(storage, "two", data, num_workers=2)), data
+
+
+@pytest.fixture(scope="session")
 def ptb_base(ray_session, ptb_dir, tmp_path_factory):
     """One uninterrupted 1-worker PTB run of :func:`ptb_base_config`, shared by the tests that
     compare against it (same seed, another worker count, a worker killed mid-run):
@@ -112,3 +173,15 @@ def ptb_base(ray_session, ptb_dir, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("ptb-base")
     return fit("ptb", ptb_base_config(), run_settings(storage, "base", ptb_dir)), storage, ptb_dir
+
+
+# Tests that start Ray, a Ray head, a cluster or a server are the slow tier; `pytest -m "not slow"`
+# runs the rest (no Ray run) in about a minute. A test is marked by the fixtures it uses, so a
+# new Ray test cannot land in the fast tier by forgetting a marker.
+SLOW_FIXTURES = frozenset({"ray_session", "head", "s3_server", "cluster"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

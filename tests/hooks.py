@@ -38,9 +38,24 @@ class ExitOnce(WorkerHook):
         os._exit(1)
 
 
+def node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+class RecordNode(WorkerHook):
+    """Each rank writes the id of its node to ``<run_dir>/.node-<rank>`` before its first step."""
+
+    def on_step(self, epoch: int, step: int, worker: WorkerInfo, run_dir: str) -> None:
+        if (epoch, step) == (1, 0):
+            (Path(run_dir) / f".node-{worker.rank}").write_text(node_id())
+
+
 class PauseOnce(WorkerHook):
-    """Rank ``rank`` writes ``<marker>.ready`` before step ``step`` of ``epoch`` and waits until
-    the test removes its node (the test watches for the file), on the first attempt only."""
+    """Rank ``rank`` writes "<pid> <node id>" to ``<marker>.ready`` before step ``step`` of
+    ``epoch`` and waits there until the test removes its node (the test watches for the
+    file), on the first attempt only."""
 
     def __init__(self, epoch: int, step: int, marker: str, rank: int = 1, timeout_s: float = 300.0):
         self.epoch, self.step, self.marker, self.rank, self.timeout_s = epoch, step, marker, rank, timeout_s
@@ -50,7 +65,7 @@ class PauseOnce(WorkerHook):
         if (epoch, step) != (self.epoch, self.step) or worker.rank != self.rank or ready.exists():
             return
         wait_for_reports()
-        ready.write_text(f"{os.getpid()}\n")
+        ready.write_text(f"{os.getpid()} {node_id()}\n")
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:  # the node goes away under us
             time.sleep(0.2)

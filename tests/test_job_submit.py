@@ -119,8 +119,9 @@ class Head:
 
 def shell_env(bin_dir: Path, **extra: str) -> dict[str, str]:
     """This environment without any RAY_* setting (the session's own Ray instance may have put
-    RAY_AUTH_MODE or RAY_ADDRESS there), with `python` and `ray` of this interpreter first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    RAY_AUTH_MODE or RAY_ADDRESS there) nor $LSTM_RAY_STORAGE, with `python` and `ray` of this
+    interpreter first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "LSTM_RAY_STORAGE"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
@@ -176,7 +177,11 @@ def head():
     token_file = temp_dir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    env = shell_env(temp_dir / "bin", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    # HOME of its own: where a job without --storage-path writes (~/lstm-ray/runs), kept in the test
+    (temp_dir / "home").mkdir()
+    env = shell_env(
+        temp_dir / "bin", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HOME=str(temp_dir / "home")
+    )
     gcs, dashboard, agent, client = free_ports(4)
     url = f"http://127.0.0.1:{dashboard}"
     log = temp_dir / "ray-start.log"
@@ -306,6 +311,19 @@ def jobs(head, storage) -> dict[str, Job]:
         head,
         storage,
         {
+            # no --storage-path and no $LSTM_RAY_STORAGE: the default, outside the job's working dir
+            "default": [
+                "python",
+                "jobs/rectangle.py",
+                "--config",
+                "test",
+                "--name",
+                "default-run",
+                "--cpus-per-worker",
+                "1",
+                "--max-failures",
+                "0",
+            ],
             # the tutorial's test config on 1% of the training words, evaluated in steps of 35 words
             "ptb": [
                 "python",
@@ -394,6 +412,17 @@ def test_the_tune_search_runs_on_the_cluster(jobs, storage):
     runs = sorted((experiment / "train_runs").glob("trial-*/results.json"))
     assert len(runs) == 2
     assert {json.loads(r.read_text())["config"]["learning_rate"] for r in runs} == {1.0, 0.5}
+
+
+def test_without_a_storage_path_the_run_lands_in_home_not_in_the_working_dir(jobs, head):
+    job = jobs["default"]
+    check_succeeded(job)
+    run = head.temp_dir / "home" / "lstm-ray" / "runs" / "default-run"
+    assert json.loads((run / "results.json").read_text())["run_dir"] == str(run)
+    assert f"[rectangle] run folder: {run}\n" in job.output  # at the start ...
+    assert f"done: rectangle run in {run} (" in job.output  # ... and at the end
+    packages = head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+    assert not list(packages.glob("*/runs")) and not list(packages.glob("*/**/results.json"))
 
 
 def test_the_uploaded_working_dir_is_the_code_only(jobs, head):

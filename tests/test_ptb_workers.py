@@ -17,12 +17,11 @@ KEYS = ("train_loss", "valid_loss")
 
 
 @pytest.fixture(scope="module")
-def runs(ptb_base, tmp_path_factory):
-    """The session's 1-worker run and a 2-worker run of the same config and seed."""
+def runs(ptb_base, ptb_two, tmp_path_factory):
+    """The session's 1-worker run and 2-worker run of the same config and seed."""
     one, _, data = ptb_base
-    storage = tmp_path_factory.mktemp("runs")
-    two = fit("ptb", CONFIG, run_settings(storage, "two", data, num_workers=2))
-    return one, two, storage, data
+    two, _ = ptb_two
+    return one, two, tmp_path_factory.mktemp("runs"), data
 
 
 def test_two_workers_reproduce_one_worker(runs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -478,3 +479,41 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
     )
     # the test preset's own epochs and all of the training data, not the search's budget
     assert (printed["max_max_epoch"], printed["train_fraction"]) == (1, 1.0)
+
+
+def test_a_diverging_trial_ends_error_with_its_one_line(tmp_path, ray_session):
+    """A trial whose loss diverges stops with the loop's one-line error, and the search goes on:
+    the table shows that trial ERROR with the line, the other one finished."""
+    cli.main(
+        [
+            "--task",
+            "rectangle",
+            "--base",
+            "test",
+            "--max-epochs",
+            "1",
+            "--num-samples",
+            "1",
+            "--max-concurrent",
+            "1",
+            "--space",
+            "hidden_size=8",
+            "learning_rate=grid:0.003,1000000",
+            "--storage-path",
+            str(tmp_path),
+            "--name",
+            "diverge",
+        ]
+    )
+    rep = report.write_report(load_spec(str(tmp_path / "diverge")))
+    by_lr = {r.hparams["learning_rate"]: r for r in rep.rows}
+    assert by_lr[0.003].status == "TERMINATED" and by_lr[0.003].error == ""
+    bad = by_lr[1000000]
+    assert bad.status == "ERROR"
+    assert re.fullmatch(
+        r"the loss became (NaN|infinite|too large \(over 1000 per unit, beyond any training model\)) "
+        r"at epoch 1 step \d+; lower --learning-rate or set a smaller --max-grad-norm",
+        bad.error,
+    )
+    assert bad.error in (tmp_path / "diverge" / "results.md").read_text()
+    assert rep.best is by_lr[0.003]

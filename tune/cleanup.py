@@ -32,10 +32,15 @@ _warned = False
 
 
 def _tables() -> tuple[list[Any], list[Any], str]:
+    """Placement groups, actors and this job's id, straight from the GCS (Ray internals: the
+    callers turn any failure into one warning)."""
     import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
 
+    try:
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+    except ImportError as e:
+        raise RuntimeError(f"this Ray has no GCS tables where lstm-ray expects them ({e})") from e
     accessor = state._connect_and_get_accessor()
     pgs = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table()]
     actors = [gcs_pb2.ActorTableData.FromString(raw) for raw in accessor.get_actor_table(None, None)]

@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jobs/tune_ptb.py",
         description="Search hyperparameters with Ray Tune; every trial is a Ray Train run of jobs/<task>.py.",
     )
+    add_search_flags(p)
+    add_budget_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    """What is searched, and how."""
     p.add_argument("--task", default="ptb", help=f"task to search: {', '.join(task_names())} (default ptb)")
     p.add_argument(
         "--base",
@@ -50,22 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
         "pbt fields: ptb keep_prob and learning_rate)",
     )
     p.add_argument("--synch", action="store_true", help="PBT: synchronous (every trial reaches each interval first)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default 1)")
+    p.add_argument(
+        "--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung (default 2)"
+    )
+    p.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between exploits (default 1)")
+
+
+def add_budget_flags(p: argparse.ArgumentParser) -> None:
+    """How much each trial and the search may spend."""
     p.add_argument(
         "--num-samples", type=int, default=8, help="trials to sample, times the size of any grid (default 8)"
     )
     p.add_argument("--max-epochs", type=int, default=None, help="epochs per trial (default: the base's)")
     p.add_argument("--time-budget-s", type=float, default=None, help="end the search after this many seconds")
     p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=None,
-        help="trials at once (default: as many as the cluster's CPUs/GPUs fit)",
-    )
-    p.add_argument(
         "--train-fraction",
         type=float,
         default=None,
         help="train every trial on this leading fraction of the training data (ptb)",
+    )
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where and on what the trials run."""
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: as many as the cluster's CPUs/GPUs fit)",
     )
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     p.add_argument("--gpu", action="store_true", help="GPU workers (nccl)")
@@ -86,18 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default="", help="the search's name (default: tune-<task>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name with its settings")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default 1)")
-    p.add_argument(
-        "--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung (default 2)"
-    )
-    p.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between exploits (default 1)")
     p.add_argument(
         "--mlflow-tracking-uri",
         default="",
         help="log every trial to this MLflow server (default: $MLFLOW_TRACKING_URI, or no MLflow)",
     )
-    return p
 
 
 def check_flags(args: argparse.Namespace) -> None:

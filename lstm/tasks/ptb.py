@@ -8,32 +8,11 @@ norm ``max_grad_norm``; lr of 0-based epoch i = ``learning_rate * lr_decay ** ma
 max_epoch, 0)``; perplexity = exp(total loss / total words). Validation perplexity every
 epoch, test perplexity after the last.
 
-Workers, batch and learning rate
---------------------------------
-``batch_size`` is the **global** batch. The training stream is cut into ``batch_size`` rows
-exactly as with one worker, and with N workers rank k trains on rows [k*B/N, (k+1)*B/N)
-(``batch_size`` must be a multiple of N). Each worker's loss is averaged over its own B/N rows
-and DDP averages the workers' gradients, so every step applies the gradient of the whole
-B-row batch: with the same config, 1, 2 or 4 workers take the same steps (up to float
-rounding; dropout masks differ per rank) and reach the same perplexity, with the learning
-rate left as it is. More workers only split each step's work.
-
-To grow the batch instead, raise ``--batch-size`` (e.g. ``20 * N``): each epoch then has N
-times fewer steps of an N-times larger batch. The loss is still averaged over the batch, so
-a step's size does not grow with it; keeping ``learning_rate`` (as the tutorial's 1.0 with
-clipping at 5 expects) means N times fewer updates per epoch, which usually needs more epochs
-(raise ``--max-epoch``/``--max-max-epoch``) to reach the same perplexity. Validation and test
-rows are sharded the same way (``eval_batch_size`` rows, split by rank when it is a multiple
-of N, else rank 0 evaluates all of them) and the sums are all-reduced, so the reported
-perplexities are global.
-
-Evaluation batch
-----------------
-The tutorial validates with the training ``batch_size``/``num_steps`` and tests with batch 1
-and num_steps 1. Here both splits use ``eval_batch_size``/``eval_num_steps`` (0 = the
-training values): the default is the tutorial's validation, and ``--eval-batch-size 1
---eval-num-steps 1`` is its test evaluation exactly. A test checks that the batched
-evaluation agrees with the batch-1 one to within 0.5%.
+``batch_size`` is the global batch: with N workers rank k trains rows [k*B/N, (k+1)*B/N) and
+averages its loss over them, and DDP averages the gradients, so 1, 2 or 4 workers take the same
+steps. Validation and test rows are split the same way when ``eval_batch_size`` is a multiple
+of N (else rank 0 evaluates them all), and the sums are all-reduced. What this means for a
+user (more workers vs a larger batch, the evaluation batch) is in docs/ptb.md.
 """
 
 from __future__ import annotations

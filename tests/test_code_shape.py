@@ -1,0 +1,196 @@
+"""The shape of the code, checked on every run: short functions, layers that point one way,
+private Ray modules only behind a guard, and dependency pins that agree with each other."""
+
+from __future__ import annotations
+
+import ast
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("lstm", "tune")
+MAX_FUNCTION_LINES = 60
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def imported_names(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return []
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (at module level or inside functions)."""
+    mods = modules()
+    return {
+        m: {n for node in ast.walk(parsed(p)) for n in imported_names(node) if n in mods and n != m}
+        for m, p in mods.items()
+    }
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = [
+        (f"{m}.{node.name}", node.end_lineno - node.lineno + 1)
+        for m, p in modules().items()
+        for node in ast.walk(parsed(p))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert long == []
+
+
+def test_no_import_cycles_but_the_registrys_lazy_import():
+    graph = import_graph()
+    graph["lstm.task"].discard("lstm.tasks")  # get_task() imports the built-in tasks to register them
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_tasks_and_models_do_not_depend_on_the_loop_or_ray():
+    graph = import_graph()
+    for module, deps in graph.items():
+        if module.startswith(("lstm.tasks", "lstm.models", "lstm.data")):
+            assert not deps & {"lstm.loop", "lstm.trainer", "lstm.step", "lstm.cluster", "lstm.cli"}, module
+            source = modules()[module].read_text()
+            assert not re.search(r"^\s*(import|from) ray\b", source, re.M), f"{module} imports ray"
+
+
+def private_ray_imports_outside_try(tree: ast.Module) -> list[int]:
+    guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for n in ast.walk(s)}
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if any(re.match(r"ray(\.\w+)*\._(private|internal)\b|ray\.experimental\b", n) for n in imported_names(node))
+        and id(node) not in guarded
+    ]
+
+
+def test_private_ray_modules_are_imported_only_behind_a_guard():
+    unguarded = {m: lines for m, p in modules().items() if (lines := private_ray_imports_outside_try(parsed(p)))}
+    assert unguarded == {}
+    assert private_ray_imports_outside_try(ast.parse("from ray._private.state import state")) == [1]
+    assert (
+        private_ray_imports_outside_try(ast.parse("try:\n  import ray.train.v2._internal.x\nexcept Exception:\n  pass"))
+        == []
+    )
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def requirement(name: str) -> str:
+    [spec] = [d for d in project()["dependencies"] if re.match(rf"{re.escape(name)}(?![\w\[-])", d)]
+    return spec
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def test_ray_is_pinned_to_the_version_the_suite_runs_and_cluster_yaml_installs():
+    spec = requirement("ray[default,train,tune]")
+    low, high = re.fullmatch(r"ray\[default,train,tune\]>=([\d.]+),<([\d.]+)", spec).groups()
+    setup = "\n".join(yaml.safe_load((REPO / "cluster.yaml").read_text())["setup_commands"])
+    [cluster_version] = re.findall(r'"ray\[default,train,tune\]==([\d.]+)"', setup)
+    for version in (metadata.version("ray"), cluster_version):
+        assert version_tuple(low) <= version_tuple(version) < version_tuple(high), version
+    assert version_tuple(high)[:2] == (version_tuple(low)[0], version_tuple(low)[1] + 1), "one minor version"
+
+
+@pytest.mark.parametrize("name, floor", [("torch", "2.3"), ("pyarrow", "14")])
+def test_floors(name, floor):
+    assert requirement(name) == f"{name}>={floor}"
+    assert version_tuple(metadata.version(name)) >= version_tuple(floor)
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    declared = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in project()["dependencies"]}
+    optional = {
+        re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower()
+        for ds in project()["optional-dependencies"].values()
+        for d in ds
+    }
+    distributions = {
+        "ray": "ray",
+        "torch": "torch",
+        "numpy": "numpy",
+        "pyarrow": "pyarrow",
+        "matplotlib": "matplotlib",
+        "tensorboardX": "tensorboardx",
+        "tensorboard": "tensorboard",
+        "yaml": "pyyaml",
+        "mlflow": "mlflow",
+    }
+    local = set(PACKAGES) | {"__future__"}
+    for module, path in modules().items():
+        for node in ast.walk(parsed(path)):
+            for name in imported_names(node):
+                top = name.split(".")[0]
+                if top in local or top in _stdlib():
+                    continue
+                assert distributions.get(top) in declared | optional, f"{module} imports {top}"
+
+
+def _stdlib() -> frozenset[str]:
+    import sys
+
+    return frozenset(sys.stdlib_module_names)

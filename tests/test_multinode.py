@@ -1,0 +1,127 @@
+"""Several nodes for real: a multi-raylet cluster on this machine (``ray.cluster_utils.Cluster``:
+a head with 0 CPUs and three 1-CPU nodes, so two 1-CPU workers cannot share a node).
+
+* A 2-worker PTB run whose workers sit on different nodes ends with the same metrics as the
+  same run on one node.
+* A node removed mid-epoch (a node loss: its raylet and every process on it gone, not one
+  worker's ``os._exit``) costs at most that epoch and changes no metric.
+* The workers read no data: they get the corpus the driver read through Ray's object store.
+  Their environment points the data cache at an empty folder and the download at a closed
+  port, so a worker that looked for data itself would fail.
+
+The module swaps the suite's shared Ray instance out for the cluster and back in afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import (
+    TRAIN_POLL_ENV,
+    TRAIN_POLL_S,
+    WORKER_ENV,
+    free_port,
+    ptb_base_config,
+    run_settings,
+    start_session_ray,
+)
+from hooks import PauseOnce, RecordNode
+from ray.cluster_utils import Cluster
+
+from lstm.trainer import fit
+
+KEYS = ("train_loss", "valid_loss")
+
+
+@pytest.fixture(scope="module")
+def cluster(ptb_base, ptb_two, tmp_path_factory):
+    """The cluster, once the single-node runs it is compared with are done."""
+    empty_cache = tmp_path_factory.mktemp("empty-cache")
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    env = {
+        **WORKER_ENV,
+        TRAIN_POLL_ENV: TRAIN_POLL_S,
+        "RAY_ADDRESS": cluster.address,
+        "LSTM_CACHE_DIR": str(empty_cache),
+        "LSTM_PTB_URL": f"http://127.0.0.1:{free_port()}/closed.tgz",
+    }
+    ray.init(address=cluster.address, runtime_env={"env_vars": env}, logging_level="WARNING")
+    try:
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        start_session_ray()
+
+
+def losses(history):
+    return [tuple(e[k] for k in KEYS) for e in history]
+
+
+@pytest.fixture(scope="module")
+def spread(cluster, ptb_dir, tmp_path_factory):
+    """An uninterrupted 2-worker run on the cluster, with the node each rank ran on."""
+    storage = tmp_path_factory.mktemp("multinode")
+    result = fit(
+        "ptb",
+        ptb_base_config(),
+        run_settings(storage, "spread", ptb_dir, num_workers=2, cpus_per_worker=1),
+        hooks=[RecordNode()],
+    )
+    placement = {rank: (Path(result.run_dir) / f".node-{rank}").read_text() for rank in (0, 1)}
+    return result, placement, storage
+
+
+def test_two_workers_on_two_nodes_match_the_one_node_run(cluster, spread, ptb_two):
+    _, nodes = cluster
+    result, placement, _ = spread
+    print(f"placement: rank 0 on {placement[0][:12]}, rank 1 on {placement[1][:12]}")
+    assert placement[0] != placement[1], "the two workers shared a node"
+    assert set(placement.values()) <= {n.node_id for n in nodes}, "a worker ran on the head (0 CPUs)"
+    one_node, _ = ptb_two
+    assert [e["workers"] for e in result.history] == [2, 2]
+    assert losses(result.history) == losses(one_node.history)
+    assert result.metrics["test_loss"] == one_node.metrics["test_loss"]
+
+
+def test_a_node_lost_mid_epoch_costs_at_most_the_epoch(cluster, spread, ptb_dir, tmp_path):
+    the_cluster, nodes = cluster
+    clean, _, _ = spread
+    marker = str(tmp_path / "paused")
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            settings = run_settings(
+                tmp_path, "lost", ptb_dir, num_workers=2, cpus_per_worker=1, max_failures=1, checkpoints_to_keep=5
+            )
+            outcome["result"] = fit("ptb", ptb_base_config(), settings, hooks=[PauseOnce(2, 100, marker, rank=1)])
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    ready = Path(marker + ".ready")
+    deadline = time.monotonic() + 300
+    while not ready.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.exists(), f"rank 1 never reached epoch 2 step 100: {outcome}"
+    node_id = ready.read_text().split()[1]
+    [node] = [n for n in nodes if n.node_id == node_id]
+    the_cluster.remove_node(node)  # rank 1 waits at epoch 2 step 100: its node goes away under it
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    lost = outcome["result"]
+    run_dir = Path(lost.run_dir)
+    # it resumed from the checkpoint of epoch 1 instead of starting over: two checkpoints, not three
+    assert len([p for p in run_dir.glob("checkpoint_2*") if p.is_dir()]) == 2
+    assert [e["epoch"] for e in lost.history] == [1, 2]
+    assert losses(lost.history) == losses(clean.history)
+    assert lost.metrics["test_loss"] == clean.metrics["test_loss"]
