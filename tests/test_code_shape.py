@@ -194,3 +194,16 @@ def _stdlib() -> frozenset[str]:
     import sys
 
     return frozenset(sys.stdlib_module_names)
+
+
+def readme_commands() -> list[str]:
+    """The shell commands of the README's "Two commands" section, in order."""
+    section = (REPO / "README.md").read_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    setup_and_run, setup_and_test = readme_commands()
+    assert setup_and_run.endswith("jobs/rectangle.py") and "pytest" in setup_and_test
+    assert setup_and_test.splitlines()[-1] in (REPO / ".ci" / "run").read_text().splitlines()
+    assert "ruff check ." in setup_and_test and "ruff format --check ." in setup_and_test
