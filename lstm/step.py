@@ -264,6 +264,23 @@ class CapturedStepper:
     index as a device tensor) and is read outside it every ``check_every`` steps, as in the
     eager step. ``graph=False`` runs the same static-buffer body eagerly at every step instead
     of replaying a graph: what the CPU tests check.
+
+    Differences from the eager step: SGD runs as its fused kernel (the same update up to
+    rounding); dropout masks come from the graph's RNG offsets (nn.Dropout, still seeded by
+    each epoch's ``torch.manual_seed``) and cuDNN's own dropout state, which the graph keeps
+    advancing rather than re-seeding each epoch, so with ``keep_prob < 1`` an epoch re-run
+    after a worker failure draws other inter-layer masks than the first run did.
+
+    The alternative, ``torch.compile(mode="reduce-overhead")``, also replays CUDA graphs (its
+    cudagraph trees) but per compiled region: forward and backward of the module, with the
+    clipping and the optimizer step compiled separately or left eager; its static outputs are
+    overwritten by the next replay, which the carried LSTM state is (a clone per step, or
+    ``torch.compiler.cudagraph_mark_step_begin()``); and ``aten.lstm`` has a registered
+    decomposition (``torch/_decomp/decompositions.py``, ``lstm_impl``) that unrolls each layer
+    over the time steps instead of calling cuDNN's RNN kernel, so compile time grows with
+    ``num_steps`` x layers in every trial worker. It may still be faster; neither has been
+    timed yet (no GPU was available when this was written): ``bench/ptb_speed.py --device
+    cuda`` times this class against the eager step, and a compiled step belongs beside them.
     """
 
     def __init__(
@@ -349,9 +366,9 @@ class CapturedStepper:
         self.optimizer.zero_grad(set_to_none=True)  # so that the graph's backward allocates the gradients
         if self.graph:
             cuda_graph = torch.cuda.CUDAGraph()
-            # thread_local: a Ray worker runs other threads (NCCL's watchdog, Ray's own) whose
-            # CUDA calls must not invalidate this capture.
-            with torch.cuda.graph(cuda_graph, stream=self.stream, capture_error_mode="thread_local"):
+            # The recipe's default "global" capture mode: backward runs in autograd's own thread.
+            # Should another thread of a Ray worker invalidate the capture, step() falls back.
+            with torch.cuda.graph(cuda_graph, stream=self.stream):
                 out = self._body()
             if out.lr_scale != 1.0:
                 raise RuntimeError(f"a captured step needs lr_scale 1 at every step (got {out.lr_scale})")
