@@ -253,8 +253,9 @@ class CapturedStepper:
 
     * the first :data:`WARMUP_STEPS` steps are eager :class:`Stepper` steps on a side stream
       (real training steps: they allocate cuBLAS/cuDNN workspaces and SGD's momentum buffers);
-    * the next step copies its batch and carried state into static buffers, sets the gradients
-      to None and captures the body (:meth:`_body`) on that stream, then replays it;
+    * the next step allocates static batch, state and index buffers, sets the gradients to
+      None (so that the graph's backward allocates them in its pool) and captures the body
+      (:meth:`_body`) on that stream; capturing runs nothing, so it then loads and replays;
     * every later step copies its batch, state (zeros for a None state: an epoch start) and
       index into the static buffers and replays the graph. The body copies the new state into
       the state buffers, so the state handed back is that buffer and needs no copy next step.
