@@ -35,7 +35,7 @@ from lstm import checkpoint as ckpt
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.progress import Progress
-from lstm.step import DivergenceGuard, StepModule, Stepper, autocast
+from lstm.step import DivergenceGuard, StepModule, autocast, make_stepper
 from lstm.task import Task, WorkerInfo, get_task
 
 USER_ERROR = "user_error"  # the metric (and return value) that carries a one-line UserError
@@ -125,7 +125,7 @@ class Loop:
             self.worker.world_size,
             check_gradients=self.settings.precision != "fp16",
         )
-        self.stepper = Stepper(
+        self.stepper = make_stepper(
             forward,
             optimizer,
             [p for p in self.model.parameters() if p.requires_grad],

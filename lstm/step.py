@@ -11,13 +11,23 @@ on the device and looks at it every ``check_every`` steps -- every step on a CPU
 looking is free, every 50 on a GPU, where it would stall the host. With several workers the
 ranks agree on the earliest bad step (an all-reduce of one integer), so every rank stops at
 the same step with the same one-line error, and no checkpoint of a diverged model is written.
+
+Captured step. On a GPU the step is bound by kernel launches and host work, not arithmetic.
+:func:`make_stepper` (what :meth:`lstm.loop.Loop.prepare` calls) therefore returns a
+:class:`CapturedStepper` where it can: the whole step -- forward with the carried state, loss,
+backward, clipping, the divergence check, the optimizer step and the step's metric sums -- is
+captured once in a CUDA graph and replayed. Elsewhere it returns the eager :class:`Stepper`
+and logs one line saying why (:func:`capture_refusal`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import math
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -29,6 +39,10 @@ from lstm.task import StepOutput, Task
 GPU_CHECK_EVERY = 50
 CPU = torch.device("cpu")
 NEVER = 2**62
+WARMUP_STEPS = 3  # eager steps before capture, on the capture's side stream (PyTorch's recipe)
+CAPTURE_ENV = "LSTM_CUDA_GRAPH"  # set to 0 to keep the eager step on a GPU
+
+logger = logging.getLogger(__name__)
 
 
 class StepModule(nn.Module):
@@ -44,12 +58,13 @@ class StepModule(nn.Module):
         return self.task.train_step(self.model, batch, state)
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision for ``bf16``/``fp16``; nothing for ``fp32``."""
+def autocast(precision: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``bf16``/``fp16``; nothing for ``fp32``. ``cache=False`` for a CUDA
+    graph capture (PyTorch's CUDA-graph notes: autocast's weight cache must be off)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 KINDS = ("NaN", "infinite", "too large")  # what a diverged step's loss became, in order of precedence
@@ -74,14 +89,16 @@ class DivergenceGuard:
         self.check_gradients = check_gradients  # off with an fp16 scaler, which skips inf steps itself
         self.first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
 
-    def observe(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def observe(self, step: Union[int, torch.Tensor], mean_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Record the step if it diverged. ``step`` may be a device tensor (a captured step's
+        index); ``first_bad`` is updated in place, so a CUDA graph replay updates it too."""
         values = (
             torch.stack([mean_loss.float(), grad_norm.float()]) if self.check_gradients else mean_loss.float()[None]
         )
         kind = torch.where(values.isnan().any(), 0, torch.where(values.isinf().any(), 1, 2))
         bad = ~torch.isfinite(values).all() | (mean_loss > self.limit)
         code = torch.where(bad, step * len(KINDS) + kind, NEVER)
-        self.first_bad = torch.minimum(self.first_bad, code)
+        torch.minimum(self.first_bad, code, out=self.first_bad)
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.check_every == 0
@@ -170,3 +187,246 @@ class Stepper:
         if lr_scale != 1.0:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
+
+
+# --------------------------------------------------------------------------- the captured step
+
+
+def graph_safe_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`make_graph_safe` can make ``optimizer``'s step capturable: plain
+    ``torch.optim.SGD`` (what the PTB task uses; momentum and weight decay included)."""
+    return type(optimizer) is torch.optim.SGD and not any(g.get("differentiable") for g in optimizer.param_groups)
+
+
+def make_graph_safe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """Switch SGD to its fused kernel reading the learning rate from a device tensor, shared
+    by all groups and returned: a replay then reads no host value, and setting the epoch's
+    lr is a ``fill_`` on that tensor, not a recapture. (SGD has no ``capturable`` flag: its
+    fused kernel with a tensor lr is its graph-safe form; the foreach and per-tensor forms
+    turn a tensor lr into a host scalar.) Checkpoints still get the plain float lr and the
+    group's own ``fused``/``foreach`` (a ``state_dict`` hook), so they load anywhere."""
+    lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+    before = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(lr=lr, fused=True, foreach=False)
+
+    def plain_state_dict(_optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        for group, (fused, foreach) in zip(state_dict["param_groups"], before, strict=True):
+            group.update(lr=float(group["lr"]), fused=fused, foreach=foreach)
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(plain_state_dict)
+    return lr
+
+
+def capture_refusal(
+    device: torch.device, precision: str, world_size: int, task: Task, optimizer: torch.optim.Optimizer
+) -> Optional[str]:
+    """Why the training step cannot be captured in a CUDA graph, or None when it can."""
+    if os.environ.get(CAPTURE_ENV, "1") == "0":
+        return f"{CAPTURE_ENV}=0"
+    if device.type != "cuda":
+        return f"the device is {device.type}, not CUDA"
+    if precision == "fp16":
+        return "fp16's GradScaler decides on the host whether each step is applied"
+    if world_size > 1:
+        # PyTorch's recipe for DDP in a graph (NCCL >= 2.9.6): async NCCL error handling off
+        # before init_process_group (Ray Train turns it on), DDP built on a side stream, and
+        # 11 eager DDP warm-up steps. The loop does not set that up, so it does not capture.
+        return f"{world_size} workers (DDP): capturing DDP's all-reduce is not set up under Ray Train"
+    if not task.static_step():
+        return f"task {task.name}'s step changes shapes or learning-rate scale from step to step"
+    if not graph_safe_optimizer(optimizer):
+        return f"{type(optimizer).__name__} is not known to be graph-safe (torch.optim.SGD is)"
+    return None
+
+
+def _tensors(values: Any, what: str) -> tuple[torch.Tensor, ...]:
+    if not isinstance(values, (tuple, list)) or not all(torch.is_tensor(v) for v in values):
+        raise RuntimeError(f"a captured step needs its {what} as a tuple of tensors, not {type(values).__name__}")
+    return tuple(values)
+
+
+class CapturedStepper:
+    """:class:`Stepper`'s interface, with the step captured in a CUDA graph (PyTorch's
+    whole-network recipe, "CUDA Graphs" in its CUDA semantics notes):
+
+    * the first :data:`WARMUP_STEPS` steps are eager :class:`Stepper` steps on a side stream
+      (real training steps: they allocate cuBLAS/cuDNN workspaces and SGD's momentum buffers);
+    * the next step allocates static batch, state and index buffers, sets the gradients to
+      None (so that the graph's backward allocates them in its pool) and captures the body
+      (:meth:`_body`) on that stream; capturing runs nothing, so it then loads and replays;
+    * every later step copies its batch, state (zeros for a None state: an epoch start) and
+      index into the static buffers and replays the graph. The body copies the new state into
+      the state buffers, so the state handed back is that buffer and needs no copy next step.
+
+    The returned :class:`StepOutput` holds the graph's static outputs: read or sum them before
+    the next step, as the loop does. The divergence guard runs inside the graph (with the step
+    index as a device tensor) and is read outside it every ``check_every`` steps, as in the
+    eager step. ``graph=False`` runs the same static-buffer body eagerly at every step instead
+    of replaying a graph: what the CPU tests check.
+
+    Differences from the eager step: SGD runs as its fused kernel (the same update up to
+    rounding); dropout masks come from the graph's RNG offsets (nn.Dropout, still seeded by
+    each epoch's ``torch.manual_seed``) and cuDNN's own dropout state, which the graph keeps
+    advancing rather than re-seeding each epoch, so with ``keep_prob < 1`` an epoch re-run
+    after a worker failure draws other inter-layer masks than the first run did.
+
+    The alternative, ``torch.compile(mode="reduce-overhead")``, also replays CUDA graphs (its
+    cudagraph trees) but per compiled region: forward and backward of the module, with the
+    clipping and the optimizer step compiled separately or left eager; its static outputs are
+    overwritten by the next replay, which the carried LSTM state is (a clone per step, or
+    ``torch.compiler.cudagraph_mark_step_begin()``); and ``aten.lstm`` has a registered
+    decomposition (``torch/_decomp/decompositions.py``, ``lstm_impl``) that unrolls each layer
+    over the time steps instead of calling cuDNN's RNN kernel, so compile time grows with
+    ``num_steps`` x layers in every trial worker. It may still be faster; neither has been
+    timed yet (no GPU was available when this was written): ``bench/ptb_speed.py --device
+    cuda`` times this class against the eager step, and a compiled step belongs beside them.
+    """
+
+    def __init__(
+        self,
+        forward: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+        *,
+        max_grad_norm: Optional[float],
+        guard: DivergenceGuard,
+        precision: str = "fp32",
+        device: torch.device = CPU,
+        graph: bool = True,
+    ):
+        self.eager = Stepper(
+            forward, optimizer, params, max_grad_norm=max_grad_norm, guard=guard, precision=precision, device=device
+        )
+        self.forward, self.optimizer, self.params, self.guard = forward, optimizer, params, guard
+        self.precision, self.device, self.graph = precision, device, graph
+        self.lr, self.lr_tensor = 0.0, make_graph_safe(optimizer, device)
+        self.warmed, self.ready, self.failed = 0, False, False
+        self.stream = torch.cuda.Stream(device) if graph else None
+        self.cuda_graph: Optional[Any] = None  # a torch.cuda.CUDAGraph once captured
+        self.static_out: Optional[StepOutput] = None
+        self.static_batch: tuple[torch.Tensor, ...] = ()
+        self.static_state: Optional[tuple[torch.Tensor, ...]] = None
+        self.static_index = torch.zeros((), dtype=torch.long, device=device)
+        self.state_like: Any = None
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = self.eager.lr = lr
+        self.lr_tensor.fill_(lr)
+
+    def raise_if_diverged(self, epoch: int) -> None:
+        self.eager.raise_if_diverged(epoch)
+
+    def step(self, batch: Any, state: Any, index: int, epoch: int) -> StepOutput:
+        """One training step on ``batch``; UserError when the run has diverged."""
+        if self.failed:
+            return self.eager.step(batch, state, index, epoch)
+        if self.warmed < WARMUP_STEPS:
+            return self._warmup(batch, state, index, epoch)
+        try:
+            if not self.ready:
+                self._capture(batch)
+            self._load(batch, state, index)
+        except RuntimeError as e:  # an op that cannot be captured, or a shape that changed
+            self._give_up(e)
+            return self.eager.step(batch, state, index, epoch)
+        if self.cuda_graph is not None:
+            self.cuda_graph.replay()
+        else:
+            self.static_out = self._body()
+        if self.guard.due(index):
+            self.raise_if_diverged(epoch)
+        assert self.static_out is not None
+        return self.static_out
+
+    def _give_up(self, error: Exception) -> None:
+        logger.warning("CUDA graph of the training step abandoned, eager step from here: %s", error)
+        self.failed, self.cuda_graph, self.static_out = True, None, None
+        self.optimizer.zero_grad(set_to_none=True)  # drop the gradients in the graph's memory pool
+
+    def _warmup(self, batch: Any, state: Any, index: int, epoch: int) -> StepOutput:
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            out = self.eager.step(batch, state, index, epoch)
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.warmed += 1
+        self.state_like = out.state
+        return out
+
+    def _capture(self, batch: Any) -> None:
+        """Allocate the static buffers and capture the body (with ``graph=False``, only
+        allocate them). A captured graph has not run yet: :meth:`step` replays it."""
+        self.static_batch = tuple(
+            torch.empty_like(x, memory_format=torch.contiguous_format) for x in _tensors(batch, "batch")
+        )
+        if self.state_like is not None:
+            self.static_state = tuple(torch.zeros_like(s) for s in _tensors(self.state_like, "state"))
+        self.optimizer.zero_grad(set_to_none=True)  # so that the graph's backward allocates the gradients
+        if self.graph:
+            cuda_graph = torch.cuda.CUDAGraph()
+            # The recipe's default "global" capture mode: backward runs in autograd's own thread.
+            # Should another thread of a Ray worker invalidate the capture, step() falls back.
+            with torch.cuda.graph(cuda_graph, stream=self.stream):
+                out = self._body()
+            if out.lr_scale != 1.0:
+                raise RuntimeError(f"a captured step needs lr_scale 1 at every step (got {out.lr_scale})")
+            self.cuda_graph, self.static_out = cuda_graph, out
+        self.ready = True
+
+    def _body(self) -> StepOutput:
+        """The step on the static buffers: what the graph holds."""
+        self.optimizer.zero_grad(set_to_none=True)  # nothing to do in the graph: its gradients are None
+        with autocast(self.precision, self.device, cache=not self.graph):
+            out = self.forward(self.static_batch, self.static_state)
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.eager.max_norm)
+        self.guard.observe(self.static_index, out.mean_loss, norm)
+        self.optimizer.step()  # reads lr_tensor on the device
+        if self.static_state is not None:
+            for buffer, new in zip(self.static_state, _tensors(out.state, "state"), strict=True):
+                buffer.copy_(new)
+        return dataclasses.replace(out, state=self.static_state)
+
+    def _load(self, batch: Any, state: Any, index: int) -> None:
+        """This step's batch, state and index into the static buffers."""
+        for buffer, x in zip(self.static_batch, _tensors(batch, "batch"), strict=True):
+            if x.shape != buffer.shape:
+                raise RuntimeError(f"a batch of shape {tuple(x.shape)} after capturing {tuple(buffer.shape)}")
+            buffer.copy_(x)
+        if self.static_state is not None and state is not self.static_state:
+            if state is None:
+                for buffer in self.static_state:
+                    buffer.zero_()
+            else:
+                for buffer, s in zip(self.static_state, _tensors(state, "state"), strict=True):
+                    buffer.copy_(s)
+        self.static_index.fill_(index)
+
+
+def make_stepper(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    *,
+    max_grad_norm: Optional[float],
+    guard: DivergenceGuard,
+    precision: str = "fp32",
+    device: torch.device = CPU,
+) -> Union[Stepper, CapturedStepper]:
+    """A :class:`CapturedStepper` where the step can be captured, else a :class:`Stepper`;
+    one log line on rank 0 says which and why. ``forward`` is the :class:`StepModule`,
+    possibly inside DDP."""
+    task: Task = getattr(forward, "module", forward).task
+    reason = capture_refusal(device, precision, guard.world_size, task, optimizer)
+    kwargs: dict[str, Any] = dict(max_grad_norm=max_grad_norm, guard=guard, precision=precision, device=device)
+    if reason is not None:
+        if task.worker.is_chief:
+            level = logging.INFO if device.type == "cpu" else logging.WARNING
+            logger.log(level, "[%s] eager training step, no CUDA graph: %s", task.name, reason)
+        return Stepper(forward, optimizer, params, **kwargs)
+    if task.worker.is_chief:
+        logger.info("[%s] training step captured in a CUDA graph after %d eager steps", task.name, WARMUP_STEPS)
+    return CapturedStepper(forward, optimizer, params, **kwargs)

@@ -159,6 +159,12 @@ class Task(ABC):
     def train_step(self, model: nn.Module, batch: Any, state: Any) -> StepOutput:
         """Forward one batch; return the loss to back-propagate and additive sums."""
 
+    def static_step(self) -> bool:
+        """True when every ``train_step`` of a run has the same tensor shapes and returns
+        ``lr_scale`` 1 (no variable-length BPTT): then a GPU run may capture the whole step in a
+        CUDA graph (:class:`lstm.step.CapturedStepper`). False, the safe default, keeps the eager step."""
+        return False
+
     def after_step(self, model: nn.Module, examples_seen: int) -> Optional[dict[str, Any]]:
         """After each optimizer step, with the global count of training examples so far;
         a JSON-able record to keep in the history (rank 0's is kept), or None."""

@@ -278,6 +278,9 @@ class PTBTask(Task):
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=self.learning_rate(0))
 
+    def static_step(self) -> bool:
+        return True  # every step is batch_size/N x num_steps words, at the epoch's learning rate
+
     def learning_rate(self, epoch: int) -> float:
         c = self.config
         return c.learning_rate * c.lr_decay ** max(epoch + 1 - c.max_epoch, 0)

@@ -1,0 +1,64 @@
+"""bench/ptb_speed.py keeps working: its FLOP and parameter counts, its one-line errors, and one
+tiny run end to end (the job's own step, the matmul stand-in, a 2-process gloo all-reduce)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lstm import config as cfg
+from lstm.errors import UserError
+from lstm.tasks.ptb import PRESETS, PTBConfig
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import allreduce  # noqa: E402
+import ptb_speed  # noqa: E402
+import step_flops  # noqa: E402
+
+
+def preset(name: str) -> PTBConfig:
+    return cfg.resolve(PTBConfig, PRESETS, preset=name)
+
+
+@pytest.mark.parametrize("name,per_word", [("small", 15_840_000), ("medium", 79_560_000), ("large", 306_000_000)])
+def test_flops_per_word_are_6HV_plus_48LH2(name, per_word):
+    assert step_flops.flops_per_word(preset(name)) == per_word
+
+
+def test_parameter_counts_are_the_models():
+    c = preset("medium")
+    v, h, layers = c.vocab_size, c.hidden_size, c.num_layers
+    assert allreduce.param_count(c) == 2 * v * h + v + layers * (8 * h * h + 8 * h) == 19_780_400
+
+
+@pytest.mark.parametrize("device", ["gpu", "xla", "cuda:x"])
+def test_a_bad_device_is_one_line(device):
+    with pytest.raises(UserError) as e:
+        ptb_speed.device_arg(device)
+    assert "\n" not in str(e.value) and "--device" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_a_gpu_is_one_line():
+    with pytest.raises(UserError, match="sees no CUDA device; use --device cpu"):
+        ptb_speed.device_arg("cuda")
+
+
+def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
+    args = ["--config", "test", "--steps", "1", "--repeats", "2", "--threads", "1", "--eval-words", "2000"]
+    assert (
+        ptb_speed.main([*args, "--data-dir", str(ptb_dir), "--allreduce-configs", "test", "--allreduce-iters", "1"])
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["captured"] == "cuda only" and result["params"] == allreduce.param_count(preset("test"))
+    for key in ("job_words_per_sec", "reference_words_per_sec", "step_ms", "matmul_fraction", "allreduce_ms"):
+        assert result[key] > 0, key
