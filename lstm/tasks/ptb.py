@@ -33,7 +33,9 @@ The tutorial validates with the training ``batch_size``/``num_steps`` and tests 
 and num_steps 1. Here both splits use ``eval_batch_size``/``eval_num_steps`` (0 = the
 training values): the default is the tutorial's validation, and ``--eval-batch-size 1
 --eval-num-steps 1`` is its test evaluation exactly. A test checks that the batched
-evaluation agrees with the batch-1 one to within 0.5%.
+evaluation agrees with the batch-1 one to within 0.5%. ``test_batch_size`` gives the test its
+own rows (``--test-batch-size 1``: the tutorial's test, with the state carried through the
+split, so the window length does not matter; AWD-LSTM validates with 10 rows, tests with 1).
 
 Regularization
 --------------
@@ -373,7 +375,7 @@ class PTBTask(Task):
 
         c = results["config"]
         workers = results["epochs"][-1].get("workers", 1) if results["epochs"] else 1
-        title = f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, keep_prob {c['keep_prob']:g}, {workers} worker(s)"
+        title = f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, {regularization_label(c)}, {workers} worker(s)"
         return [
             plots.learning_curves(
                 results["epochs"],
@@ -518,6 +520,17 @@ class PTBTask(Task):
                 f"{vocab.sha256[:12]}); resume with the --data-dir it was trained on, or start a new run with "
                 "another --name"
             )
+
+
+def regularization_label(c: Mapping[str, Any]) -> str:
+    """A config's regularization in a few words, for a plot title."""
+    locked = [c.get(f"locked_dropout_{where}", 0.0) for where in ("input", "hidden", "output")]
+    parts = ["tied"] if c.get("tied") else []
+    if any(locked):
+        parts.append("locked dropout " + "/".join(f"{p:g}" for p in locked))
+    if c.get("weight_drop"):
+        parts.append(f"weight drop {c['weight_drop']:g}")
+    return ", ".join(parts) or f"keep_prob {c['keep_prob']:g}"
 
 
 def peak_rss_mib() -> float:
