@@ -5,7 +5,8 @@ For every task it does the same things, in this order::
     restore()                 # model, optimizer, epoch and history from get_checkpoint(), or fresh
     for each remaining epoch:
         train_epoch()         # this rank's batches: forward (in DDP), backward, clip, step
-        evaluate_and_reduce() # the task's sums on each split, all-reduced: global metrics
+        evaluate_and_reduce() # the task's sums on each split (under task.evaluation_weights),
+                              # all-reduced: global metrics; then task.after_evaluation(metrics)
         report()              # ray.train.report(metrics, checkpoint); rank 0 writes the checkpoint
 
 Problems the user can fix (a checkpoint of another vocabulary, a diverging loss) hit every
@@ -170,7 +171,8 @@ class Loop:
         all_sums = {f"train:{k}": v for k, v in train_sums.items()}
         start = time.perf_counter()
         self.model.eval()
-        with torch.no_grad(), autocast(self.settings.precision, self.worker.device):
+        weights = task.evaluation_weights(self.model, self.stepper.optimizer)
+        with torch.no_grad(), autocast(self.settings.precision, self.worker.device), weights:
             for split in splits:
                 all_sums.update({f"{split}:{k}": v for k, v in task.evaluate(self.model, split).items()})
         eval_seconds = time.perf_counter() - start
@@ -183,6 +185,7 @@ class Loop:
             )
         metrics["global_samples"] = global_sums["train:samples"]
         metrics["eval_s"] = eval_seconds
+        metrics.update(task.after_evaluation(self.stepper.optimizer, metrics))
         return metrics
 
     def report(self, metrics: dict[str, Any], history: History, records: list[dict[str, Any]], report: Report) -> None:

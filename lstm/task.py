@@ -33,6 +33,7 @@ The loop relies on:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -173,6 +174,19 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         """Sums over this rank's share of ``split`` (called under ``torch.no_grad``)."""
+
+    def evaluation_weights(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> contextlib.AbstractContextManager:
+        """The weights :meth:`evaluate` runs under, e.g. an averaging optimizer's averages put
+        into the model for the block (the default: the model's own)."""
+        return contextlib.nullcontext()
+
+    def after_evaluation(self, optimizer: torch.optim.Optimizer, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """On every rank, with the epoch's global metrics (the same on every rank), before the
+        checkpoint: may change the optimizer (e.g. NT-ASGD's switch to averaging); returns
+        scalar metrics to add to the epoch's."""
+        return {}
 
     @staticmethod
     @abstractmethod

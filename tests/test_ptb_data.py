@@ -172,7 +172,9 @@ def test_unknown_config_name_is_a_one_line_error_from_the_job():
         [sys.executable, str(REPO / "jobs" / "ptb.py"), "--config", "huge"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown config 'huge'; choose one of: small, medium, large, test"
+    assert (
+        proc.stderr.strip() == "error: unknown config 'huge'; choose one of: small, medium, large, test, awd, small-reg"
+    )
 
 
 # --------------------------------------------------------------------------- bad data, on the driver

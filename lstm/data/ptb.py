@@ -176,3 +176,39 @@ def iterate(rows: Rows, num_steps: int, n_steps: int | None = None) -> Iterator[
     for i in range(n_steps):
         start = i * num_steps
         yield rows[:, start : start + num_steps], rows[:, start + 1 : start + num_steps + 1]
+
+
+# --------------------------------------------------------------------------- variable-length BPTT
+
+MIN_STEPS = 5  # AWD-LSTM's shortest window
+STEPS_STD = 5.0  # standard deviation of a window's length
+FULL_LENGTH_P = 0.95  # else the mean length is num_steps / 2
+
+
+def variable_lengths(rng: np.random.Generator, row_len: int, num_steps: int) -> list[int]:
+    """AWD-LSTM's variable-length BPTT: window lengths that cover every target of rows of
+    ``row_len`` tokens. Each is ``max(5, int(N(num_steps, 5)))`` (mean ``num_steps / 2`` with
+    probability 0.05), the last one cut at the end of the rows, so that over the epochs every
+    token starts a window with some probability (fixed windows always start at the same tokens)."""
+    lengths, start = [], 0
+    while start < row_len - 1:
+        mean = num_steps if rng.random() < FULL_LENGTH_P else num_steps / 2
+        n = min(max(MIN_STEPS, int(rng.normal(mean, STEPS_STD))), row_len - 1 - start)
+        lengths.append(n)
+        start += n
+    return lengths
+
+
+def full_lengths(row_len: int, num_steps: int) -> list[int]:
+    """Windows of ``num_steps`` covering every target of rows of ``row_len`` tokens, the last
+    one shorter if need be (:func:`iterate` drops that one, as the tutorial does)."""
+    whole, rest = divmod(row_len - 1, num_steps)
+    return [num_steps] * whole + ([rest] if rest else [])
+
+
+def iterate_lengths(rows: Rows, lengths: list[int]) -> Iterator[tuple[Rows, Rows]]:
+    """(inputs, targets) of consecutive windows of the given ``lengths`` along the rows."""
+    start = 0
+    for n in lengths:
+        yield rows[:, start : start + n], rows[:, start + 1 : start + n + 1]
+        start += n

@@ -15,7 +15,7 @@ whole step runs inside the (possibly DDP-wrapped) module.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -75,6 +75,9 @@ class WordLM(nn.Module):
         return self.decoder(h).view(t, b, -1).transpose(0, 1), state
 
 
-def detach_state(state: Optional[State]) -> Optional[State]:
-    """Cut the graph between batches (truncated BPTT) but keep the values."""
-    return None if state is None else (state[0].detach(), state[1].detach())
+def detach_state(state: Any) -> Any:
+    """Cut the graph between batches (truncated BPTT) but keep the values: a state is None, a
+    tensor or a tuple of states (``WordLM``'s (h, c); ``RegularizedLM``'s one (h, c) per layer)."""
+    if state is None or torch.is_tensor(state):
+        return None if state is None else state.detach()
+    return tuple(detach_state(s) for s in state)

@@ -13,10 +13,23 @@ averages its loss over them, and DDP averages the gradients, so 1, 2 or 4 worker
 steps. Validation and test rows are split the same way when ``eval_batch_size`` is a multiple
 of N (else rank 0 evaluates them all), and the sums are all-reduced. What this means for a
 user (more workers vs a larger batch, the evaluation batch) is in docs/ptb.md.
+``eval_batch_size``/``eval_num_steps`` shape the evaluation (0 = the training values) and
+``test_batch_size`` gives the test its own rows (``--test-batch-size 1``: the tutorial's test,
+with the state carried through the split).
+
+Regularization
+--------------
+Fields beyond the tutorial's add AWD-LSTM's toolkit: weight tying, a separate embedding size,
+locked, embedding and weight dropout, AR/TAR (:mod:`lstm.models.awd`), weight decay, a per-token
+loss, variable-length BPTT and NT-ASGD (:mod:`lstm.optim`). Every default is neutral: with all of
+them off the task trains the tutorial's ``WordLM`` exactly as before. ``awd`` is AWD-LSTM's PTB
+command and ``small-reg`` a CPU-sized regularized 2 x 200 model; docs/ptb-regularized.md has the
+fields, the presets, an example search and the ``score``/``generate`` commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +43,21 @@ from lstm.config import TaskConfig, check_fields, flag_name, positive_finite
 from lstm.data import ptb
 from lstm.data.download import locate
 from lstm.errors import UserError
+from lstm.models.awd import INITS, Regularization, RegularizedLM
 from lstm.models.word import WordLM, detach_state
+from lstm.optim import NTASGD
 from lstm.task import StepOutput, Task, WorkerInfo, perplexity, register
 
 EVAL_SPLITS = ("valid", "test")
+DROPOUT_FIELDS = (
+    "locked_dropout_input",
+    "locked_dropout_hidden",
+    "locked_dropout_output",
+    "embedding_dropout",
+    "weight_drop",
+)
+OPTIMIZERS = ("sgd", "nt-asgd")
+VARIABLE_STEPS_SEED = 4_242  # keeps the window-length generator apart from other seeded streams
 LOSS_LIMIT_TIMES_UNIFORM = 10  # a mean loss this many times a uniform guess's (ln vocab) has diverged
 
 
@@ -57,10 +81,29 @@ class PTBConfig(TaskConfig):
     train_fraction: float = 1.0  # train on this leading fraction of ptb.train.txt
     eval_batch_size: int = 0  # 0: batch_size (the tutorial's validation); 1: its test
     eval_num_steps: int = 0  # 0: num_steps
+    test_batch_size: int = 0  # 0: eval_batch_size (AWD-LSTM validates with 10 rows, tests with 1)
+    # ---- regularization (AWD-LSTM's toolkit, lstm/models/awd.py); every default is neutral
+    tied: bool = False  # the softmax weight is the embedding matrix
+    embedding_size: int = 0  # 0: hidden_size; else the last LSTM layer projects to it
+    locked_dropout_input: float = 0.0  # variational dropout on the embedding output
+    locked_dropout_hidden: float = 0.0  # ... between LSTM layers
+    locked_dropout_output: float = 0.0  # ... on the last layer's output
+    embedding_dropout: float = 0.0  # drop whole words
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices, one mask per batch
+    ar: float = 0.0  # activation regularization: + ar * mean(output^2) per token
+    tar: float = 0.0  # temporal activation regularization: + tar * mean((h_t - h_t-1)^2) per token
+    init: str = "uniform"  # uniform: all weights U(+-init_scale); awd: AWD-LSTM's initialization
+    # ---- optimization
+    weight_decay: float = 0.0
+    loss_per_token: bool = False  # mean over every token (AWD-LSTM) instead of summed over time, mean over rows
+    vary_num_steps: bool = False  # AWD-LSTM's variable-length BPTT around num_steps
+    optimizer: str = "sgd"  # sgd | nt-asgd (lstm/optim.py)
+    nonmono: int = 5  # nt-asgd: average once valid loss is worse than all but the last nonmono epochs'
 
     def validate(self) -> None:
         if not 0.0 < self.keep_prob <= 1.0:
             raise UserError(f"--keep-prob must be in (0, 1] (got {self.keep_prob}); 1 means no dropout")
+        self._validate_regularization()
         check_fields(
             self,
             ("num_layers", "num_steps", "hidden_size", "max_max_epoch", "batch_size", "vocab_size"),
@@ -74,11 +117,65 @@ class PTBConfig(TaskConfig):
         if not 0.0 < self.train_fraction <= 1.0:
             raise UserError(f"{flag_name('train_fraction')} must be in (0, 1] (got {self.train_fraction})")
 
+    def _validate_regularization(self) -> None:
+        check_fields(self, ("test_batch_size", "embedding_size"), lambda v: v >= 0, ">= 0")
+        check_fields(self, ("nonmono",), lambda v: v >= 1, ">= 1")
+        check_fields(self, DROPOUT_FIELDS, lambda v: 0.0 <= v < 1.0, "in [0, 1) (0 = off)")
+        check_fields(self, ("ar", "tar", "weight_decay"), lambda v: 0.0 <= v < math.inf, ">= 0 and finite")
+        for name, choices in (("optimizer", OPTIMIZERS), ("init", INITS)):
+            if getattr(self, name) not in choices:
+                raise UserError(f"{flag_name(name)} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
+        locked = [f for f in DROPOUT_FIELDS[:3] if getattr(self, f)]
+        if self.keep_prob < 1.0 and locked:
+            raise UserError(
+                f"--keep-prob {self.keep_prob:g} (the tutorial's dropout) and {flag_name(locked[0])} (locked "
+                "dropout) act at the same places; use one kind: --keep-prob 1, or set the locked rates to 0 "
+                "(in a search: --space keep_prob=base)"
+            )
+
     @property
     def eval_shape(self) -> tuple[int, int]:
-        """(batch, num_steps) of validation and test."""
+        """(batch, num_steps) of validation (and of test unless ``test_batch_size`` is set)."""
         return self.eval_batch_size or self.batch_size, self.eval_num_steps or self.num_steps
 
+    def shape_of(self, split: str) -> tuple[int, int]:
+        """(batch, num_steps) with which ``split`` is evaluated."""
+        batch, steps = self.eval_shape
+        return (self.test_batch_size or batch, steps) if split == "test" else (batch, steps)
+
+
+# small-reg: the small config's 2 x 200 LSTM with the regularizers that help a small model most
+# (docs/ptb-regularized.md): tied weights; locked dropout, weight drop and embedding dropout
+# lighter than AWD-LSTM's 1150-unit rates, for a 200-unit model trained ~24 epochs; AR/TAR at
+# AWD's values (per token, so the loss scale does not change them); AWD's weight decay at its
+# lr of 30, i.e. x30 for the summed loss at lr 1; variable-length BPTT around Zaremba's medium
+# 35 steps; Zaremba medium's SGD schedule (lr 1 for 6 epochs, then x0.8 an epoch), which a
+# 24-epoch budget lets run down to lr 0.02 (NT-ASGD's trigger would come too late to average long).
+SMALL_REG: dict[str, Any] = dict(
+    init_scale=0.1,
+    learning_rate=1.0,
+    max_grad_norm=5,
+    num_layers=2,
+    num_steps=35,
+    hidden_size=200,
+    max_epoch=6,
+    max_max_epoch=24,
+    keep_prob=1.0,
+    lr_decay=0.8,
+    batch_size=20,
+    vocab_size=10000,
+    tied=True,
+    locked_dropout_input=0.3,
+    locked_dropout_hidden=0.2,
+    locked_dropout_output=0.3,
+    embedding_dropout=0.05,
+    weight_drop=0.2,
+    ar=2.0,
+    tar=1.0,
+    weight_decay=3.6e-5,
+    vary_num_steps=True,
+    test_batch_size=1,  # the tutorial's test: batch 1, the state carried through the split
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
@@ -137,6 +234,41 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=20,
         vocab_size=10000,
     ),
+    # AWD-LSTM's PTB command (its README): python main.py --batch_size 20 --data data/penn
+    # --dropouti 0.4 --dropouth 0.25 --seed 141 --epoch 500, with main.py's other defaults.
+    "awd": dict(
+        init="awd",
+        init_scale=0.1,
+        learning_rate=30.0,
+        max_grad_norm=0.25,
+        loss_per_token=True,
+        num_layers=3,
+        hidden_size=1150,
+        embedding_size=400,
+        tied=True,
+        num_steps=70,
+        vary_num_steps=True,
+        max_epoch=500,  # no decay: the lr stays 30; NT-ASGD averages instead
+        max_max_epoch=500,
+        keep_prob=1.0,
+        lr_decay=1.0,
+        batch_size=20,
+        vocab_size=10000,
+        locked_dropout_input=0.4,
+        locked_dropout_hidden=0.25,
+        locked_dropout_output=0.4,
+        embedding_dropout=0.1,
+        weight_drop=0.5,
+        ar=2.0,
+        tar=1.0,
+        weight_decay=1.2e-6,
+        optimizer="nt-asgd",
+        nonmono=5,
+        eval_batch_size=10,
+        test_batch_size=1,
+        seed=141,
+    ),
+    "small-reg": SMALL_REG,
 }
 
 
@@ -171,8 +303,8 @@ def check_sizes(config: PTBConfig, corpus: ptb.Corpus, num_workers: int = 1) -> 
             f"short for --batch-size {config.batch_size} x --num-steps {config.num_steps}: one step needs "
             f"{need} words; lower --batch-size or --num-steps, or raise --train-fraction"
         )
-    batch, steps = config.eval_shape
     for split in EVAL_SPLITS:
+        batch, steps = config.shape_of(split)
         n = len(corpus.split(split))
         if ptb.epoch_size(n, batch, steps) < 1:
             raise UserError(
@@ -223,7 +355,7 @@ class PTBTask(Task):
 
         c = results["config"]
         workers = results["epochs"][-1].get("workers", 1) if results["epochs"] else 1
-        title = f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, keep_prob {c['keep_prob']:g}, {workers} worker(s)"
+        title = f"PTB LM: {c['num_layers']}x{c['hidden_size']} LSTM, {regularization_label(c)}, {workers} worker(s)"
         return [
             plots.learning_curves(
                 results["epochs"],
@@ -244,6 +376,10 @@ class PTBTask(Task):
         ]
         if "test_ppl" in m:
             parts.append(f"test ppl {m['test_ppl']:.2f}")
+        if m.get("asgd_steps"):
+            parts.append(f"evaluated with averages of {m['asgd_steps']:,} steps")
+        if m.get("asgd_switched"):
+            parts.append("NT-ASGD: averaging from now on")
         parts += [f"words/sec {m.get('words_per_sec', 0):,.0f}", f"elapsed {m.get('elapsed_s', 0):.1f}s"]
         return " | ".join(parts)
 
@@ -257,29 +393,49 @@ class PTBTask(Task):
             train=torch.from_numpy(ptb.shard_rows(rows, worker.rank, worker.world_size)).to(worker.device),
             epoch_size=(rows.shape[1] - 1) // config.num_steps,
         )
-        batch, steps = config.eval_shape
         for split in EVAL_SPLITS:
+            batch, steps = config.shape_of(split)
             all_rows = ptb.batchify(corpus.split(split), batch)
             self.data.eval_rows[split] = torch.from_numpy(eval_shard(all_rows, worker)).to(worker.device)
             self.data.eval_steps[split] = (all_rows.shape[1] - 1) // steps
 
     def num_train_batches(self) -> int:
-        return self.data.epoch_size
+        """Steps per epoch (with variable lengths, the expected number)."""
+        c = self.config
+        if not c.vary_num_steps:
+            return self.data.epoch_size
+        mean = ptb.FULL_LENGTH_P * c.num_steps + (1 - ptb.FULL_LENGTH_P) * c.num_steps / 2
+        return max(1, round((self.data.train.shape[1] - 1) / max(mean, ptb.MIN_STEPS)))
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The same batches every epoch, in order (the tutorial's producer does not shuffle)."""
-        return ptb.iterate(self.data.train, self.config.num_steps, self.data.epoch_size)
+        """The same batches every epoch, in order (the tutorial's producer does not shuffle);
+        with ``vary_num_steps``, windows of lengths drawn from (seed, epoch) alone, so that every
+        rank draws the same ones (DDP's lock-step) and a resumed epoch draws them again."""
+        c = self.config
+        if not c.vary_num_steps:
+            return ptb.iterate(self.data.train, c.num_steps, self.data.epoch_size)
+        rng = np.random.default_rng([c.seed, epoch, VARIABLE_STEPS_SEED])
+        return ptb.iterate_lengths(self.data.train, ptb.variable_lengths(rng, self.data.train.shape[1], c.num_steps))
 
     # ------------------------------------------------------------------ model and optimisation
     def build_model(self) -> nn.Module:
+        """The tutorial's ``WordLM``, or ``RegularizedLM`` when a regularization field is on."""
         c = self.config
-        return WordLM(c.vocab_size, c.hidden_size, c.num_layers, c.keep_prob, c.init_scale)
+        reg = Regularization.of(c)
+        if reg.is_neutral():
+            return WordLM(c.vocab_size, c.hidden_size, c.num_layers, c.keep_prob, c.init_scale)
+        return RegularizedLM(c.vocab_size, c.hidden_size, c.num_layers, reg, c.init_scale)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=self.learning_rate(0))
+        c = self.config
+        if c.optimizer == "nt-asgd":
+            return NTASGD(model.parameters(), self.learning_rate(0), nonmono=c.nonmono, weight_decay=c.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=self.learning_rate(0), weight_decay=c.weight_decay)
 
     def static_step(self) -> bool:
-        return True  # every step is batch_size/N x num_steps words, at the epoch's learning rate
+        # the tutorial's model: every step is batch_size/N x num_steps words at the epoch's lr.
+        # Variable lengths change shapes; the regularized model's capture is unverified on a GPU.
+        return not self.config.vary_num_steps and Regularization.of(self.config).is_neutral()
 
     def learning_rate(self, epoch: int) -> float:
         c = self.config
@@ -289,11 +445,15 @@ class PTBTask(Task):
         return LOSS_LIMIT_TIMES_UNIFORM * math.log(self.config.vocab_size)
 
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: Any) -> StepOutput:
-        """Loss summed over time, averaged over this rank's rows; DDP's gradient average over
-        ranks then makes it the average over the global batch."""
+        """Loss summed over time, averaged over this rank's rows (or, with ``loss_per_token``,
+        averaged over its tokens); DDP's gradient average over ranks then makes it the average
+        over the global batch. A per-token loss weighs a window of T steps as much as one of
+        num_steps, so its lr is scaled by T / num_steps (AWD-LSTM); a summed loss already grows
+        with T."""
         inputs, targets = batch
-        loss, loss_sum, state = model(inputs, targets, state, 1.0 / inputs.shape[0])
         words = inputs.numel()
+        per_token = self.config.loss_per_token
+        loss, loss_sum, state = model(inputs, targets, state, 1.0 / (words if per_token else inputs.shape[0]))
         loss_sum = loss_sum.detach()
         return StepOutput(
             loss=loss,
@@ -301,11 +461,25 @@ class PTBTask(Task):
             samples=words,
             mean_loss=loss_sum / words,
             state=detach_state(state),
+            lr_scale=inputs.shape[1] / self.config.num_steps if per_token else 1.0,
         )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         return evaluate_rows(model, self.data.eval_rows[split], self.config.eval_shape[1], self.data.eval_steps[split])
+
+    def evaluation_weights(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> contextlib.AbstractContextManager:
+        """NT-ASGD's averaged weights once it averages; else the model's own."""
+        return optimizer.averaged_weights() if isinstance(optimizer, NTASGD) else contextlib.nullcontext()
+
+    def after_evaluation(self, optimizer: torch.optim.Optimizer, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """NT-ASGD sees the global validation loss (and may switch to averaging)."""
+        if not isinstance(optimizer, NTASGD):
+            return {}
+        switched = optimizer.observe(metrics["valid_loss"])
+        return {"asgd_steps": optimizer.averaged_steps, "asgd_switched": switched}
 
     @staticmethod
     def summarize(sums: Mapping[str, float], prefix: str) -> dict[str, float]:
@@ -331,6 +505,17 @@ class PTBTask(Task):
                 f"{vocab.sha256[:12]}); resume with the --data-dir it was trained on, or start a new run with "
                 "another --name"
             )
+
+
+def regularization_label(c: Mapping[str, Any]) -> str:
+    """A config's regularization in a few words, for a plot title."""
+    locked = [c.get(f"locked_dropout_{where}", 0.0) for where in ("input", "hidden", "output")]
+    parts = ["tied"] if c.get("tied") else []
+    if any(locked):
+        parts.append("locked dropout " + "/".join(f"{p:g}" for p in locked))
+    if c.get("weight_drop"):
+        parts.append(f"weight drop {c['weight_drop']:g}")
+    return ", ".join(parts) or f"keep_prob {c['keep_prob']:g}"
 
 
 def peak_rss_mib() -> float:

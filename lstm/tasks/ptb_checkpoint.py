@@ -1,0 +1,179 @@
+"""A trained PTB run, used: ``jobs/ptb.py score`` and ``jobs/ptb.py generate``.
+
+:func:`load_trained` reads a run folder (its newest checkpoint) or a ``checkpoint_*`` folder,
+local or remote (``s3://...``, through :func:`lstm.checkpoint.opened`): the config and the
+vocabulary it carries rebuild the model, tutorial or regularized, and a run trained with
+NT-ASGD gets its averaged weights, the ones the job evaluates with.
+
+:func:`score_text` is the tutorial's test evaluation of any text: the text tokenized as PTB is
+(every newline becomes ``<eos>``), words the vocabulary lacks mapped to ``<unk>`` and counted,
+then batch 1 with the state carried through the whole text, in windows of the run's
+evaluation length, the last shorter one included; every token but the first is predicted,
+exactly as the tutorial's batch-1 x 1-step evaluation does. With ``batch_size`` B > 1 the
+text is cut into B rows like the job's evaluation (faster; the tail that fills no row is not
+scored and each row starts without context).
+
+:func:`generate_text` samples words after a prompt (read after an ``<eos>``, as a sentence start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from lstm import checkpoint as ckpt
+from lstm import config as cfg
+from lstm import storage
+from lstm.data import ptb
+from lstm.data.vocab import Vocabulary
+from lstm.errors import UserError
+from lstm.models.char import sample_with_temperature
+from lstm.optim import load_averages
+from lstm.task import perplexity
+from lstm.tasks.ptb import PTBConfig, PTBTask
+
+UNK = "<unk>"
+
+
+@dataclass
+class TrainedLM:
+    model: nn.Module  # in eval mode, with the weights the job evaluates with
+    vocab: Vocabulary
+    config: PTBConfig
+    averaged: bool  # NT-ASGD's averages are in the model
+
+
+def load_trained(location: str | os.PathLike) -> TrainedLM:
+    """The model of a PTB checkpoint; one-line UserError for anything else."""
+    with ckpt.opened(str(location)) as directory:
+        state = ckpt.read_state(directory)
+        if state.get("task") != PTBTask.name:
+            raise UserError(
+                f"{directory} is a checkpoint of task {state.get('task')!r}, not 'ptb'; use jobs/{state.get('task')}.py"
+            )
+        config = cfg.build(PTBConfig, state["config"])
+        vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
+        if not len(vocab):
+            raise UserError(f"checkpoint {directory} carries no vocabulary; it was not written by the ptb task")
+        model = PTBTask(config).build_model()
+        ckpt.load_model(model, directory)
+        averaged = config.optimizer == "nt-asgd" and load_averages(
+            model.parameters(), ckpt.load_optimizer_state(directory)
+        )
+    return TrainedLM(model.eval(), vocab, config, averaged)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: a batch of one word at a time is too small to split, and on a busy
+    CPU extra threads only wait for each other (many times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def read_words(path: str | os.PathLike) -> list[str]:
+    """The PTB tokens of a text file (one-line errors for a missing, unreadable or empty file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--text {p} does not exist; pass the path of a text file")
+    try:
+        words = ptb.tokenize(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"--text {p} is not UTF-8 text (byte {e.start}); pass a plain-text file") from None
+    if len(words) < 2:
+        raise UserError(f"--text {p} has {len(words)} word(s); scoring needs at least 2 (the first is context)")
+    return words
+
+
+def encode_with_unk(vocab: Vocabulary, words: list[str]) -> tuple[np.ndarray, int]:
+    """(word ids, how many words became ``<unk>``)."""
+    lacking = set(vocab.missing(words))
+    if lacking and UNK not in vocab.ids:
+        return vocab.encode(words, what="--text", unit="word"), 0  # raises: names the words
+    return vocab.encode(words, unknown=UNK if lacking else None), sum(w in lacking for w in words)
+
+
+@torch.no_grad()
+def score_ids(model: nn.Module, ids: np.ndarray, batch_size: int, num_steps: int) -> tuple[float, int]:
+    """(summed cross entropy, predicted tokens) over ``ids`` cut into ``batch_size`` rows."""
+    rows = torch.from_numpy(ptb.batchify(ids, batch_size))
+    total, tokens, state = 0.0, 0, None
+    for inputs, targets in ptb.iterate_lengths(rows, ptb.full_lengths(rows.shape[1], num_steps)):
+        _, loss_sum, state = model(inputs, targets, state)
+        total += float(loss_sum)
+        tokens += targets.numel()
+    return total, tokens
+
+
+def score_text(location: str | os.PathLike, text_path: str | os.PathLike, batch_size: int = 1) -> dict[str, Any]:
+    """Perplexity of a text file under a checkpoint: a JSON-able dict with ``ppl``, ``loss``
+    (nats per token), ``tokens`` (predicted), ``unk`` (words mapped to ``<unk>``) and where
+    they came from."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
+    words = read_words(text_path)
+    trained = load_trained(location)
+    ids, unk = encode_with_unk(trained.vocab, words)
+    if len(ids) // batch_size < 2:
+        raise UserError(f"--text {text_path} has {len(ids)} words, too few for --batch-size {batch_size}; lower it")
+    with one_thread() if batch_size == 1 else contextlib.nullcontext():
+        loss_sum, tokens = score_ids(trained.model, ids, batch_size, trained.config.eval_shape[1])
+    return {
+        "ppl": perplexity(loss_sum, tokens),
+        "loss": loss_sum / tokens,
+        "tokens": tokens,
+        "words": len(words),
+        "unk": unk,
+        "batch_size": batch_size,
+        "averaged_weights": trained.averaged,
+        "text": str(text_path),
+        "checkpoint": storage.display(str(location)),
+    }
+
+
+def generate_text(
+    location: str | os.PathLike, prompt: str, *, length: int, temperature: float = 1.0, seed: int = 0
+) -> list[str]:
+    """``length`` words sampled after ``prompt`` at ``temperature`` (a generator seeded by ``seed``)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UserError(f"--temperature must be positive (got {temperature})")
+    if length <= 0:
+        raise UserError(f"--length must be positive (got {length})")
+    words = ptb.tokenize(prompt)
+    if not words:
+        raise UserError("--prompt is empty; pass some words for the model to continue, e.g. --prompt 'the company'")
+    trained = load_trained(location)
+    ids = trained.vocab.encode([ptb.EOS, *words], what="--prompt", unit="word")
+    generator = torch.Generator().manual_seed(seed)
+    inputs, state, drawn = torch.from_numpy(ids)[None], None, []
+    with one_thread():
+        for _ in range(length):
+            logits, state = trained.model.logits(inputs, state)
+            word = sample_with_temperature(logits[:, -1], temperature, generator)
+            drawn.append(int(word))
+            inputs = word.view(1, 1)
+    return trained.vocab.decode(drawn)
+
+
+def render(words: list[str]) -> str:
+    """Words as text, each ``<eos>`` a line break."""
+    lines, line = [], []
+    for word in words:
+        if word == ptb.EOS:
+            lines.append(" ".join(line))
+            line = []
+        else:
+            line.append(word)
+    return "\n".join(lines + [" ".join(line)])
