@@ -88,7 +88,7 @@ def relay_reports(
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
-    def run() -> None:
+    def run(trainer: Any) -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread
@@ -96,7 +96,7 @@ def relay_reports(
         finally:
             done.set()
 
-    threading.Thread(target=run, name="train-run", daemon=True).start()
+    threading.Thread(target=run, args=(trainer,), name="train-run", daemon=True).start()
     last: Optional[dict[str, Any]] = None  # the last epoch's report, relayed after fit() returns
     while True:
         finished = done.is_set()  # read before the get: a report put before fit() returned is then seen
@@ -109,7 +109,9 @@ def relay_reports(
             last = item
             continue
         _relay(item, with_checkpoints)
-    ray.kill(mailbox)
+    # Dropping the last handle ends the actor gracefully. ray.kill() would end it before it had
+    # reported its last get() as finished, and the job page would count that get as failed.
+    del mailbox, trainer
     if last is not None:
         _relay(last, with_checkpoints)
     if "error" in outcome:
