@@ -24,9 +24,16 @@ from lstm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Ray Train V2 patches print() on workers to also go through its logger, which shows every
-# line twice in the driver's output; the loop's own lines are enough.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+# What the job's actors (Tune's trial actors, Ray Train's controllers and workers) run with.
+# * Ray Train V2 patches print() on workers to also go through its logger, which shows every
+#   line twice in the driver's output; the loop's own lines are enough.
+# * State tracking: every Ray Train run registers with Ray Train's state actor (a detached
+#   actor on the head), which the dashboard's /api/train/v2/runs/v1 reads. TorchTrainer.fit()
+#   reads the variable in the process that calls it: the job's driver, and for a search each
+#   trial's actor. The dashboard itself needs nothing (see docs/dashboards.md).
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", STATE_TRACKING: "1"}
+DRIVER_ENV = {STATE_TRACKING: "1"}  # set in this process unless the user set it (0 turns it off)
 AUTOSCALER_WAIT_S = 600.0  # --wait-for-workers-s -1 (auto) on a cluster with an autoscaler
 PROGRESS_EVERY_S = 15.0
 
@@ -36,6 +43,8 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     local instance; nothing if Ray is already up."""
     import ray
 
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -45,7 +54,34 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         # looks its controller up through the state API, which otherwise guesses "the" cluster
         # and can find another Ray instance on the same machine.
         env["RAY_ADDRESS"] = address
+    # A variable the job's own runtime env sets (`ray job submit --runtime-env-json`) is left to
+    # it: Ray refuses to merge two runtime envs that set the same variable.
+    env = {k: v for k, v in env.items() if k not in job_env_vars()}
     ray.init(num_cpus=num_cpus if not address else None, runtime_env={"env_vars": env})
+
+
+def start_train_state_actor() -> None:
+    """With state tracking on, create Ray Train's state actor now, from this driver: the
+    controllers of a search's first trials would otherwise race to create it, and each loser
+    leaves a failed ``TrainStateActor.__init__`` task on the job's dashboard page. A private
+    Ray API: if it moves, this warns and the controllers create the actor as before."""
+    if os.environ.get(STATE_TRACKING) != "1":
+        return
+    try:
+        from ray.train.v2._internal.state.state_actor import get_or_create_state_actor
+
+        get_or_create_state_actor()
+    except Exception as e:  # noqa: BLE001 - never fail a run over the dashboard's bookkeeping
+        logger.warning("could not start Ray Train's state actor (%s: %s)", type(e).__name__, e)
+
+
+def job_env_vars() -> dict[str, str]:
+    """The environment variables of the runtime env ``ray job submit`` gave this job ({} outside a job)."""
+    try:
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return dict((job_config.get("runtime_env") or {}).get("env_vars") or {})
 
 
 # --------------------------------------------------------------------------- nodes

@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 from lstm import checkpoint as ckpt
-from lstm import cluster, outputs, storage
+from lstm import cluster, outputs, storage, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.loop import USER_ERROR, WorkerHook, train_loop_per_worker
@@ -93,6 +93,8 @@ def prepare(
     settings and the task's data; starts or joins Ray."""
     config.validate()
     settings.validate()
+    settings = dataclasses.replace(settings, mlflow_tracking_uri=tracking.resolve_uri(settings.mlflow_tracking_uri))
+    tracking.check(settings.mlflow_tracking_uri)
     where = storage.locate(settings.storage_path, settings.name, task.name)
     check_run_folder(where.path, where.name, resume)
     data = task.read_data(config, settings.data_dir or None)
@@ -125,12 +127,25 @@ def fit(
     settings, data = prepare(task, config, settings, resume=resume)
     run_dir = storage.join(settings.storage_path, settings.name)
     print(f"[{task.name}] run folder: {storage.display(run_dir)}", flush=True)
+    uri = settings.mlflow_tracking_uri
+    run_id = tracking.start_job_run(uri, task.name, settings.name, cfg.to_dict(config)) if uri else None
+    if run_id:
+        callbacks = [*callbacks, tracking.MetricsCallback(uri, run_id)]
     trainer = make_trainer(task, config, settings, ray.put(data), callbacks=callbacks, hooks=hooks)
-    result = trainer.fit()
-    error = returned_user_error(result)
-    if error:
-        raise UserError(error)
-    return outputs.collect(task, run_dir, outputs.checkpoint_location(result.checkpoint, run_dir))
+    try:
+        result = trainer.fit()
+        error = returned_user_error(result)
+        if error:
+            raise UserError(error)
+        out = outputs.collect(task, run_dir, outputs.checkpoint_location(result.checkpoint, run_dir))
+    except BaseException:
+        if run_id:
+            tracking.end_job_run(uri, run_id, None, failed=True)
+        raise
+    if run_id:
+        tracking.end_job_run(uri, run_id, out.results_path)
+        print(f"[{task.name}] MLflow run {run_id} at {uri}", flush=True)
+    return out
 
 
 def returned_user_error(result: Any) -> Optional[str]:

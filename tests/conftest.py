@@ -1,9 +1,16 @@
-"""Shared fixtures: one local Ray instance for the whole session, paths to the shared data."""
+"""Shared fixtures: one local Ray instance for the whole session, paths to the shared data, a
+real MLflow tracking server; the slow marker."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,13 +182,90 @@ def ptb_base(ray_session, ptb_dir, tmp_path_factory):
     return fit("ptb", ptb_base_config(), run_settings(storage, "base", ptb_dir)), storage, ptb_dir
 
 
-# Tests that start Ray, a Ray head, a cluster or a server are the slow tier; `pytest -m "not slow"`
-# runs the rest (no Ray run) in about a minute. A test is marked by the fixtures it uses, so a
-# new Ray test cannot land in the fast tier by forgetting a marker.
-SLOW_FIXTURES = frozenset({"ray_session", "head", "s3_server", "cluster"})
+# --------------------------------------------------------------------------- slow tests
+
+# Tests that use these fixtures start Ray, a head, a server or a browser: marked slow
+# (`pytest -m 'not slow'` runs the rest). Test modules that start them without a fixture
+# mark themselves.
+SLOW_FIXTURES = frozenset({"ray_session", "ptb_base", "head", "s3_server", "cluster", "mlflow_server"})
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    root: Path  # the SQLite database and the artifacts
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1: SQLite backend and artifacts in a temp dir, one
+    worker; stopped (its own process group) at the end of the session."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install -e '.[test]')")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = root / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"{uri}/health", proc, log, timeout_s=180)
+        yield MlflowServer(uri, root)
+    finally:
+        stop_group(proc)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until ``url`` answers 200 (fail if ``proc`` exits first or time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM the process group ``proc`` leads (started with start_new_session), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            os.killpg(proc.pid, 0)  # anything left in the group?
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return

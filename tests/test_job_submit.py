@@ -1,302 +1,34 @@
 """`ray job submit` for real, the way the README's cluster section says: a Ray head of its own
-(`ray start --head` with token authentication, its own temp dir and ports), the PTB job and a
-tiny Tune search submitted with `--working-dir .` through the jobs CLI, their outputs read back,
-what was uploaded checked, and the head stopped again.
-
-Token authentication (Ray 2.59+): `ray start --head` turns it on when ~/.ray/auth_token exists
-(every local `ray.init()` writes one), and a client without RAY_AUTH_MODE=token then sends no
-token. The README therefore says `export RAY_AUTH_MODE=token` in the shell that runs
-`ray start` and `ray job submit`; this test does the same, with the token in a file of its own
-(RAY_AUTH_TOKEN_PATH) so that it never touches ~/.ray.
-
-The head is stopped through its own process (`ray start --block` shuts the node down on
-SIGTERM), then whatever is left of the processes it started (its process group and their
-children) is killed: never `ray stop`, which would stop every Ray instance on the machine,
-this test session's own included.
+(tests/ray_head.py: `ray start --head` with token authentication, its own temp dir and ports),
+the PTB job and a tiny Tune search submitted with `--working-dir .` through the jobs CLI, their
+outputs read back, what was uploaded checked, and the head stopped again.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, TRAIN_POLL_ENV, TRAIN_POLL_S
+from conftest import SHARED_DATA
+from ray_head import Job, running_head, shell_env, submit_all
 
-REPO = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 300
 MAX_PACKAGE_BYTES = 2 * 2**20  # the repository without data, runs and environments is ~0.5 MiB
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, process group, start time) of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[19])
-    return table
-
-
-def processes_of(group: int) -> dict[int, str]:
-    """The processes of process group ``group`` and all their descendants (Ray's workers make
-    process groups of their own under the raylet): pid -> start time."""
-    table = process_table()
-    found = {pid for pid, (_, pgid, _) in table.items() if pgid == group}
-    while True:
-        more = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
-        if not more:
-            return {pid: table[pid][2] for pid in found}
-        found |= more
-
-
-def kill_remaining(snapshot: dict[int, str]) -> list[int]:
-    """SIGKILL the processes of ``snapshot`` that still run (same pid and start time)."""
-    table = process_table()
-    killed = []
-    for pid, started in snapshot.items():
-        if pid in table and table[pid][2] == started:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-    return killed
-
-
-# --------------------------------------------------------------------------- the head
-
-
-@dataclass
-class Head:
-    temp_dir: Path
-    gcs_port: int
-    url: str  # the dashboard / jobs API
-    env: dict[str, str]  # what the README's shell has: RAY_AUTH_MODE=token, the token, ray on PATH
-    token_file: Path
-    proc: subprocess.Popen
-
-    def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["ray", *args], env=env or self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-        )
-
-
-def shell_env(bin_dir: Path, **extra: str) -> dict[str, str]:
-    """This environment without any RAY_* setting (the session's own Ray instance may have put
-    RAY_AUTH_MODE or RAY_ADDRESS there) nor $LSTM_RAY_STORAGE, with `python` and `ray` of this
-    interpreter first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "LSTM_RAY_STORAGE"}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-def make_bin(bin_dir: Path) -> None:
-    """`python` and `ray` commands that run this interpreter (a venv or not)."""
-    bin_dir.mkdir()
-    for name, command in (
-        ("python", f'exec "{sys.executable}" "$@"'),
-        ("ray", f'exec "{sys.executable}" -m ray.scripts.scripts "$@"'),
-    ):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{command}\n")
-        (bin_dir / name).chmod(0o755)
-
-
-def wait_until_ready(proc: subprocess.Popen, url: str, token: str, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the Ray head did not serve {url} within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-
-
-def stop_head(proc: subprocess.Popen) -> None:
-    snapshot = processes_of(proc.pid)  # `ray start` leads its own process group (start_new_session)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # --block: Ray kills the node's processes, then exits
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    time.sleep(1)
-    kill_remaining({**snapshot, **processes_of(proc.pid)})
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")]
 
 
 @pytest.fixture(scope="module")
 def head():
     if not (SHARED_DATA / "ptb" / "ptb.train.txt").is_file():
         pytest.skip(f"PTB data not found at {SHARED_DATA / 'ptb'}")
-    # Short: Ray's unix socket paths under it must stay below 108 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="lstm-rj-", dir="/tmp"))
-    make_bin(temp_dir / "bin")
-    token_file = temp_dir / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    # HOME of its own: where a job without --storage-path writes (~/lstm-ray/runs), kept in the test
-    (temp_dir / "home").mkdir()
-    env = shell_env(
-        temp_dir / "bin", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HOME=str(temp_dir / "home")
-    )
-    gcs, dashboard, agent, client = free_ports(4)
-    url = f"http://127.0.0.1:{dashboard}"
-    log = temp_dir / "ray-start.log"
     # 3 logical CPUs: the PTB job's worker and the search's two trial workers at once.
-    command = [
-        "ray",
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(gcs),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dashboard),
-        "--dashboard-agent-listen-port",
-        str(agent),
-        "--ray-client-server-port",
-        str(client),
-        "--num-cpus",
-        "3",
-        "--temp-dir",
-        str(temp_dir),
-        "--disable-usage-stats",
-    ]
-    # Without the drain wait, SIGTERM stops the node at once (the default waits 30 s for Serve).
-    # The Train controllers of the jobs poll their workers every 0.5 s instead of 2 s, as in
-    # the rest of the suite (conftest.TRAIN_POLL_S): the node's processes inherit this.
-    start_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", TRAIN_POLL_ENV: TRAIN_POLL_S}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            command,
-            env=start_env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        wait_until_ready(proc, url, token_file.read_text(), log)
-        yield Head(temp_dir, gcs, url, env, token_file, proc)
-    finally:
-        stop_head(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with running_head(num_cpus=3) as h:
+        yield h
 
 
 # --------------------------------------------------------------------------- the jobs
-
-
-@dataclass
-class Job:
-    submission_id: str
-    returncode: int
-    output: str  # `ray job submit`'s own lines and the job's logs
-    status: str  # what the jobs API says at the end
-
-
-def submit_all(head: Head, log_dir: Path, jobs: dict[str, list[str]]) -> dict[str, Job]:
-    """Submit the jobs at once, exactly as the README does (`ray job submit --address URL
-    --working-dir . -- python jobs/...`), and wait for all of them. Their output goes to
-    ``log_dir/<name>.log``."""
-    running = {}
-    for name, entrypoint in jobs.items():
-        sid = f"{name}-{secrets.token_hex(4)}"
-        log = log_dir / f"{name}.log"
-        with open(log, "w") as out:  # a file, not a pipe: the jobs are read one after the other
-            running[name] = (
-                sid,
-                log,
-                subprocess.Popen(
-                    [
-                        "ray",
-                        "job",
-                        "submit",
-                        "--address",
-                        head.url,
-                        "--working-dir",
-                        ".",
-                        "--submission-id",
-                        sid,
-                        "--",
-                        *entrypoint,
-                    ],
-                    env=head.env,
-                    cwd=REPO,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                ),
-            )
-    done = {}
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    for name, (sid, log, proc) in running.items():
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            head.ray("job", "stop", "--address", head.url, sid)
-            proc.kill()
-            proc.wait()
-            with open(log, "a") as out:
-                out.write(f"\n[test] gave up after {JOB_TIMEOUT_S}s\n")
-        done[name] = Job(sid, proc.returncode, log.read_text(), job_status(head, sid))
-    return done
-
-
-def job_status(head: Head, submission_id: str) -> str:
-    """The job's status as the jobs API reports it (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    request = urllib.request.Request(
-        f"{head.url}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {head.token_file.read_text()}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.load(r)["status"]
 
 
 @pytest.fixture(scope="module")

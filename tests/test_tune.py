@@ -321,6 +321,34 @@ def test_asha_search_interrupted_then_resumed(tmp_path, ray_session):
     assert best_trial["run_dir"] == str(exp / TRAIN_RUNS / f"trial-{rep.best.trial_id}")
     # Tune's TensorBoard files, so that `tensorboard --logdir <storage path>` shows the search
     assert list((exp / f"trial_{rep.best.trial_id}").glob("events.out.tfevents.*"))
+    # the search's own board (tune.board): one run per trial, before and after the resume
+    board = read_board(exp / "tensorboard")
+    assert set(board) == {".", *(r.trial_id for r in rep.rows)}
+    for r in rep.rows:
+        scalars, hparams = board[r.trial_id]
+        assert hparams == {"learning_rate": pytest.approx(r.hparams["learning_rate"])}
+        assert scalars["Search/valid_consistency"] == [(e, pytest.approx(v)) for e, v in r.history]
+        assert scalars["Search/best_valid_consistency"][-1][1] == pytest.approx(r.best("min")[1])
+
+
+def read_board(folder: Path) -> dict[str, tuple[dict[str, list], dict[str, float]]]:
+    """{run: ({tag: [(step, value)]}, {hyperparameter: value})} of a TensorBoard folder."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(folder))
+    mux.Reload()
+    board = {}
+    for run in mux.Runs():
+        acc = mux.GetAccumulator(run)
+        scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+        hparams = {}
+        for content in acc.PluginTagToContent("hparams").values():
+            start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+            hparams.update({k: v.number_value for k, v in start.hparams.items()})
+        board[run] = (scalars, hparams)
+    return board
 
 
 def test_resumable_asha_replays_results(tmp_path):

@@ -17,6 +17,12 @@ actor, which Ray counts as a failed task: the job page shows hundreds of failed
 A run's ``user_error`` report is not relayed: it has no metric for the scheduler, and the
 trial function raises it as the trial's error. The mailbox holds one report, so the run waits
 while the trial function is still handing the previous checkpoint to Tune.
+
+The run's last epoch is relayed only once ``fit()`` has returned. Tune stops a trial as soon
+as it reports its last epoch (ASHA's ``max_t``), killing the trial's actor and with it the
+Train controller that is still shutting its workers down: the job page then counts a failed
+``TrainController.run`` task, and Ray Train's state API an ABORTED run, for a trial that
+finished.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ def relay_reports(
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
-    def run() -> None:
+    def run(trainer: Any) -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread
@@ -90,7 +96,8 @@ def relay_reports(
         finally:
             done.set()
 
-    threading.Thread(target=run, name="train-run", daemon=True).start()
+    threading.Thread(target=run, args=(trainer,), name="train-run", daemon=True).start()
+    last: Optional[dict[str, Any]] = None  # the last epoch's report, relayed after fit() returns
     while True:
         finished = done.is_set()  # read before the get: a report put before fit() returned is then seen
         item = ray.get(mailbox.get.remote(0.0 if finished else poll_s))
@@ -98,9 +105,19 @@ def relay_reports(
             if finished:
                 break
             continue
-        checkpoint = item["checkpoint"] if with_checkpoints else None
-        rtune.report(item["metrics"], checkpoint=checkpoint)
-    ray.kill(mailbox)
+        if item["metrics"].get("epoch", 0) >= item["metrics"].get("epochs", float("inf")):
+            last = item
+            continue
+        _relay(item, with_checkpoints)
+    # Dropping the last handle ends the actor gracefully. ray.kill() would end it before it had
+    # reported its last get() as finished, and the job page would count that get as failed.
+    del mailbox, trainer
+    if last is not None:
+        _relay(last, with_checkpoints)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def _relay(item: dict[str, Any], with_checkpoints: bool) -> None:
+    rtune.report(item["metrics"], checkpoint=item["checkpoint"] if with_checkpoints else None)

@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any, Optional, Sequence
 
-from lstm import cluster, storage
+from lstm import cluster, storage, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.task import Task, get_task, task_names
@@ -192,7 +192,7 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
         reduction_factor=args.reduction_factor,
         perturbation_interval=args.perturbation_interval,
         budget=budget,
-        mlflow_tracking_uri=args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+        mlflow_tracking_uri=tracking.resolve_uri(args.mlflow_tracking_uri),
     )
 
 
@@ -219,8 +219,10 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = ())
     spec = resume_spec(args) if args.resume else spec_from_args(args)
     if not args.resume:
         storage.check_writable(spec.storage_path)
+    tracking.check(spec.mlflow_tracking_uri)
     data = read_data(spec)
     cluster.ensure_ray()
+    cluster.start_train_state_actor()
     cluster.check_shared_storage(spec.storage_path)
     max_concurrent = runner.check_resources(spec)
     print(

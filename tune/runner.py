@@ -36,10 +36,11 @@ from ray import tune as rtune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from lstm import config as cfg
-from lstm import storage
+from lstm import storage, tracking
 from lstm.errors import UserError
 from lstm.trainer import make_trainer, returned_user_error
 from tune import report
+from tune.board import SearchBoard
 from tune.bridge import relay_reports
 from tune.cleanup import ReleaseOrphansCallback, release_after_search
 from tune.schedulers import make_scheduler
@@ -170,10 +171,30 @@ def make_tuner(spec: SearchSpec, data: Any, max_concurrent: int, callbacks: Sequ
             checkpoint_config=rtune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP)
             if spec.scheduler == "pbt"
             else None,
-            callbacks=[ReleaseOrphansCallback(), *callbacks],
+            callbacks=[ReleaseOrphansCallback(), SearchBoard(spec), *mlflow_callbacks(spec), *callbacks],
             verbose=1,
         ),
     )
+
+
+def mlflow_callbacks(spec: SearchSpec) -> list[Any]:
+    """One MLflow run per trial (lstm.tracking), when the search has a tracking URI."""
+    if not spec.mlflow_tracking_uri:
+        return []
+    return [
+        tracking.trial_callback(
+            spec.mlflow_tracking_uri, spec.name, lambda hparams: cfg.to_dict(spec.trial_config(hparams))
+        )
+    ]
+
+
+def log_best_to_mlflow(spec: SearchSpec, rep: Any) -> None:
+    """The best config (and the results table) as artifacts of the best trial's MLflow run."""
+    if not spec.mlflow_tracking_uri or rep is None or rep.best is None:
+        return
+    names = {"best_config": "best_config.json", "best_trial": "best_trial.json", "markdown": "results.md"}
+    files = {name: rep.files[key] for key, name in names.items() if key in rep.files}
+    tracking.log_search_best(spec.mlflow_tracking_uri, spec.name, rep.best.trial_id, files)
 
 
 def run_search(
@@ -213,4 +234,5 @@ def run_search(
     release_after_search()  # what stopped trials' Train runs left behind (see tune.cleanup)
     wall = time.perf_counter() - start
     rep = report.write_report(spec, wall_time_s=wall) if write_report else None
+    log_best_to_mlflow(spec, rep)
     return SearchOutcome(spec=spec, max_concurrent=max_concurrent, wall_time_s=wall, report=rep)
