@@ -4,6 +4,7 @@ real MLflow tracking server; the slow marker."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,17 @@ os.environ.update(
 )
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
+
+
+# Ray prints the logs of its actors and workers on the driver's stdout/stderr, prefixed with the
+# process ("(PlacementGroupCleaner pid=123)", "(RayTrainWorker pid=7, ip=10.0.0.2)", often in
+# colour), whenever they arrive: a test of what the job itself printed leaves those lines out.
+RAY_LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:[^()]* )?pid=\d+(?:, ip=[^)]*)?\)")
+
+
+def own_lines(text: str) -> list[str]:
+    """The lines of captured output that this process printed, not Ray's forwarded logs."""
+    return [line for line in text.strip().splitlines() if not RAY_LOG_LINE.match(line)]
 
 
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import own_lines
 
 from lstm.cluster import SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
 from lstm.errors import UserError
@@ -305,7 +306,7 @@ def test_the_job_refuses_a_local_path_before_training(monkeypatch, tmp_path, cap
             ["--config", "test", "--storage-path", str(tmp_path / "runs"), "--name", "r"],
         )
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert err == [
         f"error: storage path {tmp_path / 'runs'} is local but this Ray cluster has 2 nodes; pass "
         "--storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted on every node)"

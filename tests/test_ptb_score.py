@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_settings
+from conftest import REPO, own_lines, run_settings
 from test_ptb_errors import train
 
 from lstm import config as cfg
@@ -45,6 +45,7 @@ def run_job(argv: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as info:
         run_cli(job_main(), argv)
     out, err = capsys.readouterr()
+    err = "\n".join(own_lines(err))
     return info.value.code, out, err
 
 

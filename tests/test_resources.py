@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import own_lines
 
 from lstm.cli import train_main
 from lstm.cluster import alive_nodes, autoscaler_can_add_nodes, plan_workers
@@ -84,7 +85,7 @@ def test_an_autoscaler_is_asked_and_waited_for_with_a_progress_line(capsys):
 
     assert plan_workers(2, 1, 0.0, 100, nodes=nodes, sleep=clock.sleep, clock=clock, request=requests.append) == 1
     assert requests == [[{"CPU": 1.0}] * 2, []]  # the demand the autoscaler scales for, then withdrawn
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = own_lines(capsys.readouterr().out)
     assert lines == [
         "waiting for nodes: 2 worker(s) x 1 CPU requested, the cluster has 0 CPUs on 1 node(s) (at most "
         "0 CPUs on one); 100s left (--wait-for-workers-s)"
@@ -111,15 +112,15 @@ def test_the_job_refuses_64_workers_at_once_with_one_line(ray_session, ptb_dir, 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda a: train_main("ptb", a), argv + ["--num-workers", "64"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == (
+    assert own_lines(capsys.readouterr().err) == [
         "error: --batch-size 20 is not a multiple of --num-workers 64; pass a --batch-size that is "
         "(it is the global batch, split over the workers)"
-    )
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda a: train_main("ptb", a), argv + ["--num-workers", "64", "--batch-size", "64"])
     seconds = time.perf_counter() - start
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert err == [
         "error: 64 worker(s) x 1 CPU requested, the cluster has 4 CPUs on 1 node(s) (at most 4 CPUs on "
         "one); lower --num-workers or --cpus-per-worker, add nodes, or pass --wait-for-workers-s SECONDS "

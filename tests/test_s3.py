@@ -8,7 +8,7 @@ import json
 
 import boto3
 import pytest
-from conftest import S3_PORT
+from conftest import S3_PORT, own_lines
 
 from lstm import config as cfg
 from lstm import storage
@@ -103,10 +103,10 @@ def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, capsys
     with pytest.raises(SystemExit) as exit_info:  # the same command again: one line, exit 2
         run_cli(lambda a: train_main("ptb", a), argv)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == (
+    assert own_lines(capsys.readouterr().err) == [
         f"error: a run named 'tiny' already exists at s3://{s3}/ptb/tiny; "
         "pass --resume to continue it, or choose another --name"
-    )
+    ]
 
 
 def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(ray_session, s3):
@@ -178,7 +178,7 @@ def test_an_unusable_storage_path_is_one_line_before_any_worker(ray_session, s3_
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda a: train_main("rectangle", a), ["--config", "test", "--storage-path", where, "--name", "x"])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error: ")
     import re
 
