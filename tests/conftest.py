@@ -208,6 +208,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+# --------------------------------------------------------------------------- a Ray head
+
+
+@pytest.fixture(scope="session")
+def head():
+    """One `ray start --head` of the suite's own (tests/ray_head.py), for the tests of
+    `ray job submit` and of the dashboards; 4 logical CPUs: the jobs below run at once."""
+    from ray_head import running_head
+
+    if not Path("/proc/self/stat").is_file():
+        pytest.skip("needs Linux /proc (to stop the head's processes)")
+    with running_head(num_cpus=4) as h:
+        yield h
+
+
+@pytest.fixture(scope="session")
+def head_jobs(head, tmp_path_factory):
+    """``(jobs, storage)``: ray_head.suite_jobs submitted to the head at once, all finished."""
+    from ray_head import submit_all, suite_jobs
+
+    ptb_dir = SHARED_DATA / "ptb"
+    if not (ptb_dir / "ptb.train.txt").is_file():
+        pytest.skip(f"PTB data not found at {ptb_dir}")
+    storage = tmp_path_factory.mktemp("head-runs")
+    return submit_all(head, storage, suite_jobs(storage, ptb_dir)), storage
+
+
 # --------------------------------------------------------------------------- MLflow
 
 

@@ -36,7 +36,27 @@ import pytest
 from conftest import TRAIN_POLL_ENV, TRAIN_POLL_S
 
 REPO = Path(__file__).resolve().parents[1]
-JOB_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 600  # for all the jobs at once on a busy 2-core machine
+
+# The jobs the suite submits to its one head (conftest's `head_jobs`), all at once:
+# * "default": the rectangle job without --storage-path nor $LSTM_RAY_STORAGE (the default place);
+# * "ptb": the tutorial's test config on 1% of the training words, evaluated in steps of 35 words;
+# * "search": a 4-trial rectangle search (a grid over the learning rate), 2 epochs each, with
+#   --grace-period 2 = --max-epochs so that ASHA stops none of them: nothing on its job page failed.
+SEARCH_LEARNING_RATES = (0.003, 0.001, 0.0003, 0.0001)
+
+
+def suite_jobs(storage: Path, ptb_dir: Path) -> dict[str, list[str]]:
+    """The entrypoints of the jobs above (``python jobs/...``), outputs under ``storage``."""
+    grid = ",".join(str(v) for v in SEARCH_LEARNING_RATES)
+    default = ["python", "jobs/rectangle.py", "--config", "test", "--name", "default-run"]
+    ptb = ["python", "jobs/ptb.py", "--config", "test", "--train-fraction", "0.01", "--eval-num-steps", "35"]
+    ptb += ["--data-dir", str(ptb_dir), "--storage-path", str(storage), "--name", "ptb-run"]
+    search = ["python", "jobs/tune_ptb.py", "--task", "rectangle", "--base", "test", "--max-epochs", "2"]
+    search += ["--grace-period", "2", "--num-samples", "1", "--space", "hidden_size=16", f"learning_rate=grid:{grid}"]
+    search += ["--storage-path", str(storage), "--name", "search"]
+    one_worker = ["--cpus-per-worker", "1", "--max-failures", "0"]
+    return {"default": default + one_worker, "ptb": ptb + one_worker, "search": search}
 
 
 # --------------------------------------------------------------------------- processes

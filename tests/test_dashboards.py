@@ -1,7 +1,8 @@
 """The dashboards of a search, checked in a real browser, as a person would see them.
 
-A Ray head of its own (tests/ray_head.py: `ray start --head`, token authentication) runs a
-4-trial rectangle search submitted with `ray job submit`, exactly as the README says; then
+The suite's Ray head (conftest's ``head``: `ray start --head`, token authentication) runs a
+4-trial rectangle search submitted with `ray job submit`, exactly as the README says, beside
+two single jobs (ray_head.suite_jobs, shared with test_job_submit.py); then
 headless Chromium (Debian's `chromium` and `chromium-driver`, driven through Selenium) opens
 
 * the Ray dashboard, signing in with the cluster's token in the dashboard's own dialog: the
@@ -28,13 +29,13 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, stop_group, wait_for_http
-from ray_head import running_head, submit_all
+from ray_head import SEARCH_LEARNING_RATES as LEARNING_RATES
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")]
 
-LEARNING_RATES = (0.003, 0.001, 0.0003, 0.0001)
 METRIC = "valid_consistency"
 WAIT_S = 90  # for a page to show what the test looks for (the machine may be busy)
+OTHER_JOBS = ("default", "ptb")  # ray_head.suite_jobs: one Train run each, beside the search
 TOKEN_BOX = "input[placeholder='Enter your authentication token']"
 
 
@@ -76,27 +77,13 @@ def screenshots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
-    """The head (still up) and the finished search job: ``(head, job, search folder)``."""
-    chromium()  # skip before minutes of training if no browser can look at it
-    storage = tmp_path_factory.mktemp("dashboard-runs")
-    grid = ",".join(str(v) for v in LEARNING_RATES)
-    # --grace-period 2 = --max-epochs: ASHA stops no trial, so nothing on the job page failed
-    entrypoint = ["python", "jobs/tune_ptb.py", "--task", "rectangle", "--base", "test", "--max-epochs", "2"]
-    entrypoint += [
-        "--grace-period",
-        "2",
-        "--num-samples",
-        "1",
-        "--space",
-        "hidden_size=16",
-        f"learning_rate=grid:{grid}",
-    ]
-    entrypoint += ["--storage-path", str(storage), "--name", "search"]
-    with running_head(num_cpus=3) as head:
-        job = submit_all(head, storage, {"search": entrypoint})["search"]
-        assert job.returncode == 0 and job.status == "SUCCEEDED", job.output[-6000:]
-        yield head, job, storage / "search"
+def search(head, head_jobs):
+    """The suite's head (still up) and its finished search job: ``(head, job, search folder)``."""
+    chromium()  # skip with the reason before waiting for the jobs if no browser can look at them
+    jobs, storage = head_jobs
+    job = jobs["search"]
+    assert job.returncode == 0 and job.status == "SUCCEEDED", job.output[-6000:]
+    return head, job, storage / "search"
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +231,14 @@ def test_the_job_page_shows_the_search_succeeded_without_failed_tasks(search, br
     assert all(re.search(rf"{name}\s+TERMINATED", log_lines) for name in names), log_lines[:3000]
     snap(browser, screenshots / "2-job-log.png")
     trials = len(LEARNING_RATES)  # each trial: Tune's actor, a Train controller, one worker
-    for name in ("TrainController", "RayTrainWorker", "ImplicitFunc"):
-        page = actors_of_class(browser, head.url, name, trials)
-        assert page.count("DEAD") >= trials  # every row, and the count of dead ones above them
+    others = len(OTHER_JOBS)  # and the head's other jobs: a controller and one worker each
+    for name, count in (
+        ("TrainController", trials + others),
+        ("RayTrainWorker", trials + others),
+        ("ImplicitFunc", trials),
+    ):
+        page = actors_of_class(browser, head.url, name, count)
+        assert page.count("DEAD") >= count  # every row, and the count of dead ones above them
     assert page.count("run_trial") == trials  # the trial actors' repr: the trainable's name
     snap(browser, screenshots / "3-actors.png")
     show(browser, f"{head.url}/#/cluster", "ALIVE", "(Head)", "CPU")
@@ -254,8 +246,10 @@ def test_the_job_page_shows_the_search_succeeded_without_failed_tasks(search, br
 
 
 def test_the_train_state_api_lists_one_finished_run_per_trial(search):
-    head, _, folder = search
-    runs = head.get("/api/train/v2/runs/v1")["train_runs"]
+    head, job, folder = search
+    every = head.get("/api/train/v2/runs/v1")["train_runs"]
+    runs = [r for r in every if r["job_details"]["submission_id"] == job.submission_id]
+    assert len(every) == len(runs) + len(OTHER_JOBS)  # the other jobs' one run each
     assert {r["name"]: r["status"] for r in runs} == {f"trial-{t}": "FINISHED" for t in results(folder)}
     for run in runs:
         (attempt,) = run["attempts"]

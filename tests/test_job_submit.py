@@ -1,7 +1,8 @@
 """`ray job submit` for real, the way the README's cluster section says: a Ray head of its own
 (tests/ray_head.py: `ray start --head` with token authentication, its own temp dir and ports),
-the PTB job and a tiny Tune search submitted with `--working-dir .` through the jobs CLI, their
-outputs read back, what was uploaded checked, and the head stopped again.
+the rectangle job with the default storage, the PTB job and a 4-trial search submitted at once
+with `--working-dir .` through the jobs CLI (conftest's ``head``/``head_jobs``, shared with
+test_dashboards.py), their outputs read back and what was uploaded checked.
 """
 
 from __future__ import annotations
@@ -11,99 +12,19 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
-from ray_head import Job, running_head, shell_env, submit_all
+from ray_head import SEARCH_LEARNING_RATES, Job, shell_env
 
 MAX_PACKAGE_BYTES = 2 * 2**20  # the repository without data, runs and environments is ~0.5 MiB
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")]
+
+@pytest.fixture(scope="module")
+def jobs(head_jobs) -> dict[str, Job]:
+    return head_jobs[0]
 
 
 @pytest.fixture(scope="module")
-def head():
-    if not (SHARED_DATA / "ptb" / "ptb.train.txt").is_file():
-        pytest.skip(f"PTB data not found at {SHARED_DATA / 'ptb'}")
-    # 3 logical CPUs: the PTB job's worker and the search's two trial workers at once.
-    with running_head(num_cpus=3) as h:
-        yield h
-
-
-# --------------------------------------------------------------------------- the jobs
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("job-submit-runs")
-
-
-@pytest.fixture(scope="module")
-def jobs(head, storage) -> dict[str, Job]:
-    data = str(SHARED_DATA / "ptb")
-    return submit_all(
-        head,
-        storage,
-        {
-            # no --storage-path and no $LSTM_RAY_STORAGE: the default, outside the job's working dir
-            "default": [
-                "python",
-                "jobs/rectangle.py",
-                "--config",
-                "test",
-                "--name",
-                "default-run",
-                "--cpus-per-worker",
-                "1",
-                "--max-failures",
-                "0",
-            ],
-            # the tutorial's test config on 1% of the training words, evaluated in steps of 35 words
-            "ptb": [
-                "python",
-                "jobs/ptb.py",
-                "--config",
-                "test",
-                "--train-fraction",
-                "0.01",
-                "--eval-num-steps",
-                "35",
-                "--cpus-per-worker",
-                "1",
-                "--data-dir",
-                data,
-                "--storage-path",
-                str(storage),
-                "--name",
-                "ptb-run",
-                "--max-failures",
-                "0",
-            ],
-            # two trials (a grid over the learning rate) of one epoch each
-            "tune": [
-                "python",
-                "jobs/tune_ptb.py",
-                "--base",
-                "test",
-                "--data-dir",
-                data,
-                "--train-fraction",
-                "0.01",
-                "--max-epochs",
-                "1",
-                "--num-samples",
-                "1",
-                "--space",
-                "hidden_size=base",
-                "keep_prob=base",
-                "lr_decay=base",
-                "eval_num_steps=35",
-                "learning_rate=grid:1.0,0.5",
-                "--storage-path",
-                str(storage),
-                "--name",
-                "search",
-            ],
-        },
-    )
+def storage(head_jobs) -> Path:
+    return head_jobs[1]
 
 
 def check_succeeded(job: Job) -> None:
@@ -132,18 +53,19 @@ def test_the_ptb_job_runs_on_the_cluster_and_writes_its_results(jobs, head, stor
 
 
 def test_the_tune_search_runs_on_the_cluster(jobs, storage):
-    job = jobs["tune"]
+    job = jobs["search"]
     check_succeeded(job)
     assert "Found multiple active Ray instances" not in job.output
     experiment = storage / "search"
     summary = json.loads((experiment / "search_summary.json").read_text())
-    assert summary["trials"] == 2 and summary["status"] == {"TERMINATED": 2}
-    assert summary["best"]["hyperparameters"]["learning_rate"] in (1.0, 0.5)
+    trials = len(SEARCH_LEARNING_RATES)
+    assert summary["trials"] == trials and summary["status"] == {"TERMINATED": trials}
+    assert summary["best"]["hyperparameters"]["learning_rate"] in SEARCH_LEARNING_RATES
     best = json.loads((experiment / "best_config.json").read_text())
     assert best["learning_rate"] == summary["best"]["hyperparameters"]["learning_rate"]
     runs = sorted((experiment / "train_runs").glob("trial-*/results.json"))
-    assert len(runs) == 2
-    assert {json.loads(r.read_text())["config"]["learning_rate"] for r in runs} == {1.0, 0.5}
+    assert {json.loads(r.read_text())["config"]["learning_rate"] for r in runs} == set(SEARCH_LEARNING_RATES)
+    assert len(runs) == trials
 
 
 def test_without_a_storage_path_the_run_lands_in_home_not_in_the_working_dir(jobs, head):

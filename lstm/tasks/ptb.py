@@ -390,7 +390,8 @@ class PTBTask(Task):
         rows = ptb.batchify(ptb.prefix(corpus.train, config.train_fraction), config.batch_size)
         self.data = PTBData(
             vocab=corpus.vocab,
-            train=torch.from_numpy(ptb.shard_rows(rows, worker.rank, worker.world_size)).to(worker.device),
+            train=torch.tensor(ptb.shard_rows(rows, worker.rank, worker.world_size), device=worker.device),  # a copy:
+            # the corpus a worker gets through Ray's object store is read-only
             epoch_size=(rows.shape[1] - 1) // config.num_steps,
         )
         for split in EVAL_SPLITS:
