@@ -55,10 +55,10 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    env = {**WORKER_ENV, **DRIVER_ENV}  # for the actors that call fit() too (a search's trials)
     if not address:
         for key, value in LOCAL_DRIVER_ENV.items():
-            os.environ.setdefault(key, value)
-    env = dict(WORKER_ENV)
+            env[key] = os.environ.setdefault(key, value)
     if address and "://" not in address and address not in ("auto", "local"):
         # The cluster's GCS address, for the job's actors: Ray Train's placement-group cleaner
         # looks its controller up through the state API, which otherwise guesses "the" cluster

@@ -1,10 +1,9 @@
 """Several nodes for real: a multi-raylet cluster on this machine (``ray.cluster_utils.Cluster``:
 a head with 0 CPUs and three 1-CPU nodes, so two 1-CPU workers cannot share a node).
 
-* A 2-worker PTB run whose workers sit on different nodes ends with the same metrics as the
-  same run on one node.
-* A node removed mid-epoch (a node loss: its raylet and every process on it gone, not one
-  worker's ``os._exit``) costs at most that epoch and changes no metric.
+* A 2-worker PTB run whose workers sit on different nodes, one of which is removed mid-epoch
+  (a node loss: its raylet and every process on it gone, not one worker's ``os._exit``),
+  costs at most that epoch and ends with the same metrics as the same run on one node.
 * The workers read no data: they get the corpus the driver read through Ray's object store.
   Their environment points the data cache at an empty folder and the download at a closed
   port, so a worker that looked for data itself would fail.
@@ -66,43 +65,22 @@ def losses(history):
 
 
 @pytest.fixture(scope="module")
-def spread(cluster, ptb_dir, tmp_path_factory):
-    """An uninterrupted 2-worker run on the cluster, with the node each rank ran on."""
-    storage = tmp_path_factory.mktemp("multinode")
-    result = fit(
-        "ptb",
-        ptb_base_config(),
-        run_settings(storage, "spread", ptb_dir, num_workers=2, cpus_per_worker=1),
-        hooks=[RecordNode()],
-    )
-    placement = {rank: (Path(result.run_dir) / f".node-{rank}").read_text() for rank in (0, 1)}
-    return result, placement, storage
-
-
-def test_two_workers_on_two_nodes_match_the_one_node_run(cluster, spread, ptb_two):
-    _, nodes = cluster
-    result, placement, _ = spread
-    print(f"placement: rank 0 on {placement[0][:12]}, rank 1 on {placement[1][:12]}")
-    assert placement[0] != placement[1], "the two workers shared a node"
-    assert set(placement.values()) <= {n.node_id for n in nodes}, "a worker ran on the head (0 CPUs)"
-    one_node, _ = ptb_two
-    assert [e["workers"] for e in result.history] == [2, 2]
-    assert losses(result.history) == losses(one_node.history)
-    assert result.metrics["test_loss"] == one_node.metrics["test_loss"]
-
-
-def test_a_node_lost_mid_epoch_costs_at_most_the_epoch(cluster, spread, ptb_dir, tmp_path):
+def lost(cluster, ptb_dir, tmp_path_factory):
+    """A 2-worker run on the cluster whose rank 1 loses its node mid-epoch 2 (the node is
+    removed: its raylet and every process on it gone, not one worker's ``os._exit``).
+    Returns the result, the node each rank started on, and the node removed."""
     the_cluster, nodes = cluster
-    clean, _, _ = spread
-    marker = str(tmp_path / "paused")
+    storage = tmp_path_factory.mktemp("multinode")
+    marker = str(storage / "paused")
     outcome: dict = {}
 
     def run() -> None:
         try:
             settings = run_settings(
-                tmp_path, "lost", ptb_dir, num_workers=2, cpus_per_worker=1, max_failures=1, checkpoints_to_keep=5
+                storage, "lost", ptb_dir, num_workers=2, cpus_per_worker=1, max_failures=1, checkpoints_to_keep=5
             )
-            outcome["result"] = fit("ptb", ptb_base_config(), settings, hooks=[PauseOnce(2, 100, marker, rank=1)])
+            hooks = [RecordNode(), PauseOnce(2, 100, marker, rank=1)]
+            outcome["result"] = fit("ptb", ptb_base_config(), settings, hooks=hooks)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             outcome["error"] = e
 
@@ -118,10 +96,28 @@ def test_a_node_lost_mid_epoch_costs_at_most_the_epoch(cluster, spread, ptb_dir,
     the_cluster.remove_node(node)  # rank 1 waits at epoch 2 step 100: its node goes away under it
     thread.join(timeout=600)
     assert not thread.is_alive() and "error" not in outcome, outcome
-    lost = outcome["result"]
-    run_dir = Path(lost.run_dir)
+    result = outcome["result"]
+    # written at epoch 1 step 0, which the restarted group (from epoch 1's checkpoint) does not re-run
+    placement = {rank: (Path(result.run_dir) / f".node-{rank}").read_text() for rank in (0, 1)}
+    return result, placement, node_id
+
+
+def test_two_workers_on_two_nodes_match_the_one_node_run(cluster, lost, ptb_two):
+    _, nodes = cluster
+    result, placement, _ = lost
+    print(f"placement: rank 0 on {placement[0][:12]}, rank 1 on {placement[1][:12]}")
+    assert placement[0] != placement[1], "the two workers shared a node"
+    assert set(placement.values()) <= {n.node_id for n in nodes}, "a worker ran on the head (0 CPUs)"
+    one_node, _ = ptb_two
+    assert [e["workers"] for e in result.history] == [2, 2]
+    assert losses(result.history) == losses(one_node.history)
+    assert result.metrics["test_loss"] == one_node.metrics["test_loss"]
+
+
+def test_a_node_lost_mid_epoch_costs_at_most_the_epoch(lost):
+    result, placement, removed = lost
+    assert removed == placement[1], "the node removed was rank 1's"
+    run_dir = Path(result.run_dir)
     # it resumed from the checkpoint of epoch 1 instead of starting over: two checkpoints, not three
     assert len([p for p in run_dir.glob("checkpoint_2*") if p.is_dir()]) == 2
-    assert [e["epoch"] for e in lost.history] == [1, 2]
-    assert losses(lost.history) == losses(clean.history)
-    assert lost.metrics["test_loss"] == clean.metrics["test_loss"]
+    assert [e["epoch"] for e in result.history] == [1, 2]

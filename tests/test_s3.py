@@ -9,6 +9,7 @@ import json
 import boto3
 import pytest
 from conftest import S3_PORT, own_lines
+from test_tracking import check_search_runs
 
 from lstm import config as cfg
 from lstm import storage
@@ -109,7 +110,9 @@ def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, capsys
     ]
 
 
-def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(ray_session, s3):
+def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(ray_session, s3, mlflow_server, monkeypatch):
+    """...and, tracked by MLflow ($MLFLOW_TRACKING_URI, a real server), logs a run per trial."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)  # the variable, not the flag
     root = f"s3://{s3}/searches"
     # grace period = every epoch: ASHA stops no trial, whatever order the two finish in
     argv = [
@@ -159,6 +162,8 @@ def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(ray_session,
     # each trial's Train run has its own results.json in the bucket
     runs = {k.split("/")[1] for k in files if k.startswith("train_runs/") and k.endswith("/results.json")}
     assert len(runs) == 2
+    trials = {float(ln.split(",")[3]): ln.split(",")[1] for ln in lines[1:]}
+    check_search_runs(mlflow_server, "s", trials, summary["best"]["trial_id"], summary["best"]["valid_consistency"])
 
     with pytest.raises(UserError, match=rf"a search named 's' already exists at {root}/s; pass --resume"):
         cli.main(argv)
