@@ -153,6 +153,7 @@ def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(ray_session,
     assert summary["trials"] == 2 and summary["status"] == {"TERMINATED": 2}
     rows = boto3.client("s3").get_object(Bucket=s3, Key="searches/s/results.csv")["Body"].read().decode()
     lines = rows.splitlines()
+    print("results.csv in the bucket:", *lines, sep="\n  ")
     assert lines[0].startswith("rank,trial,status,learning_rate,epochs run,best valid_consistency")
     assert len(lines) == 3 and all(",TERMINATED,0.003," in ln or ",TERMINATED,0.0001," in ln for ln in lines[1:])
     assert all(ln.split(",")[4] == "2" for ln in lines[1:]), "each trial ran its 2 epochs"
