@@ -284,14 +284,17 @@ def mlflow_server(tmp_path_factory):
         stop_group(proc)
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+def wait_for_http(
+    url: str, proc: subprocess.Popen, log: Path, timeout_s: float, headers: dict[str, str] | None = None
+) -> None:
     """Until ``url`` answers 200 (fail if ``proc`` exits first or time runs out)."""
     deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url, headers=headers or {})
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"{' '.join(proc.args[:2])} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            with urllib.request.urlopen(request, timeout=5) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
-from conftest import TRAIN_POLL_ENV, TRAIN_POLL_S
+from conftest import TRAIN_POLL_ENV, TRAIN_POLL_S, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600  # for all the jobs at once on a busy 2-core machine
@@ -168,19 +167,8 @@ def make_bin(bin_dir: Path) -> None:
 
 
 def wait_until_ready(proc: subprocess.Popen, url: str, token: str, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the Ray head did not serve {url} within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+    """Until the head's jobs API answers (conftest.wait_for_http, with the token)."""
+    wait_for_http(f"{url}/api/jobs/", proc, log, timeout, headers={"Authorization": f"Bearer {token}"})
 
 
 def stop_head(proc: subprocess.Popen) -> None:
