@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,13 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+# Each test process (pytest-xdist runs two) keeps its Ray files under a temp dir of its own. A
+# plain `ray.init()` joins the cluster whose address is in <temp dir>/ray/ray_current_cluster,
+# which ray.cluster_utils.Cluster writes (tests/test_multinode.py): a job another process
+# starts meanwhile must not join that cluster. (Assigned, not defaulted: the workers inherit the
+# environment of pytest's main process, which reads this file too.)
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"lstm-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
 
 # A local S3 API (moto's server, started by the `s3` fixture) for the tests of S3 storage.
 # Its address and dummy credentials are in the environment before Ray starts, so that Ray's
@@ -212,6 +220,60 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: group_rank(parallel_group(item.nodeid)))
+
+
+# --------------------------------------------------------------------------- parallel workers
+
+# The README's test command runs the suite in 2 processes (pytest-xdist, `-n 2`, set in
+# pyproject.toml), with the scheduler below: the tests of one group run in one process, one
+# after another, so that a costly fixture they share is built once, and the costliest groups
+# are handed out first, so that no long group starts last. Every process has its own session
+# Ray instance (and S3 or MLflow server when its tests need one).
+SHARED_FIXTURE_GROUPS = {  # test module -> the group of the modules sharing a session fixture
+    "test_dashboards": "head",  # conftest's `head` and `head_jobs`
+    "test_job_submit": "head",
+    "test_multinode": "ptb_base",  # conftest's `ptb_base` and `ptb_two`
+    "test_ptb_fault": "ptb_base",
+    "test_ptb_job": "ptb_base",
+    "test_ptb_workers": "ptb_base",
+}
+SPLIT_MODULES = frozenset({"test_tune", "test_s3"})  # independent costly tests: a group each
+GROUPS_FIRST = [
+    "head",
+    "ptb_base",
+    "test_tune::test_asha_search_interrupted_then_resumed",
+    "test_tune::test_ptb_asha_search_and_best_config_runs_as_is",
+    "test_s3::test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes",
+    "test_tune::test_pbt_clones_better_trials_and_mutates_the_learning_rate",
+    "test_char",
+]
+
+
+def parallel_group(nodeid: str) -> str:
+    """The group of the test ``nodeid`` ("tests/test_x.py::test_y[param]")."""
+    path, _, name = nodeid.partition("::")
+    module = Path(path).stem
+    if module in SPLIT_MODULES:
+        return f"{module}::{name.split('[')[0]}"
+    return SHARED_FIXTURE_GROUPS.get(module, module)
+
+
+def group_rank(group: str) -> int:
+    return GROUPS_FIRST.index(group) if group in GROUPS_FIRST else len(GROUPS_FIRST)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scope scheduler, with :func:`parallel_group` as the scope, in collection
+    order (which :func:`pytest_collection_modifyitems` sorts by :data:`GROUPS_FIRST`)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return parallel_group(nodeid)
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
 
 
 # --------------------------------------------------------------------------- a Ray head

@@ -1,7 +1,7 @@
 """The dashboards of a search, checked in a real browser, as a person would see them.
 
 The suite's Ray head (conftest's ``head``: `ray start --head`, token authentication) runs a
-4-trial rectangle search submitted with `ray job submit`, exactly as the README says, beside
+2-trial rectangle search submitted with `ray job submit`, exactly as the README says, beside
 two single jobs (ray_head.suite_jobs, shared with test_job_submit.py); then
 headless Chromium (Debian's `chromium` and `chromium-driver`, driven through Selenium) opens
 

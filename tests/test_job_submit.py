@@ -1,6 +1,6 @@
 """`ray job submit` for real, the way the README's cluster section says: a Ray head of its own
 (tests/ray_head.py: `ray start --head` with token authentication, its own temp dir and ports),
-the rectangle job with the default storage, the PTB job and a 4-trial search submitted at once
+the rectangle job with the default storage, the PTB job and a 2-trial search submitted at once
 with `--working-dir .` through the jobs CLI (conftest's ``head``/``head_jobs``, shared with
 test_dashboards.py), their outputs read back and what was uploaded checked.
 """

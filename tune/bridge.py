@@ -6,17 +6,26 @@ that Tune polls with a timeout, and every empty poll raises ``queue.Empty`` insi
 actor, which Ray counts as a failed task: the job page shows hundreds of failed
 ``_QueueActor.get`` tasks for a healthy search. So here:
 
-* :class:`MailboxCallback`, a Train ``UserCallback`` that runs in the Train controller, puts
-  each report into a :class:`Mailbox`, a small async actor (0 CPUs) whose ``get`` answers
-  ``None`` when nothing came in time instead of raising;
+* one :class:`Mailbox` per search, a small async actor (0 CPUs) that the search's driver
+  creates and holds until the search's report is written. It has a slot per Train run; its
+  calls never raise and never wait long: ``offer`` answers at once whether the slot took the
+  report, ``get`` answers ``None`` when nothing came within its timeout;
+* :class:`MailboxCallback`, a Train ``UserCallback`` that runs in the Train controller, offers
+  each report to its run's slot until the slot takes it (the slot holds one report, so the run
+  waits while the trial function is still handing the previous checkpoint to Tune);
 * :func:`relay_reports` runs ``fit()`` in a thread while the trial function takes each report
-  out of the mailbox and reports it to Tune with ``ray.tune.report``: with the checkpoint
-  when the scheduler needs Tune to hold checkpoints (PBT clones them from one trial into
-  another), the metrics only otherwise.
+  out of the slot and reports it to Tune with ``ray.tune.report``: with the checkpoint when
+  the scheduler needs Tune to hold checkpoints (PBT clones them from one trial into another),
+  the metrics only otherwise.
+
+Why one mailbox for the whole search: an actor that ends while Ray still counts one of its
+calls as running (its worker reports finished calls in batches, every second) leaves that
+call *failed* on the job page; a mailbox per trial, dropped as its trial ended, did that now
+and then. The search's mailbox ends once, after the search, when none of its calls has run
+for seconds; and a trial that Tune kills (a scheduler's stop) leaves no call waiting in it.
 
 A run's ``user_error`` report is not relayed: it has no metric for the scheduler, and the
-trial function raises it as the trial's error. The mailbox holds one report, so the run waits
-while the trial function is still handing the previous checkpoint to Tune.
+trial function raises it as the trial's error.
 
 The run's last epoch is relayed only once ``fit()`` has returned. Tune stops a trial as soon
 as it reports its last epoch (ASHA's ``max_t``), killing the trial's actor and with it the
@@ -30,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from typing import Any, Callable, Optional
 
 import ray
@@ -40,34 +50,45 @@ from lstm import storage
 from lstm.loop import USER_ERROR
 
 CHECKPOINT_PATH = "checkpoint_path"  # the metric Ray's TuneReportCallback adds too
-TASK_EVENTS_FLUSH_S = 3.0  # > 2 of Ray's task-event report intervals (1 s each by default)
+OFFER_RETRY_S = 0.1  # while the trial function still hands the previous report to Tune
 
 
 @ray.remote(num_cpus=0)
 class Mailbox:
-    """One report at a time, from the Train controller to the trial function."""
+    """A search's reports in transit: one slot per Train run, one report per slot."""
 
     def __init__(self) -> None:
-        self.items: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.slots: dict[str, asyncio.Queue] = {}
 
-    async def put(self, item: dict[str, Any]) -> None:
-        await self.items.put(item)
+    def _slot(self, run: str) -> asyncio.Queue:
+        return self.slots.setdefault(run, asyncio.Queue(maxsize=1))
 
-    async def get(self, timeout_s: float) -> Optional[dict[str, Any]]:
+    async def offer(self, run: str, item: dict[str, Any]) -> bool:
+        """Put ``item`` into the run's slot if it is empty; whether it did."""
+        if self._slot(run).full():
+            return False
+        self._slot(run).put_nowait(item)
+        return True
+
+    async def get(self, run: str, timeout_s: float) -> Optional[dict[str, Any]]:
+        """The run's report, waiting at most ``timeout_s`` for one; ``None`` if none came."""
+        slot = self._slot(run)
         if timeout_s <= 0:
-            return None if self.items.empty() else self.items.get_nowait()
+            return None if slot.empty() else slot.get_nowait()
         try:
-            return await asyncio.wait_for(self.items.get(), timeout_s)
+            return await asyncio.wait_for(slot.get(), timeout_s)
         except asyncio.TimeoutError:
             return None
 
+    async def close(self, run: str) -> None:
+        self.slots.pop(run, None)
+
 
 class MailboxCallback(UserCallback):
-    """Puts ``{"metrics": ..., "checkpoint": ...}`` of every report into the mailbox."""
+    """Offers ``{"metrics": ..., "checkpoint": ...}`` of every report to the run's slot."""
 
-    def __init__(self, mailbox: Any, run_dir: str):
-        self.mailbox = mailbox
-        self.run_dir = run_dir
+    def __init__(self, mailbox: Any, run: str, run_dir: str):
+        self.mailbox, self.run, self.run_dir = mailbox, run, run_dir
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if not metrics or USER_ERROR in metrics[0]:
@@ -77,20 +98,22 @@ class MailboxCallback(UserCallback):
             item[CHECKPOINT_PATH] = storage.display(
                 storage.join(self.run_dir, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
             )
-        ray.get(self.mailbox.put.remote({"metrics": item, "checkpoint": checkpoint}))
+        while not ray.get(self.mailbox.offer.remote(self.run, {"metrics": item, "checkpoint": checkpoint})):
+            time.sleep(OFFER_RETRY_S)
 
 
 def relay_reports(
-    make: Callable[[list[Any]], Any], run_dir: str, *, with_checkpoints: bool, poll_s: float = 1.0
+    mailbox: Any, make: Callable[[list[Any]], Any], run_dir: str, *, with_checkpoints: bool, poll_s: float = 1.0
 ) -> Any:
-    """Run ``make(callbacks).fit()`` in a thread and report each of its results to Tune.
-    Returns the Train ``Result``; re-raises the run's exception."""
-    mailbox = Mailbox.remote()
-    trainer = make([MailboxCallback(mailbox, run_dir)])
+    """Run ``make(callbacks).fit()`` in a thread and report each of its results to Tune,
+    through the search's ``mailbox``. Returns the Train ``Result``; re-raises the run's
+    exception."""
+    run = uuid.uuid4().hex  # this call's slot (a restarted trial gets a fresh one)
+    trainer = make([MailboxCallback(mailbox, run, run_dir)])
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
-    def run(trainer: Any) -> None:
+    def run_fit(trainer: Any) -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread
@@ -98,11 +121,11 @@ def relay_reports(
         finally:
             done.set()
 
-    threading.Thread(target=run, args=(trainer,), name="train-run", daemon=True).start()
+    threading.Thread(target=run_fit, args=(trainer,), name="train-run", daemon=True).start()
     last: Optional[dict[str, Any]] = None  # the last epoch's report, relayed after fit() returns
     while True:
         finished = done.is_set()  # read before the get: a report put before fit() returned is then seen
-        item = ray.get(mailbox.get.remote(0.0 if finished else poll_s))
+        item = ray.get(mailbox.get.remote(run, 0.0 if finished else poll_s))
         if item is None:
             if finished:
                 break
@@ -111,13 +134,8 @@ def relay_reports(
             last = item
             continue
         _relay(item, with_checkpoints)
-    # Dropping the last handle ends the actor gracefully. ray.kill() would end it before it had
-    # reported its last get() as finished, and the job page would count that get as failed. A
-    # worker reports its tasks' ends in batches (every RAY_task_events_report_interval_ms, 1 s
-    # by default), so the handle is kept a little longer: dropped at once, one trial in a few
-    # still left a last get() counted as failed (seen in 1 of 3 suite runs).
-    time.sleep(TASK_EVENTS_FLUSH_S)
-    del mailbox, trainer
+    ray.get(mailbox.close.remote(run))
+    del trainer
     if last is not None:
         _relay(last, with_checkpoints)
     if "error" in outcome:

@@ -41,7 +41,7 @@ from lstm.errors import UserError
 from lstm.trainer import make_trainer, returned_user_error
 from tune import report
 from tune.board import SearchBoard
-from tune.bridge import relay_reports
+from tune.bridge import Mailbox, relay_reports
 from tune.cleanup import ReleaseOrphansCallback, release_after_search
 from tune.schedulers import make_scheduler
 from tune.spec import SearchSpec, save_spec
@@ -97,11 +97,12 @@ def train_run_name(trial_id: str, start: Any) -> str:
     return f"trial-{trial_id}-from-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}"
 
 
-def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any]) -> None:
+def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any], mailbox: Any) -> None:
     """Tune trial function: one Ray Train run of the trial's config, built by
     :func:`lstm.trainer.make_trainer` exactly as ``jobs/<task>.py`` builds it. ``data`` holds
     the object-store reference of the task's data (in a tuple, which keeps Tune's
-    ``with_parameters`` from resolving it: the workers fetch it, not the trial driver)."""
+    ``with_parameters`` from resolving it: the workers fetch it, not the trial driver);
+    ``mailbox`` is the search's :class:`tune.bridge.Mailbox`."""
     config = spec.trial_config(hparams)
     start = rtune.get_checkpoint()
     name = train_run_name(rtune.get_context().get_trial_id(), start)
@@ -114,6 +115,7 @@ def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any]) ->
         name=name,
     )
     result = relay_reports(
+        mailbox,
         lambda callbacks: make_trainer(
             spec.task_class, config, settings, data[0], callbacks=callbacks, init_checkpoint=start
         ),
@@ -145,15 +147,16 @@ class SearchOutcome:
     report: Any  # tune.report.SearchReport (None when write_report=False)
 
 
-def _trainable(spec: SearchSpec, data: Any) -> Any:
+def _trainable(spec: SearchSpec, data: Any, mailbox: Any) -> Any:
     resources = rtune.PlacementGroupFactory([{"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}])
-    return rtune.with_resources(rtune.with_parameters(run_trial, spec=spec, data=(data,)), resources)
+    trial = rtune.with_parameters(run_trial, spec=spec, data=(data,), mailbox=mailbox)
+    return rtune.with_resources(trial, resources)
 
 
-def make_tuner(spec: SearchSpec, data: Any, max_concurrent: int, callbacks: Sequence[Any] = ()) -> Any:
+def make_tuner(spec: SearchSpec, data: Any, mailbox: Any, max_concurrent: int, callbacks: Sequence[Any] = ()) -> Any:
     """The Tuner of a new search."""
     return rtune.Tuner(
-        _trainable(spec, data),
+        _trainable(spec, data, mailbox),
         param_space=spec.space.param_space(),
         tune_config=rtune.TuneConfig(
             num_samples=spec.num_samples,
@@ -215,6 +218,7 @@ def run_search(
         )
     max_concurrent = check_resources(spec)
     data_ref = ray.put(data)
+    mailbox = Mailbox.remote()  # held until the report is written (tune/bridge.py says why)
     start = time.perf_counter()
     if resume:
         # Finished and errored trials stay as they are; unfinished ones continue (their Train
@@ -222,17 +226,18 @@ def run_search(
         # original search's.
         tuner = rtune.Tuner.restore(
             spec.experiment_dir,
-            trainable=_trainable(spec, data_ref),
+            trainable=_trainable(spec, data_ref, mailbox),
             resume_unfinished=True,
             resume_errored=False,
             restart_errored=False,
         )
     else:
         save_spec(spec)
-        tuner = make_tuner(spec, data_ref, max_concurrent, callbacks)
+        tuner = make_tuner(spec, data_ref, mailbox, max_concurrent, callbacks)
     tuner.fit()
     release_after_search()  # what stopped trials' Train runs left behind (see tune.cleanup)
     wall = time.perf_counter() - start
     rep = report.write_report(spec, wall_time_s=wall) if write_report else None
     log_best_to_mlflow(spec, rep)
+    del mailbox
     return SearchOutcome(spec=spec, max_concurrent=max_concurrent, wall_time_s=wall, report=rep)
