@@ -218,8 +218,12 @@ SLOW_FIXTURES = frozenset({"ray_session", "ptb_base", "head", "s3_server", "clus
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        for group in GROUP_FIXTURES & fixtures:  # the map below must name every module that uses them
+            if parallel_group(item.nodeid) != group:
+                raise pytest.UsageError(f"{item.nodeid} uses `{group}`: add its module to SHARED_FIXTURE_GROUPS")
     items.sort(key=lambda item: group_rank(parallel_group(item.nodeid)))
 
 
@@ -238,6 +242,7 @@ SHARED_FIXTURE_GROUPS = {  # test module -> the group of the modules sharing a s
     "test_ptb_job": "ptb_base",
     "test_ptb_workers": "ptb_base",
 }
+GROUP_FIXTURES = frozenset({"head", "ptb_base"})  # session fixtures that name their group
 SPLIT_MODULES = frozenset({"test_tune", "test_s3"})  # independent costly tests: a group each
 GROUPS_FIRST = [
     "head",

@@ -61,13 +61,16 @@ class Mailbox:
         self.slots: dict[str, asyncio.Queue] = {}
 
     def _slot(self, run: str) -> asyncio.Queue:
-        return self.slots.setdefault(run, asyncio.Queue(maxsize=1))
+        if run not in self.slots:
+            self.slots[run] = asyncio.Queue(maxsize=1)
+        return self.slots[run]
 
     async def offer(self, run: str, item: dict[str, Any]) -> bool:
         """Put ``item`` into the run's slot if it is empty; whether it did."""
-        if self._slot(run).full():
+        slot = self._slot(run)
+        if slot.full():
             return False
-        self._slot(run).put_nowait(item)
+        slot.put_nowait(item)
         return True
 
     async def get(self, run: str, timeout_s: float) -> Optional[dict[str, Any]]:

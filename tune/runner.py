@@ -239,5 +239,4 @@ def run_search(
     wall = time.perf_counter() - start
     rep = report.write_report(spec, wall_time_s=wall) if write_report else None
     log_best_to_mlflow(spec, rep)
-    del mailbox
     return SearchOutcome(spec=spec, max_concurrent=max_concurrent, wall_time_s=wall, report=rep)
