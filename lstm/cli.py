@@ -11,7 +11,7 @@ import json
 from typing import Callable, Optional, Sequence
 
 from lstm import config as cfg
-from lstm import storage
+from lstm import storage, timings
 from lstm.outputs import RunResult
 from lstm.task import Task, get_task
 from lstm.trainer import fit
@@ -76,7 +76,7 @@ def train_main(
     if args.print_config:
         print(json.dumps({"task": task.name, **cfg.to_dict(config)}, indent=2))
         return 0
-    result = fit(task.name, config, settings, resume=args.resume)
+    result = fit(task.name, config, settings, resume=args.resume, phases=timings.Phases(from_process_start=True))
     print_summary(result)
     return 0
 
@@ -92,3 +92,5 @@ def print_summary(result: RunResult) -> None:
     for plot in result.plots:
         print(f"  plot:       {storage.display(plot)}")
     print(f"  checkpoint: {storage.display(result.checkpoint_path)}")
+    if result.timings:
+        print(f"  time:       {timings.format_line(result.timings)}")

@@ -40,6 +40,7 @@ from lstm.step import DivergenceGuard, StepModule, autocast, make_stepper
 from lstm.task import Task, WorkerInfo, get_task
 
 USER_ERROR = "user_error"  # the metric (and return value) that carries a one-line UserError
+TIMINGS = "timings"  # the return value's marks of the worker's loop (lstm.timings)
 
 Report = Callable[[dict[str, Any], Optional[Any]], None]
 
@@ -230,14 +231,19 @@ def run_training(
     report: Report,
     run_dir: str = "",
     hooks: Sequence[WorkerHook] = (),
+    marks: Optional[dict[str, float]] = None,
 ) -> None:
-    """One worker's run, separated from Ray's context so that its parts stay testable."""
+    """One worker's run, separated from Ray's context so that its parts stay testable.
+    ``marks`` gets when training started and ended (``time.time()``) and the seconds spent
+    training and evaluating (lstm.timings)."""
+    marks = {} if marks is None else marks
     loop = Loop(task, settings, run_dir, hooks)
     torch.manual_seed(task.config.seed)
     model = task.build_model()
     history, optimizer_state = restore(task, model, get_checkpoint())
     loop.prepare(model, optimizer_state)
     run_start = time.perf_counter()
+    marks.update(training_at=time.time(), train_s=0.0, eval_s=0.0)
     if history.start_epoch >= loop.n_epochs and task.worker.is_chief:
         print(f"[{task.name}] nothing to do: the run already finished its {loop.n_epochs} epochs", flush=True)
     for epoch in range(history.start_epoch, loop.n_epochs):
@@ -251,7 +257,10 @@ def run_training(
             elapsed_s=history.elapsed_before + time.perf_counter() - run_start,
             workers=task.worker.world_size,
         )
+        marks["train_s"] += train_seconds
+        marks["eval_s"] += metrics["eval_s"]
         loop.report(metrics, history, records, report)
+    marks["finished_at"] = time.time()
 
 
 # --------------------------------------------------------------------------- Ray Train entry point
@@ -286,12 +295,13 @@ def set_threads(settings: cfg.RunSettings, task_class: type[Task], device: torch
         torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1, cap)))
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str]]:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. ``loop_config``: {"task", "config", "run", "run_dir", "data"} and
     optionally "init_checkpoint" (a ``Checkpoint`` a new run starts from: PBT's clone) and "hooks"."""
     import ray
     import ray.train
 
+    marks = {"started_at": time.time()}
     quiet_ray_train_logs()
     task_class = get_task(loop_config["task"])
     settings = cfg.build(cfg.RunSettings, loop_config["run"])
@@ -313,10 +323,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> Optional[dict[str, str
             report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
             run_dir=loop_config.get("run_dir", ""),
             hooks=loop_config.get("hooks", ()),
+            marks=marks,
         )
     except UserError as e:
         # Ray Train V2 keeps only the metrics reported with a checkpoint, so the error is
         # also returned (the driver reads rank 0's return value).
         ray.train.report({USER_ERROR: str(e)})
         return {USER_ERROR: str(e)}
-    return None
+    return {TIMINGS: marks}

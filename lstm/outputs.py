@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from lstm import checkpoint as ckpt
 from lstm import storage
@@ -37,13 +37,20 @@ class RunResult:
     checkpoint_path: Optional[str]
     results_path: Optional[str]
     plots: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # lstm.timings.breakdown
 
 
 def collect(
-    task: type[Task], run_dir: str, checkpoint_path: str, *, extra: Optional[dict[str, Any]] = None
+    task: type[Task],
+    run_dir: str,
+    checkpoint_path: str,
+    *,
+    extra: Optional[dict[str, Any]] = None,
+    timings: Optional[Callable[[], dict[str, float]]] = None,
 ) -> RunResult:
     """Read the history from the final checkpoint (a folder or URI); write results.json and
-    the plots into the run folder."""
+    the plots into the run folder. ``timings`` gives the run's lstm.timings once the plots are
+    written: results.json keeps them under "timings"."""
     state = storage.read_json(storage.join(checkpoint_path, ckpt.STATE_FILE))
     history = state.get("history", [])
     results = {
@@ -58,6 +65,8 @@ def collect(
     }
     with storage.staging(run_dir) as out:
         plots = [p.name for p in task.plot(results, out)]
+    if timings:
+        results["timings"] = timings()
     results_path = storage.write_json(storage.join(run_dir, RESULTS_FILE), results)
     return RunResult(
         task=task.name,
@@ -67,6 +76,7 @@ def collect(
         checkpoint_path=checkpoint_path,
         results_path=results_path,
         plots=[storage.join(run_dir, name) for name in plots],
+        timings=results.get("timings", {}),
     )
 
 

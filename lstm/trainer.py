@@ -12,15 +12,19 @@ group can be placed at all.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any, Optional, Sequence
 
 from lstm import checkpoint as ckpt
-from lstm import cluster, outputs, storage, tracking
+from lstm import cluster, outputs, storage, timings, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.loop import USER_ERROR, WorkerHook, train_loop_per_worker
+from lstm.loop import TIMINGS, USER_ERROR, WorkerHook, train_loop_per_worker
 from lstm.outputs import RunResult
 from lstm.task import Task, get_task
+
+logger = logging.getLogger(__name__)
 
 
 def check_run_folder(run_dir: str, name: str, resume: bool) -> None:
@@ -77,7 +81,7 @@ def make_trainer(
         "hooks": list(hooks),
         **({"init_checkpoint": init_checkpoint} if init_checkpoint else {}),
     }
-    return TorchTrainer(
+    return trainer_class(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
@@ -86,11 +90,41 @@ def make_trainer(
     )
 
 
+def trainer_class(base: type) -> type:
+    """``base`` (TorchTrainer) without Ray Train's Ray Data callback when a run has no Ray
+    Datasets, as ours never do (each worker gets its data through the object store). Ray 2.60
+    adds that callback to every run, and it starts a ``DatasetManager`` actor per run: one more
+    process, which imports Ray Data, between the controller and the first step. The callback
+    is a private class: if it moves, this warns and returns ``base`` unchanged."""
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+    except ImportError as e:
+        logger.warning("every run starts Ray Train's DatasetManager actor (%s)", e)
+        return base
+
+    class Trainer(base):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = base.__name__
+    return Trainer
+
+
 def prepare(
-    task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, *, resume: bool = False
+    task: type[Task],
+    config: cfg.TaskConfig,
+    settings: cfg.RunSettings,
+    *,
+    resume: bool = False,
+    phases: Optional[timings.Phases] = None,
 ) -> tuple[cfg.RunSettings, Any]:
     """Every up-front check of ``fit`` (see the module docstring). Returns the completed
-    settings and the task's data; starts or joins Ray."""
+    settings and the task's data; starts or joins Ray. ``phases`` gets the marks of
+    lstm.timings."""
+    phases = phases or timings.Phases()
     config.validate()
     settings.validate()
     settings = dataclasses.replace(settings, mlflow_tracking_uri=tracking.resolve_uri(settings.mlflow_tracking_uri))
@@ -99,7 +133,9 @@ def prepare(
     check_run_folder(where.path, where.name, resume)
     data = task.read_data(config, settings.data_dir or None)
     task.check(config, data, settings.num_workers)
+    phases.mark("checked")
     cluster.ensure_ray()
+    phases.mark("ray_started")
     cluster.check_shared_storage(where.root)
     storage.check_writable(where.root)
     cpus = cluster.plan_workers(
@@ -116,15 +152,18 @@ def fit(
     resume: bool = False,
     callbacks: Sequence[Any] = (),
     hooks: Sequence[WorkerHook] = (),
+    phases: Optional[timings.Phases] = None,
 ) -> RunResult:
-    """Train ``config`` for task ``task_name`` on Ray Train workers; return the run's result.
+    """Train ``config`` for task ``task_name`` on Ray Train workers; return the run's result
+    (its ``timings``: where the time went, from ``phases``' start; lstm.timings).
 
     ``resume=True`` continues the run named ``settings.name`` from its latest checkpoint (Ray
     Train restores a run whose name and storage path already exist)."""
     import ray
 
     task = get_task(task_name)
-    settings, data = prepare(task, config, settings, resume=resume)
+    phases = phases or timings.Phases()
+    settings, data = prepare(task, config, settings, resume=resume, phases=phases)
     run_dir = storage.join(settings.storage_path, settings.name)
     print(f"[{task.name}] run folder: {storage.display(run_dir)}", flush=True)
     uri = settings.mlflow_tracking_uri
@@ -133,11 +172,19 @@ def fit(
         callbacks = [*callbacks, tracking.MetricsCallback(uri, run_id)]
     trainer = make_trainer(task, config, settings, ray.put(data), callbacks=callbacks, hooks=hooks)
     try:
+        phases.mark("fit_started")
         result = trainer.fit()
+        phases.mark("fit_returned")
         error = returned_user_error(result)
         if error:
             raise UserError(error)
-        out = outputs.collect(task, run_dir, outputs.checkpoint_location(result.checkpoint, run_dir))
+        worker_marks = (getattr(result, "return_value", None) or {}).get(TIMINGS, {})
+        out = outputs.collect(
+            task,
+            run_dir,
+            outputs.checkpoint_location(result.checkpoint, run_dir),
+            timings=lambda: timings.breakdown({**phases.marks, "outputs_written": time.time()}, worker_marks),
+        )
     except BaseException:
         if run_id:
             tracking.end_job_run(uri, run_id, None, failed=True)

@@ -1,5 +1,5 @@
-"""The PTB job on 2 Ray Train workers reproduces the 1-worker run, and a diverging loss stops
-both workers with one line."""
+"""A diverging loss on 2 Ray Train workers stops both with one line. (That 2 workers reproduce
+the 1-worker run is tests/test_multinode.py's, with the two workers on two nodes.)"""
 
 from __future__ import annotations
 
@@ -12,32 +12,9 @@ from lstm.errors import UserError
 from lstm.tasks.ptb import PTBConfig
 from lstm.trainer import fit
 
-CONFIG = ptb_base_config()
-KEYS = ("train_loss", "valid_loss")
 
-
-@pytest.fixture(scope="module")
-def runs(ptb_base, ptb_two, tmp_path_factory):
-    """The session's 1-worker run and 2-worker run of the same config and seed."""
-    one, _, data = ptb_base
-    two, _ = ptb_two
-    return one, two, tmp_path_factory.mktemp("runs"), data
-
-
-def test_two_workers_reproduce_one_worker(runs):
-    """batch_size is global: 2 workers x 10 rows take the same steps as 1 worker x 20 rows."""
-    one, two, _, _ = runs
-    assert [e["workers"] for e in two.history] == [2, 2] and [e["workers"] for e in one.history] == [1, 1]
-    assert [e["samples_seen"] for e in two.history] == [e["samples_seen"] for e in one.history]
-    for a, b in zip(one.history, two.history, strict=True):
-        for key in KEYS:
-            assert b[key] == pytest.approx(a[key], rel=1e-4), key
-    assert two.metrics["test_ppl"] == pytest.approx(one.metrics["test_ppl"], rel=1e-4)
-
-
-def test_nan_loss_stops_all_workers_with_one_line(runs):
-    _, _, storage, data = runs
-    diverging = cfg.build(PTBConfig, {**cfg.to_dict(CONFIG), "learning_rate": 1e30})
+def test_nan_loss_stops_all_workers_with_one_line(ray_session, ptb_dir, tmp_path):
+    diverging = cfg.build(PTBConfig, {**cfg.to_dict(ptb_base_config()), "learning_rate": 1e30})
     with pytest.raises(UserError, match=DIVERGED + r"1 step \d+; lower --learning-rate") as info:
-        fit("ptb", diverging, run_settings(storage, "nan", data, num_workers=2, max_failures=2))
+        fit("ptb", diverging, run_settings(tmp_path, "nan", ptb_dir, num_workers=2, max_failures=2))
     assert "\n" not in str(info.value)

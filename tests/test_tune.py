@@ -444,9 +444,9 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
 
 def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_dir):
     """A tiny PTB search from the test config on a prefix of the data, one trial at a time: the
-    bad learning rate (second in the grid) is stopped after the first epoch; the third diverges
-    and ends ERROR with the loop's one-line error while the search goes on; the best config is
-    accepted by jobs/ptb.py as it is."""
+    second learning rate diverges and ends ERROR with the loop's one-line error while the search
+    goes on; the best config is accepted by jobs/ptb.py as it is. (ASHA's stops are
+    test_asha_search_interrupted_then_resumed's.)"""
     exp = tmp_path / "ptb"
     cli.main(
         [
@@ -466,7 +466,7 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
             "1",
             "--space",
             "hidden_size=8",
-            "learning_rate=grid:1.0,0.01,1e30",
+            "learning_rate=grid:1.0,1e30",
             "--storage-path",
             str(tmp_path),
             "--name",
@@ -476,7 +476,7 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
     rep = report.write_report(load_spec(str(exp)))
     assert rep.metric == "valid_ppl" and rep.params == ["keep_prob", "lr_decay", "learning_rate"]
     by_lr = {r.hparams["learning_rate"]: r for r in rep.rows}
-    good, bad, diverged = by_lr[1.0], by_lr[0.01], by_lr[1e30]
+    good, diverged = by_lr[1.0], by_lr[1e30]
     assert (diverged.status, diverged.epochs_run) == ("ERROR", 0), diverged
     assert re.fullmatch(
         r"the loss became (NaN|infinite|too large \(over 92.1 per unit, beyond any training model\)) "
@@ -485,8 +485,7 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
     )
     assert diverged.error in (exp / "results.md").read_text()
     assert (good.status, good.epochs_run, good.stopped_early, good.error) == ("TERMINATED", 2, False, "")
-    assert (bad.status, bad.epochs_run, bad.stopped_early) == ("TERMINATED", 1, True)
-    assert rep.rows[0] is good and good.best("min")[1] < bad.best("min")[1]
+    assert rep.rows == [good, diverged]  # a trial with no result ranks last
     assert 0.3 <= good.hparams["keep_prob"] <= 1.0 and 0.5 <= good.hparams["lr_decay"] <= 1.0
     for name in (
         "results.csv",

@@ -239,4 +239,7 @@ def run_search(
     wall = time.perf_counter() - start
     rep = report.write_report(spec, wall_time_s=wall) if write_report else None
     log_best_to_mlflow(spec, rep)
+    # Tune's registry keeps the trainable, and with it a handle on the mailbox, for the life of
+    # the driver: without this, a driver that runs several searches keeps one idle actor each.
+    ray.kill(mailbox)
     return SearchOutcome(spec=spec, max_concurrent=max_concurrent, wall_time_s=wall, report=rep)

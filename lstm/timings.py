@@ -1,0 +1,93 @@
+"""Where a run's wall time goes, outside training and evaluation: the ``timings`` of
+results.json and the ``time:`` line a job prints at the end.
+
+The driver marks its own phases (:class:`Phases`); rank 0's worker returns wall-clock marks of
+its loop (``started_at``, ``training_at``, ``finished_at``), which :func:`breakdown` sets between
+the driver's marks. Both clocks are ``time.time()``: on one node they are the same clock; on a
+cluster, the worker's node may be off by its clock's skew (milliseconds under NTP). After a
+restart (a lost worker), the marks are those of the last worker group: the time lost to the
+failed attempt is in ``workers_up_s``. Ray's own shutdown, at the end of the command, comes after
+results.json is written and is not in it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Mapping, Optional
+
+# The phases in the order they happen: key -> the words the job prints.
+PHASES = {
+    "startup_s": "Python and imports",
+    "checks_s": "checks and data",
+    "ray_start_s": "Ray start",
+    "cluster_checks_s": "cluster checks and trainer",
+    "workers_up_s": "worker group start",
+    "worker_setup_s": "worker setup",
+    "train_s": "train",
+    "eval_s": "eval",
+    "reports_s": "checkpoints and reports",
+    "workers_down_s": "worker group shutdown",
+    "outputs_s": "plots and results",
+}
+
+
+def process_started_at() -> Optional[float]:
+    """When this process started (``time.time()`` scale), from Linux's /proc; ``None`` elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+class Phases:
+    """The driver's marks: ``mark(name)`` ends the phase ``name`` now. ``from_process_start``
+    (a job's command line) counts the process's start-up too: Python, imports, parsing."""
+
+    def __init__(self, from_process_start: bool = False) -> None:
+        started = process_started_at() if from_process_start else None
+        self.marks: dict[str, float] = {"process_started": started} if started else {}
+        self.marks["fit_called"] = time.time()
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time()
+
+
+def breakdown(driver: Mapping[str, float], worker: Mapping[str, float]) -> dict[str, float]:
+    """Seconds per phase of :data:`PHASES` (those whose marks exist), plus ``total_s``.
+
+    ``driver``: the marks of :class:`Phases` (process_started, fit_called, checked,
+    ray_started, fit_started, fit_returned, outputs_written). ``worker``: rank 0's
+    started_at, training_at, finished_at, and the train_s and eval_s of the epochs it ran."""
+    marks = dict(driver)
+    marks.update({f"worker_{k}": v for k, v in worker.items() if k.endswith("_at")})
+    spans = {
+        "startup_s": ("process_started", "fit_called"),
+        "checks_s": ("fit_called", "checked"),
+        "ray_start_s": ("checked", "ray_started"),
+        "cluster_checks_s": ("ray_started", "fit_started"),
+        "workers_up_s": ("fit_started", "worker_started_at"),
+        "worker_setup_s": ("worker_started_at", "worker_training_at"),
+        "reports_s": ("worker_training_at", "worker_finished_at"),  # minus train and eval, below
+        "workers_down_s": ("worker_finished_at", "fit_returned"),
+        "outputs_s": ("fit_returned", "outputs_written"),
+    }
+    out = {key: marks[b] - marks[a] for key, (a, b) in spans.items() if a in marks and b in marks}
+    for key in ("train_s", "eval_s"):
+        if key in worker:
+            out[key] = float(worker[key])
+            if "reports_s" in out:
+                out["reports_s"] -= out[key]
+    first = marks.get("process_started", marks["fit_called"])
+    out["total_s"] = max(marks.values()) - first
+    return {key: round(out[key], 3) for key in [*PHASES, "total_s"] if key in out}
+
+
+def format_line(timings: Mapping[str, float]) -> str:
+    """``12.3s: Ray start 4.1s, worker group start 3.0s, ...`` (the phases that took 0.05 s or more)."""
+    parts = [f"{words} {timings[key]:.1f}s" for key, words in PHASES.items() if timings.get(key, 0.0) >= 0.05]
+    return f"{timings.get('total_s', 0.0):.1f}s: " + ", ".join(parts)
