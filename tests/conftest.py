@@ -270,6 +270,22 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
+# Session fixtures that a test process stops as soon as its next test does not use them (the
+# group map above keeps their tests together): an idle head's dozen processes would otherwise
+# take their share of the 2 cores until the session ends. A later test that asks for one again
+# gets a new one. (pytest's FixtureDef.finish, through two private attributes of the item.)
+RELEASE_EARLY = ("head",)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    for name in RELEASE_EARLY:
+        if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
+            fixture_info, request = getattr(item, "_fixtureinfo", None), getattr(item, "_request", None)
+            for fixturedef in getattr(fixture_info, "name2fixturedefs", {}).get(name, ()) if request else ():
+                fixturedef.finish(request)
+
+
 # --------------------------------------------------------------------------- a Ray head
 
 
