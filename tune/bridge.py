@@ -31,7 +31,9 @@ The run's last epoch is relayed only once ``fit()`` has returned. Tune stops a t
 as it reports its last epoch (ASHA's ``max_t``), killing the trial's actor and with it the
 Train controller that is still shutting its workers down: the job page then counts a failed
 ``TrainController.run`` task, and Ray Train's state API an ABORTED run, for a trial that
-finished.
+finished. A search interrupted in that window leaves a Train run that has finished while its
+trial has not: resumed, the run has nothing to train and reports nothing, so its last epoch is
+relayed from the run's result (:func:`already_finished`).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def relay_reports(
 
     threading.Thread(target=run_fit, args=(trainer,), name="train-run", daemon=True).start()
     last: Optional[dict[str, Any]] = None  # the last epoch's report, relayed after fit() returns
+    relayed = 0
     while True:
         finished = done.is_set()  # read before the get: a report put before fit() returned is then seen
         item = ray.get(mailbox.get.remote(run, 0.0 if finished else poll_s))
@@ -137,13 +140,26 @@ def relay_reports(
             last = item
             continue
         _relay(item, with_checkpoints)
+        relayed += 1
     ray.get(mailbox.close.remote(run))
     del trainer
+    if last is None and not relayed and "result" in outcome:
+        last = already_finished(outcome["result"])
     if last is not None:
         _relay(last, with_checkpoints)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def already_finished(result: Any) -> Optional[dict[str, Any]]:
+    """The last epoch of a resumed run that had nothing left to train: its worker finished the
+    run before the search was interrupted, but Tune never got the last report (it is relayed
+    only once fit() returns). Ray Train's result carries the latest checkpoint's metrics."""
+    metrics = getattr(result, "metrics", None) or {}
+    if not metrics.get("epoch") or USER_ERROR in metrics:
+        return None
+    return {"metrics": metrics, "checkpoint": getattr(result, "checkpoint", None)}
 
 
 def _relay(item: dict[str, Any], with_checkpoints: bool) -> None:
