@@ -76,7 +76,7 @@ def train_main(
     if args.print_config:
         print(json.dumps({"task": task.name, **cfg.to_dict(config)}, indent=2))
         return 0
-    result = fit(task.name, config, settings, resume=args.resume, phases=timings.Phases(from_process_start=True))
+    result = fit(task.name, config, settings, resume=args.resume, phases=timings.Phases(from_import=True))
     print_summary(result)
     return 0
 

@@ -1,10 +1,11 @@
 """Where a run's wall time goes, outside training and evaluation: the ``timings`` of
 results.json and the ``time:`` line a job prints at the end.
 
-The driver marks its own phases (:class:`Phases`); rank 0's worker returns wall-clock marks of
-its loop (``started_at``, ``training_at``, ``finished_at``), which :func:`breakdown` sets between
-the driver's marks. Both clocks are ``time.time()``: on one node they are the same clock; on a
-cluster, the worker's node may be off by its clock's skew (milliseconds under NTP). After a
+The driver marks its own phases (:class:`Phases`), from the package's first import on; rank
+0's worker returns wall-clock marks of its loop (``started_at``, ``training_at``,
+``finished_at``), which :func:`breakdown` sets between the driver's marks. Both clocks are
+``time.time()``: on one node they are the same clock; on a cluster, the worker's node may be
+off by its clock's skew (milliseconds under NTP). After a
 restart (a lost worker), the marks are those of the last worker group: the time lost to the
 failed attempt is in ``workers_up_s``. Ray's own shutdown, at the end of the command, comes after
 results.json is written and is not in it.
@@ -12,13 +13,12 @@ results.json is written and is not in it.
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Mapping, Optional
+from typing import Mapping
 
 # The phases in the order they happen: key -> the words the job prints.
 PHASES = {
-    "startup_s": "Python and imports",
+    "imports_s": "imports",
     "checks_s": "checks and data",
     "ray_start_s": "Ray start",
     "cluster_checks_s": "cluster checks and trainer",
@@ -32,25 +32,16 @@ PHASES = {
 }
 
 
-def process_started_at() -> Optional[float]:
-    """When this process started (``time.time()`` scale), from Linux's /proc; ``None`` elsewhere."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
 class Phases:
-    """The driver's marks: ``mark(name)`` ends the phase ``name`` now. ``from_process_start``
-    (a job's command line) counts the process's start-up too: Python, imports, parsing."""
+    """The driver's marks: ``mark(name)`` ends the phase ``name`` now. ``from_import`` (a
+    job's command line) counts the imports too, from the package's first import on (the
+    interpreter's own start, tens of milliseconds, is left out: a shell may have exec'd the
+    process long before)."""
 
-    def __init__(self, from_process_start: bool = False) -> None:
-        started = process_started_at() if from_process_start else None
-        self.marks: dict[str, float] = {"process_started": started} if started else {}
+    def __init__(self, from_import: bool = False) -> None:
+        import lstm
+
+        self.marks: dict[str, float] = {"imported": lstm.IMPORTED_AT} if from_import else {}
         self.marks["fit_called"] = time.time()
 
     def mark(self, name: str) -> None:
@@ -60,13 +51,13 @@ class Phases:
 def breakdown(driver: Mapping[str, float], worker: Mapping[str, float]) -> dict[str, float]:
     """Seconds per phase of :data:`PHASES` (those whose marks exist), plus ``total_s``.
 
-    ``driver``: the marks of :class:`Phases` (process_started, fit_called, checked,
+    ``driver``: the marks of :class:`Phases` (imported, fit_called, checked,
     ray_started, fit_started, fit_returned, outputs_written). ``worker``: rank 0's
     started_at, training_at, finished_at, and the train_s and eval_s of the epochs it ran."""
     marks = dict(driver)
     marks.update({f"worker_{k}": v for k, v in worker.items() if k.endswith("_at")})
     spans = {
-        "startup_s": ("process_started", "fit_called"),
+        "imports_s": ("imported", "fit_called"),
         "checks_s": ("fit_called", "checked"),
         "ray_start_s": ("checked", "ray_started"),
         "cluster_checks_s": ("ray_started", "fit_started"),
@@ -82,7 +73,7 @@ def breakdown(driver: Mapping[str, float], worker: Mapping[str, float]) -> dict[
             out[key] = float(worker[key])
             if "reports_s" in out:
                 out["reports_s"] -= out[key]
-    first = marks.get("process_started", marks["fit_called"])
+    first = marks.get("imported", marks["fit_called"])
     out["total_s"] = max(marks.values()) - first
     return {key: round(out[key], 3) for key in [*PHASES, "total_s"] if key in out}
 

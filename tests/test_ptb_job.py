@@ -33,7 +33,7 @@ def test_a_run_learns_and_writes_its_outputs(ptb_base):
     t = results["timings"]
     assert t["train_s"] == pytest.approx(sum(e["train_s"] for e in h), abs=1e-3) and t["workers_up_s"] > 0
     assert t["eval_s"] == pytest.approx(sum(e["eval_s"] for e in h), abs=1e-3)
-    assert "startup_s" not in t  # fit() was called, not the command
+    assert "imports_s" not in t  # fit() was called, not the command
     assert sum(v for k, v in t.items() if k != "total_s") == pytest.approx(t["total_s"], abs=0.02)
     assert min(t.values()) >= -0.01 and result.timings == t
     assert [Path(p).name for p in result.plots] == ["learning_curve.png"]

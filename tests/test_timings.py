@@ -3,14 +3,10 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
-from lstm.timings import PHASES, Phases, breakdown, format_line, process_started_at
+from lstm.timings import PHASES, Phases, breakdown, format_line
 
 DRIVER = {
-    "process_started": 100.0,
+    "imported": 100.0,
     "fit_called": 102.0,
     "checked": 102.5,
     "ray_started": 107.5,
@@ -24,7 +20,7 @@ WORKER = {"started_at": 115.0, "training_at": 116.0, "train_s": 6.0, "eval_s": 4
 def test_the_phases_follow_each_other_and_add_up_to_the_total():
     t = breakdown(DRIVER, WORKER)
     assert t == {
-        "startup_s": 2.0,
+        "imports_s": 2.0,
         "checks_s": 0.5,
         "ray_start_s": 5.0,
         "cluster_checks_s": 0.5,
@@ -43,21 +39,20 @@ def test_the_phases_follow_each_other_and_add_up_to_the_total():
 
 def test_a_run_without_worker_marks_keeps_the_drivers_phases():
     """A run that stopped with a one-line error returns no marks."""
-    t = breakdown({k: v for k, v in DRIVER.items() if k != "process_started"}, {})
+    t = breakdown({k: v for k, v in DRIVER.items() if k != "imported"}, {})
     assert "workers_up_s" not in t and "train_s" not in t and t["ray_start_s"] == 5.0
     assert t["total_s"] == 29.0  # from fit() on
 
 
 def test_the_line_names_the_phases_that_took_time():
     line = format_line({**breakdown(DRIVER, WORKER), "checks_s": 0.01})
-    assert line.startswith("31.0s: Python and imports 2.0s, Ray start 5.0s, cluster checks and trainer 0.5s")
+    assert line.startswith("31.0s: imports 2.0s, Ray start 5.0s, cluster checks and trainer 0.5s")
     assert "checks and data" not in line and line.endswith("plots and results 1.0s")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="Linux /proc")
-def test_the_process_start_is_read_from_proc():
-    psutil = pytest.importorskip("psutil")  # Ray's own dependency
-    started = process_started_at()
-    assert started is not None and abs(started - psutil.Process().create_time()) < 1.0
-    assert "process_started" in Phases(from_process_start=True).marks
-    assert "process_started" not in Phases().marks
+def test_a_command_counts_from_the_packages_first_import():
+    import lstm
+
+    marks = Phases(from_import=True).marks
+    assert marks["imported"] == lstm.IMPORTED_AT <= marks["fit_called"]
+    assert "imported" not in Phases().marks
