@@ -94,8 +94,9 @@ def trainer_class(base: type) -> type:
     """``base`` (TorchTrainer) without Ray Train's Ray Data callback when a run has no Ray
     Datasets, as ours never do (each worker gets its data through the object store). Ray 2.60
     adds that callback to every run, and it starts a ``DatasetManager`` actor per run: one more
-    process, which imports Ray Data, between the controller and the first step. The callback
-    is a private class: if it moves, this warns and returns ``base`` unchanged."""
+    process, which imports Ray Data (CPU that a busy machine misses, though the run does not
+    wait for it). The callback is a private class: if it moves, this warns and returns
+    ``base`` unchanged."""
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
     except ImportError as e:

@@ -355,6 +355,21 @@ def read_board(folder: Path) -> dict[str, tuple[dict[str, list], dict[str, float
     return board
 
 
+def test_a_resumed_run_with_nothing_left_relays_its_last_epoch():
+    """A trial interrupted after its Train run finished, but before Tune got the last epoch:
+    resumed, the run trains nothing, and the trial reports the epoch from Ray Train's result
+    (the latest checkpoint's metrics). A run that ended on a one-line error reports nothing."""
+    from types import SimpleNamespace
+
+    from lstm.loop import USER_ERROR
+    from tune.bridge import already_finished
+
+    done = SimpleNamespace(metrics={"epoch": 3, "epochs": 3, "valid_consistency": 0.05}, checkpoint="ckpt")
+    assert already_finished(done) == {"metrics": done.metrics, "checkpoint": "ckpt"}
+    assert already_finished(SimpleNamespace(metrics={USER_ERROR: "the loss became NaN"}, checkpoint=None)) is None
+    assert already_finished(SimpleNamespace(metrics=None, checkpoint=None)) is None
+
+
 def test_resumable_asha_replays_results(tmp_path):
     """The scheduler rebuilds its rungs from a restored trial's result.json."""
     from types import SimpleNamespace
