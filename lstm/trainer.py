@@ -115,17 +115,11 @@ def trainer_class(base: type) -> type:
 
 
 def prepare(
-    task: type[Task],
-    config: cfg.TaskConfig,
-    settings: cfg.RunSettings,
-    *,
-    resume: bool = False,
-    phases: Optional[timings.Phases] = None,
+    task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, *, resume: bool, phases: timings.Phases
 ) -> tuple[cfg.RunSettings, Any]:
     """Every up-front check of ``fit`` (see the module docstring). Returns the completed
     settings and the task's data; starts or joins Ray. ``phases`` gets the marks of
     lstm.timings."""
-    phases = phases or timings.Phases()
     config.validate()
     settings.validate()
     settings = dataclasses.replace(settings, mlflow_tracking_uri=tracking.resolve_uri(settings.mlflow_tracking_uri))

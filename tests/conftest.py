@@ -279,10 +279,13 @@ RELEASE_EARLY = ("head",)
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
+    request = getattr(item, "_request", None)
+    fixturedefs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    if request is None:
+        return
     for name in RELEASE_EARLY:
         if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
-            fixture_info, request = getattr(item, "_fixtureinfo", None), getattr(item, "_request", None)
-            for fixturedef in getattr(fixture_info, "name2fixturedefs", {}).get(name, ()) if request else ():
+            for fixturedef in fixturedefs.get(name, ()):
                 fixturedef.finish(request)
 
 
