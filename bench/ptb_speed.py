@@ -15,6 +15,9 @@ batch 20, 20 steps) on the same PTB batches, with the same thread count:
   benchmark cannot drift from the job;
 * **captured** (``--device cuda`` only) -- what the job runs on a GPU: ``lstm.step.make_stepper``'s
   ``CapturedStepper``, the step replayed from a CUDA graph;
+* **compiled** (``--compiled``, CUDA only) -- the plain loop with its forward and loss under
+  ``torch.compile(mode="reduce-overhead")`` (cudagraph trees), clipping and SGD eager: the
+  alternative to the captured step that issue 17 asked to measure beside it;
 * **matmul** -- only the step's matrix products, with ``torch.mm`` (``bench/step_flops.py``):
   ``matmul_fraction`` = job words/sec over matmul words/sec = the job's achieved FLOP/s over
   the machine's measured ``torch.mm`` rate on the step's own shapes.
@@ -145,6 +148,46 @@ def reference_trainer(config: PTBConfig, batches: list, device: torch.device, pr
     return run
 
 
+def compiled_trainer(config: PTBConfig, batches: list, device: torch.device, precision: str) -> Trainer:
+    """The plain loop with ``torch.compile(mode="reduce-overhead")`` on its forward and loss.
+    The compiled function's outputs live in cudagraph trees' static memory, which the next
+    replay overwrites: the carried state is cloned before the next step uses it."""
+    torch.manual_seed(config.seed)
+    c = config
+    model = PlainLM(c.vocab_size, c.hidden_size, c.num_layers, c.init_scale, 1 - c.keep_prob).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    criterion = nn.CrossEntropyLoss()
+
+    def forward_loss(x, y, h, cell):
+        logits, (h, cell) = model(x, (h, cell))
+        loss = criterion(logits.reshape(-1, c.vocab_size), y.reshape(-1)) * c.num_steps
+        return loss, h.detach(), cell.detach()
+
+    compiled = torch.compile(forward_loss, mode="reduce-overhead")
+    zeros = torch.zeros(c.num_layers, c.batch_size, c.hidden_size, device=device)
+    position: dict[str, Any] = {"i": 0, "state": (zeros, zeros.clone())}
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        h, cell = position["state"]
+        for _ in range(steps):
+            x, y = batches[position["i"] % len(batches)]
+            position["i"] += 1
+            torch.compiler.cudagraph_mark_step_begin()
+            with autocast(precision, device):
+                loss, h, cell = compiled(x, y, h, cell)
+            h, cell = h.clone(), cell.clone()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+        position["state"] = (h, cell)
+        sync(device)
+        return steps * config.batch_size * config.num_steps / (time.perf_counter() - start)
+
+    return run
+
+
 def job_trainer(
     config: PTBConfig, batches: list, device: torch.device, precision: str, factory: bool
 ) -> tuple[Trainer, nn.Module, Any]:
@@ -246,15 +289,20 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--eval-words", type=int, default=40_000, help="validation words per evaluation pass")
     p.add_argument("--allreduce-configs", default="small,medium,large", help="configs whose all-reduce is timed")
     p.add_argument("--allreduce-iters", type=int, default=5, help="timed all-reduce rounds (0: skip)")
+    p.add_argument(
+        "--compiled", action="store_true", help="CUDA: also time the plain loop under torch.compile(reduce-overhead)"
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.threads < 1:
         raise UserError("--steps, --repeats and --threads must be >= 1")
     return args
 
 
-def build_trainers(config: PTBConfig, batches: list, device: torch.device, precision: str):
+def build_trainers(config: PTBConfig, batches: list, device: torch.device, precision: str, compiled: bool):
     """(trainers by name, the job's model, the captured trainer's stepper or why there is none)."""
     trainers = {"reference": reference_trainer(config, batches, device, precision)}
+    if compiled:
+        trainers["compiled"] = compiled_trainer(config, batches, device, precision)
     trainers["job"], job_model, _ = job_trainer(config, batches, device, precision, factory=False)
     captured: Any = "cuda only"
     if device.type == "cuda":
@@ -297,12 +345,19 @@ def step_figures(config: PTBConfig, wps: dict[str, list[float]]) -> dict[str, An
         out["captured_ratio"] = block_ratio(wps, "captured", "reference")[0]
         out["captured_over_job"] = block_ratio(wps, "captured", "job")[0]
         out["captured_matmul_fraction"] = block_ratio(wps, "captured", "matmul")[0]
+    if "compiled" in wps:
+        out["compiled_words_per_sec"] = round(med["compiled"])
+        out["compiled_ratio"] = block_ratio(wps, "compiled", "reference")[0]
+        if "captured" in wps:
+            out["captured_over_compiled"] = block_ratio(wps, "captured", "compiled")[0]
     return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     device = device_arg(args.device)
+    if args.compiled and device.type != "cuda":
+        raise UserError("--compiled times CUDA graphs (reduce-overhead): it needs --device cuda")
     load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
@@ -311,10 +366,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = torch.from_numpy(ptb.batchify(corpus.train, config.batch_size)).to(device)
     n = min((args.steps * (args.repeats + 2)) * 2, (rows.shape[1] - 1) // config.num_steps)
     batches = list(ptb.iterate(rows, config.num_steps, n))
-    trainers, job_model, captured = build_trainers(config, batches, device, args.precision)
+    trainers, job_model, captured = build_trainers(config, batches, device, args.precision, args.compiled)
     log.info("warm-up (%d threads)", args.threads)
+    warmup_s = {}
     for name, run in trainers.items():
-        run(WARMUP_STEPS + 2 if name == "captured" else 2)  # the captured step: captured and replayed
+        start = time.perf_counter()
+        run(WARMUP_STEPS + 2 if name in ("captured", "compiled") else 2)  # captured or compiled, then replayed
+        warmup_s[name] = round(time.perf_counter() - start, 2)
     wps = run_blocks(trainers, args.steps, args.repeats)
     figures = step_figures(config, wps)
     eval_wps = eval_speed(job_model, corpus, config, device, args.precision, args.eval_words)
@@ -330,6 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "blocks": args.repeats,
         "captured": captured_status(captured),
         **figures,
+        "warmup_s": warmup_s,
         "params": comm["params_by_config"][args.config],
         "grad_mb": round(comm["params_by_config"][args.config] * 4 / 1e6, 1),
         **({"allreduce_ms": gloo[args.config], "allreduce_backend": "gloo x2"} if gloo else {}),

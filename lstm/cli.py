@@ -37,7 +37,7 @@ def build_parser(task: type[Task], description: Optional[str] = None) -> argpars
         action="store_const",
         const=True,
         default=None,
-        help="one GPU per worker, nccl backend",
+        help="GPU workers, nccl backend (--gpus-per-worker: each worker's share, default 1)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     cfg.add_config_flags(p, task.config_class, group_title=f"{task.name} config (override any preset field)")

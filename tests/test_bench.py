@@ -50,6 +50,11 @@ def test_cuda_without_a_gpu_is_one_line():
         ptb_speed.device_arg("cuda")
 
 
+def test_compiled_on_cpu_is_one_line_before_any_work():
+    with pytest.raises(UserError, match="--compiled times CUDA graphs"):
+        ptb_speed.main(["--device", "cpu", "--compiled", "--data-dir", "/nonexistent"])
+
+
 def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
     args = ["--config", "test", "--steps", "1", "--repeats", "2", "--threads", "1", "--eval-words", "2000"]
     assert (
@@ -60,5 +65,6 @@ def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert result["captured"] == "cuda only" and result["params"] == allreduce.param_count(preset("test"))
+    assert set(result["warmup_s"]) == {"reference", "job", "matmul"} and "compiled_words_per_sec" not in result
     for key in ("job_words_per_sec", "reference_words_per_sec", "step_ms", "matmul_fraction", "allreduce_ms"):
         assert result[key] > 0, key

@@ -392,14 +392,14 @@ class PTBTask(Task):
         rows = ptb.batchify(ptb.prefix(corpus.train, config.train_fraction), config.batch_size)
         self.data = PTBData(
             vocab=corpus.vocab,
-            train=torch.tensor(ptb.shard_rows(rows, worker.rank, worker.world_size), device=worker.device),  # a copy:
-            # the corpus a worker gets through Ray's object store is read-only
+            # copies (torch.tensor): the corpus a worker gets through Ray's object store is read-only
+            train=torch.tensor(ptb.shard_rows(rows, worker.rank, worker.world_size), device=worker.device),
             epoch_size=(rows.shape[1] - 1) // config.num_steps,
         )
         for split in EVAL_SPLITS:
             batch, steps = config.shape_of(split)
             all_rows = ptb.batchify(corpus.split(split), batch)
-            self.data.eval_rows[split] = torch.from_numpy(eval_shard(all_rows, worker)).to(worker.device)
+            self.data.eval_rows[split] = torch.tensor(eval_shard(all_rows, worker), device=worker.device)
             self.data.eval_steps[split] = (all_rows.shape[1] - 1) // steps
 
     def num_train_batches(self) -> int:
