@@ -4,6 +4,11 @@ instance ("local", plain `python jobs/ptb.py`) and one that joins a running head
 `ray start --head` once, then RAY_ADDRESS), run in alternating order (ABBA) in one call.
 
     python bench/run_overhead.py --data-dir ../shared/data/ptb --repeats 2
+    python bench/run_overhead.py --data-dir ../shared/data/ptb --baseline ../old-checkout
+
+``--baseline DIR`` (another checkout of this project, e.g. ``git worktree add ../old <commit>``)
+runs its ``jobs/ptb.py`` too, in both modes, in the same alternating order, and reports the
+ratios of this tree's overhead to the baseline's, measured side by side.
 
 Prints one JSON line: per mode the medians of ``wall_s``, ``overhead_s`` (wall_s - train_s -
 eval_s) and of each phase of results.json's ``timings``; ``after_results_s`` is what came after
@@ -69,12 +74,13 @@ def stop_head(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_once(mode: str, env: dict[str, str], storage: Path, data_dir: str, index: int) -> dict[str, float]:
+def run_once(mode: str, repo: Path, env: dict[str, str], storage: Path, data_dir: str, index: int) -> dict[str, float]:
     name = f"{mode}-{index}"
-    command = [sys.executable, str(REPO / "jobs" / "ptb.py"), *COMMAND, "--data-dir", data_dir]
+    command = [sys.executable, str(repo / "jobs" / "ptb.py"), *COMMAND, "--data-dir", data_dir]
     command += ["--storage-path", str(storage), "--name", name]
     start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    env = {**env, "PYTHONPATH": str(repo)}  # that checkout's package, not an installed one
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=repo)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"error: the {mode} run failed:\n{proc.stderr[-3000:]}")
@@ -92,8 +98,11 @@ def medians(rows: list[dict[str, float]]) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="the folder of ptb.{train,valid,test}.txt")
-    p.add_argument("--repeats", type=int, default=2, help="ABBA blocks (each runs both modes twice)")
+    p.add_argument("--repeats", type=int, default=2, help="ABBA blocks (each runs every mode twice)")
+    p.add_argument("--baseline", type=Path, default=None, help="another checkout to run side by side")
     args = p.parse_args()
+    if args.baseline and not (args.baseline / "jobs" / "ptb.py").is_file():
+        sys.exit(f"error: --baseline {args.baseline} has no jobs/ptb.py; pass a checkout of this project")
     temp_dir = Path(tempfile.mkdtemp(prefix="lstm-oh-", dir="/tmp"))  # short: Ray's socket paths
     token = temp_dir / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -104,22 +113,30 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     head, address = start_head(temp_dir, base)
     envs = {"local": local_env, "joined": {**base, "RAY_ADDRESS": address}}
-    rows: dict[str, list[dict[str, float]]] = {"local": [], "joined": []}
+    repos = {"": REPO, **({"baseline_": args.baseline.resolve()} if args.baseline else {})}
+    modes = [(prefix + mode, repo, envs[mode]) for prefix, repo in repos.items() for mode in envs]
+    rows: dict[str, list[dict[str, float]]] = {mode: [] for mode, _, _ in modes}
     try:
         for block in range(args.repeats):
-            for i, mode in enumerate(("local", "joined", "joined", "local")):
-                rows[mode].append(run_once(mode, envs[mode], temp_dir / "runs", args.data_dir, 4 * block + i))
+            for i, (mode, repo, env) in enumerate([*modes, *reversed(modes)]):
+                index = 2 * len(modes) * block + i
+                rows[mode].append(run_once(mode, repo, env, temp_dir / "runs", args.data_dir, index))
     finally:
         stop_head(head)
-    local, joined = medians(rows["local"]), medians(rows["joined"])
+    result = {mode: medians(r) for mode, r in rows.items()}
     out = {
         "command": "python jobs/ptb.py " + " ".join(COMMAND),
         "repeats": args.repeats,
-        "local": local,
-        "joined": joined,
-        "joined_over_local_overhead": round(joined["overhead_s"] / local["overhead_s"], 3),
+        **result,
+        "joined_over_local_overhead": round(result["joined"]["overhead_s"] / result["local"]["overhead_s"], 3),
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+    if args.baseline:
+        out["baseline"] = str(args.baseline)
+        for mode in envs:
+            pairs = zip(rows[mode], rows["baseline_" + mode], strict=True)  # the same block, side by side
+            ratios = [r["overhead_s"] / b["overhead_s"] for r, b in pairs]
+            out[f"{mode}_over_baseline_overhead"] = round(statistics.median(ratios), 3)
     print(json.dumps(out))
 
 

@@ -41,6 +41,10 @@ DRIVER_ENV = {STATE_TRACKING: "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # A local instance this process starts is one node that nothing drains: Ray Train's preemption
 # watcher (an actor per run, started with the worker group) has nothing to watch there.
 LOCAL_DRIVER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# A local instance starts idle worker processes for its first driver, as many as it has CPUs,
+# for the driver's tasks. A run has none: Ray Train starts its controller and workers as actors
+# in processes of their own, so the idle ones only take CPU while the run starts.
+LOCAL_RAY_CONFIG = {"RAY_prestart_worker_first_driver": "0"}
 AUTOSCALER_WAIT_S = 600.0  # --wait-for-workers-s -1 (auto) on a cluster with an autoscaler
 PROGRESS_EVERY_S = 15.0
 
@@ -59,6 +63,8 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     if not address:
         for key, value in LOCAL_DRIVER_ENV.items():
             env[key] = os.environ.setdefault(key, value)
+        for key, value in LOCAL_RAY_CONFIG.items():  # read by the raylet this process starts
+            os.environ.setdefault(key, value)
     if address and "://" not in address and address not in ("auto", "local"):
         # The cluster's GCS address, for the job's actors: Ray Train's placement-group cleaner
         # looks its controller up through the state API, which otherwise guesses "the" cluster
@@ -70,19 +76,31 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     ray.init(num_cpus=num_cpus if not address else None, runtime_env={"env_vars": env})
 
 
-def start_train_state_actor() -> None:
-    """With state tracking on, create Ray Train's state actor now, from this driver: the
-    controllers of a search's first trials would otherwise race to create it, and each loser
-    leaves a failed ``TrainStateActor.__init__`` task on the job's dashboard page. A private
-    Ray API: if it moves, this warns and the controllers create the actor as before."""
-    if os.environ.get(STATE_TRACKING) != "1":
-        return
+def start_train_actors() -> None:
+    """Create Ray Train's two cluster-wide actors now, from this driver, without waiting for
+    them. Each run's controller otherwise creates them itself, one after the other, and waits
+    for each before it places its workers: the autoscaling coordinator, to which it sends its
+    resource request (and waits up to 5 s for the answer), and, with state tracking on, the
+    state actor, with which it registers the run. Both are new processes that import Ray Data
+    or Ray Train: created here, they start while the driver finishes its checks and the
+    controller starts. A search also needs this for the state actor: its first trials'
+    controllers would race to create it, and each loser leaves a failed
+    ``TrainStateActor.__init__`` task on the job's dashboard page. Both are detached named
+    actors that Ray Train gets or creates with the same options, so creating them earlier
+    changes nothing else. Private Ray APIs: if one moves, this warns and the controllers
+    create the actors as before."""
     try:
-        from ray.train.v2._internal.state.state_actor import get_or_create_state_actor
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
 
-        get_or_create_state_actor()
-    except Exception as e:  # noqa: BLE001 - never fail a run over the dashboard's bookkeeping
-        logger.warning("could not start Ray Train's state actor (%s: %s)", type(e).__name__, e)
+        get_or_create_autoscaling_coordinator()
+        if os.environ.get(STATE_TRACKING) == "1":
+            from ray.train.v2._internal.state.state_actor import get_or_create_state_actor
+
+            get_or_create_state_actor()
+    except Exception as e:  # noqa: BLE001 - never fail a run over Ray Train's bookkeeping
+        logger.warning("could not start Ray Train's actors early (%s: %s)", type(e).__name__, e)
 
 
 def job_env_vars() -> dict[str, str]:

@@ -130,6 +130,7 @@ def prepare(
     task.check(config, data, settings.num_workers)
     phases.mark("checked")
     cluster.ensure_ray()
+    cluster.start_train_actors()
     phases.mark("ray_started")
     cluster.check_shared_storage(where.root)
     storage.check_writable(where.root)

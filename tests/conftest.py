@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import hooks  # noqa: E402  (tests/hooks.py: worker hooks, sent to the workers by value)
 import ray.cloudpickle  # noqa: E402
 
-from lstm.cluster import LOCAL_DRIVER_ENV, WORKER_ENV  # noqa: E402
+from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(hooks)
 
@@ -91,7 +91,7 @@ def start_session_ray() -> None:
     port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
-    os.environ.update(LOCAL_DRIVER_ENV)  # as lstm.cluster.ensure_ray does for a local instance
+    os.environ.update({**LOCAL_DRIVER_ENV, **LOCAL_RAY_CONFIG})  # as lstm.cluster.ensure_ray does for a local instance
     env = {
         **WORKER_ENV,
         **LOCAL_DRIVER_ENV,

@@ -9,7 +9,7 @@ import pytest
 from conftest import own_lines
 
 from lstm.cli import train_main
-from lstm.cluster import alive_nodes, autoscaler_can_add_nodes, plan_workers
+from lstm.cluster import STATE_TRACKING, alive_nodes, autoscaler_can_add_nodes, plan_workers, start_train_actors
 from lstm.errors import UserError, run_cli
 
 
@@ -104,6 +104,17 @@ def test_the_wait_is_bounded():
 
 def test_a_plain_local_instance_has_no_autoscaler_that_adds_nodes(ray_session):
     assert autoscaler_can_add_nodes() is False
+
+
+def test_the_driver_starts_ray_trains_cluster_actors_itself(ray_session, caplog, monkeypatch):
+    """``start_train_actors`` reaches the private Ray functions it guards (a Ray upgrade that
+    moves them makes it warn), and the actors it creates are the named ones Ray Train looks up."""
+    monkeypatch.setenv(STATE_TRACKING, "1")
+    with caplog.at_level("WARNING", logger="lstm.cluster"):
+        start_train_actors()
+    assert not caplog.records
+    ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray_session.get_actor("train_v2_state_actor", namespace="_train_state_actor")
 
 
 def test_the_job_refuses_64_workers_at_once_with_one_line(ray_session, ptb_dir, tmp_path, capsys):

@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = ())
     tracking.check(spec.mlflow_tracking_uri)
     data = read_data(spec)
     cluster.ensure_ray()
-    cluster.start_train_state_actor()
+    cluster.start_train_actors()
     cluster.check_shared_storage(spec.storage_path)
     max_concurrent = runner.check_resources(spec)
     print(
