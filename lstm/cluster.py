@@ -49,15 +49,15 @@ AUTOSCALER_WAIT_S = 600.0  # --wait-for-workers-s -1 (auto) on a cluster with an
 PROGRESS_EVERY_S = 15.0
 
 
-def ensure_ray(num_cpus: Optional[int] = None) -> None:
+def ensure_ray(num_cpus: Optional[int] = None) -> bool:
     """Connect to ``$RAY_ADDRESS`` (the job's cluster under ``ray job submit``) or start a
-    local instance; nothing if Ray is already up."""
+    local instance; nothing if Ray is already up. True when it started a local instance."""
     import ray
 
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS")
     env = {**WORKER_ENV, **DRIVER_ENV}  # for the actors that call fit() too (a search's trials)
     if not address:
@@ -74,6 +74,7 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     # it: Ray refuses to merge two runtime envs that set the same variable.
     env = {k: v for k, v in env.items() if k not in job_env_vars()}
     ray.init(num_cpus=num_cpus if not address else None, runtime_env={"env_vars": env})
+    return not address
 
 
 def start_train_actors() -> None:
@@ -83,7 +84,9 @@ def start_train_actors() -> None:
     resource request (and waits up to 5 s for the answer), and, with state tracking on, the
     state actor, with which it registers the run. Both are new processes that import Ray Data
     or Ray Train: created here, they start while the driver finishes its checks and the
-    controller starts. A search also needs this for the state actor: its first trials'
+    controller starts. A job calls this when it started its own local instance: on a running
+    cluster the actors are there from earlier runs, and importing Ray Data here would cost more
+    than it saves. A search always calls it, for the state actor: its first trials'
     controllers would race to create it, and each loser leaves a failed
     ``TrainStateActor.__init__`` task on the job's dashboard page. Both are detached named
     actors that Ray Train gets or creates with the same options, so creating them earlier

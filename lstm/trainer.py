@@ -129,8 +129,8 @@ def prepare(
     data = task.read_data(config, settings.data_dir or None)
     task.check(config, data, settings.num_workers)
     phases.mark("checked")
-    cluster.ensure_ray()
-    cluster.start_train_actors()
+    if cluster.ensure_ray():
+        cluster.start_train_actors()
     phases.mark("ray_started")
     cluster.check_shared_storage(where.root)
     storage.check_writable(where.root)
