@@ -1,8 +1,15 @@
 """lstm.timings: the breakdown of a run's wall time that results.json keeps and the job prints
-(test_ptb_job.py checks it on a real run)."""
+(test_ptb_job.py checks it on a real run), and the frozen heap at a command's exit."""
 
 from __future__ import annotations
 
+import gc
+import subprocess
+import sys
+
+import pytest
+
+from lstm.errors import run_cli
 from lstm.timings import PHASES, Phases, breakdown, format_line
 
 DRIVER = {
@@ -56,3 +63,19 @@ def test_a_command_counts_from_the_packages_first_import():
     marks = Phases(from_import=True).marks
     assert marks["imported"] == lstm.IMPORTED_AT <= marks["fit_called"]
     assert "imported" not in Phases().marks
+
+
+def test_a_command_freezes_its_objects_at_exit_and_a_caller_that_catches_the_exit_is_untouched():
+    """run_cli registers gc.freeze for the process's exit (the last collection then skips the
+    job's objects): a handler registered before it runs after it and sees the frozen heap."""
+    script = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from lstm.errors import run_cli\n"
+        "run_cli(lambda argv: print('frozen while running:', gc.get_freeze_count() > 0))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["frozen while running: False", "frozen at exit: True"]
+    with pytest.raises(SystemExit):
+        run_cli(lambda argv: 0)
+    assert gc.get_freeze_count() == 0
