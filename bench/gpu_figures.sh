@@ -19,7 +19,8 @@
 set -u
 data=$(realpath "$1") out=$(realpath "$2")
 shift 2
-wanted=" $* "
+parts=" $* "
+wanted() { [[ $parts == "  " || $parts == *" $1 "* ]]; }  # no PARTs: every part
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 log=$out/log.txt figures=$out/figures.jsonl
@@ -32,7 +33,7 @@ mkdir -p "$RAY_TMPDIR"
 part() {
     local name=$1 limit=$2
     shift 2
-    [[ $wanted == "  " || $wanted == *" $name "* ]] || return 0
+    wanted "$name" || return 0
     echo "== $(date +%T) $name: $*" | tee -a "$log"
     local start=$SECONDS
     timeout -k 10 "$limit" "$@" >"$runs/$name.out" 2>>"$log"
@@ -47,7 +48,7 @@ part() {
 # results NAME DIR: a run's results.json (less its config), or a search's search_summary.json
 # and its trials' times, as a figure.
 results() {
-    [[ $wanted == "  " || $wanted == *" $1 "* ]] || return 0
+    wanted "$1" || return 0
     $py - "$1" "$2" >>"$figures" <<'EOF'
 import json, sys
 from pathlib import Path

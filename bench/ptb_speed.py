@@ -112,15 +112,19 @@ def device_arg(text: str) -> torch.device:
     return device
 
 
+def plain_setup(config: PTBConfig, device: torch.device) -> tuple[PlainLM, torch.optim.Optimizer, nn.Module]:
+    """The plain loop's seeded model, SGD and loss (the reference and compiled trainers)."""
+    torch.manual_seed(config.seed)
+    c = config
+    model = PlainLM(c.vocab_size, c.hidden_size, c.num_layers, c.init_scale, 1 - c.keep_prob).to(device)
+    return model, torch.optim.SGD(model.parameters(), lr=c.learning_rate), nn.CrossEntropyLoss()
+
+
 def reference_trainer(config: PTBConfig, batches: list, device: torch.device, precision: str) -> Trainer:
     """The plain loop. (Written as pytorch/examples' word_language_model writes it --
     time-major, a hand-written SGD update -- it measured 5-10% slower still here, so this,
     the faster of the two, is the reference.)"""
-    torch.manual_seed(config.seed)
-    c = config
-    model = PlainLM(c.vocab_size, c.hidden_size, c.num_layers, c.init_scale, 1 - c.keep_prob).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-    criterion = nn.CrossEntropyLoss()
+    model, optimizer, criterion = plain_setup(config, device)
     position: dict[str, Any] = {"i": 0, "state": None}
 
     def run(steps: int) -> float:
@@ -152,11 +156,8 @@ def compiled_trainer(config: PTBConfig, batches: list, device: torch.device, pre
     """The plain loop with ``torch.compile(mode="reduce-overhead")`` on its forward and loss.
     The compiled function's outputs live in cudagraph trees' static memory, which the next
     replay overwrites: the carried state is cloned before the next step uses it."""
-    torch.manual_seed(config.seed)
     c = config
-    model = PlainLM(c.vocab_size, c.hidden_size, c.num_layers, c.init_scale, 1 - c.keep_prob).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-    criterion = nn.CrossEntropyLoss()
+    model, optimizer, criterion = plain_setup(config, device)
 
     def forward_loss(x, y, h, cell):
         logits, (h, cell) = model(x, (h, cell))
