@@ -13,6 +13,12 @@ ratios of this tree's overhead to the baseline's, measured side by side.
 Prints one JSON line: per mode the medians of ``wall_s``, ``overhead_s`` (wall_s - train_s -
 eval_s) and of each phase of results.json's ``timings``; ``after_results_s`` is what came after
 results.json was written (Ray's shutdown for "local"). Progress goes to stderr.
+
+It also counts the CPU time every process on the machine spent during each run (``cpu_s``, by
+process: the job's driver, each Ray actor by its class, Ray's own processes; read from /proc
+every 0.2 s, so a process that lives less than that may be missed), and ``busy_cores``, that
+total over the wall time. On a machine with few cores this is the floor under the fixed cost:
+work that all of a run's processes must do, however well they overlap.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,25 +82,114 @@ def stop_head(proc: subprocess.Popen) -> None:
         pass
 
 
+# Ray's own processes by a word of their command line; an actor's process is titled ray::Class.
+RAY_PROCESSES = {
+    "gcs_server": "gcs_server",
+    "raylet/raylet": "raylet",
+    "dashboard": "dashboard",
+    "log_monitor.py": "log_monitor",
+    "autoscaler/_private/monitor.py": "autoscaler_monitor",
+}
+
+
+def process_group(cmdline: str, driver_pid: int, pid: int) -> str:
+    """The name ``cpu_s`` counts a process under: "driver", an actor's class ("RayTrainWorker"),
+    "idle_worker", one of :data:`RAY_PROCESSES`, or "other" (anything else on the machine)."""
+    if pid == driver_pid:
+        return "driver"
+    if cmdline.startswith("ray::"):
+        title = cmdline[5:].split()[0] if cmdline[5:].strip() else "?"
+        return "idle_worker" if title == "IDLE" else title.split(".")[0]
+    for word, name in RAY_PROCESSES.items():
+        if word in cmdline:
+            return name
+    return "other"
+
+
+def cpu_times() -> dict[int, tuple[float, str]]:
+    """Every process's CPU seconds so far (user + system) and its command line, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it exited meanwhile
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "; utime, stime are 14th, 15th
+        out[int(entry)] = ((int(fields[11]) + int(fields[12])) / ticks, cmdline.strip())
+    return out
+
+
+class CpuSampler:
+    """CPU seconds per process group while it runs: each process's last reading minus its
+    reading at the start (0 for a process that started later). ``stop()`` returns them."""
+
+    def __init__(self, driver_pid: int, every_s: float = 0.2) -> None:
+        self.driver_pid, self.every_s = driver_pid, every_s
+        self.first = {pid: cpu for pid, (cpu, _) in cpu_times().items()}
+        self.last: dict[int, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        for pid, (cpu, cmdline) in cpu_times().items():
+            if pid != me:
+                known = self.last.get(pid, (0.0, ""))[1]
+                self.last[pid] = (cpu, cmdline or known)  # a dying process's command line reads empty
+
+    def stop(self) -> dict[str, float]:
+        """The CPU seconds per group, from a last reading now and the earlier ones (of the
+        processes that have exited since)."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        groups: dict[str, float] = defaultdict(float)
+        for pid, (cpu, cmdline) in self.last.items():
+            groups[process_group(cmdline, self.driver_pid, pid)] += cpu - self.first.get(pid, 0.0)
+        return {name: round(cpu, 2) for name, cpu in sorted(groups.items(), key=lambda kv: -kv[1]) if cpu >= 0.01}
+
+
 def run_once(mode: str, repo: Path, env: dict[str, str], storage: Path, data_dir: str, index: int) -> dict[str, float]:
     name = f"{mode}-{index}"
     command = [sys.executable, str(repo / "jobs" / "ptb.py"), *COMMAND, "--data-dir", data_dir]
     command += ["--storage-path", str(storage), "--name", name]
     start = time.perf_counter()
     env = {**env, "PYTHONPATH": str(repo)}  # that checkout's package, not an installed one
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=repo)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
+    sampler = CpuSampler(proc.pid)
+    _, stderr = proc.communicate()
     wall = time.perf_counter() - start
+    cpu = sampler.stop()
     if proc.returncode != 0:
-        sys.exit(f"error: the {mode} run failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"error: the {mode} run failed:\n{stderr[-3000:]}")
     timings = json.loads((storage / name / "results.json").read_text())["timings"]
     row = {"wall_s": wall, "overhead_s": wall - timings["train_s"] - timings["eval_s"], **timings}
     row["after_results_s"] = wall - timings["total_s"]
+    row["cpu_total_s"] = sum(cpu.values())
+    row["busy_cores"] = row["cpu_total_s"] / wall
+    row.update({f"cpu_s.{group}": seconds for group, seconds in cpu.items()})
     print(f"{mode}: {json.dumps({k: round(v, 2) for k, v in row.items()})}", file=sys.stderr, flush=True)
     return row
 
 
-def medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {key: round(statistics.median(r[key] for r in rows if key in r), 2) for key in rows[0]}
+def medians(rows: list[dict[str, float]]) -> dict:
+    """Each key's median over the rows (0 where a row lacks it: a process that did not run);
+    the ``cpu_s.<group>`` keys gathered under ``cpu_s``."""
+    keys = list(dict.fromkeys(key for r in rows for key in r))
+    flat = {key: round(statistics.median(r.get(key, 0.0) for r in rows), 2) for key in keys}
+    out: dict = {key: v for key, v in flat.items() if not key.startswith("cpu_s.")}
+    cpu = {key.split(".", 1)[1]: v for key, v in flat.items() if key.startswith("cpu_s.")}
+    out["cpu_s"] = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def main() -> None:

@@ -68,3 +68,44 @@ def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
     assert set(result["warmup_s"]) == {"reference", "job", "matmul"} and "compiled_words_per_sec" not in result
     for key in ("job_words_per_sec", "reference_words_per_sec", "step_ms", "matmul_fraction", "allreduce_ms"):
         assert result[key] > 0, key
+
+
+def test_run_overhead_names_each_process_it_counts():
+    import run_overhead
+
+    def group(cmdline, pid=7):
+        return run_overhead.process_group(cmdline, driver_pid=1, pid=pid)
+
+    assert group("python jobs/ptb.py --config test", pid=1) == "driver"
+    assert group("ray::RayTrainWorker") == "RayTrainWorker"
+    assert group("ray::TrainController.run") == "TrainController"
+    assert group("ray::IDLE") == "idle_worker"
+    assert group("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=x") == "raylet"
+    assert group("/venv/bin/python /venv/lib/python3.11/site-packages/ray/dashboard/dashboard.py --port=8265") == (
+        "dashboard"
+    )
+    assert group("/usr/bin/sshd -D") == "other"
+
+
+def test_run_overhead_counts_the_cpu_a_process_spends_while_it_runs():
+    """A child that spends 0.3 s of CPU once the sampler runs, then sleeps: the sampler's last
+    reading (taken by ``stop``) counts at least that, under "driver"."""
+    import subprocess
+
+    import run_overhead
+
+    burn = (
+        "import sys, time\nsys.stdin.readline()\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    )
+    burn += "print('done', flush=True)\ntime.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        sampler = run_overhead.CpuSampler(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        cpu = sampler.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert cpu["driver"] >= 0.28  # /proc counts in ticks of 10 ms
