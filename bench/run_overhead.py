@@ -12,7 +12,10 @@ ratios of this tree's overhead to the baseline's, measured side by side.
 
 Prints one JSON line: per mode the medians of ``wall_s``, ``overhead_s`` (wall_s - train_s -
 eval_s) and of each phase of results.json's ``timings``; ``after_results_s`` is what came after
-results.json was written (Ray's shutdown for "local"). Progress goes to stderr.
+results.json was written (Ray's shutdown for "local"). Progress goes to stderr. Before the
+alternating runs, one joined run warms the new head (``joined_first``: it creates Ray Train's
+cluster-wide actors, which later runs reuse, as a user's repeated runs do); each run starts
+once the previous run's Ray processes have finished exiting.
 
 It also counts the CPU time every process on the machine spent during each run (``cpu_s``, by
 process: the job's driver, each Ray actor by its class, Ray's own processes; read from /proc
@@ -158,7 +161,26 @@ class CpuSampler:
         return {name: round(cpu, 2) for name, cpu in sorted(groups.items(), key=lambda kv: -kv[1]) if cpu >= 0.01}
 
 
+def settle(quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
+    """Wait until the machine's Ray processes stop changing for ``quiet_s`` (at most
+    ``limit_s``): a local instance's processes go on exiting for a second or two after its
+    driver, and the next run would share the CPU with them."""
+
+    def ray_pids() -> set[int]:
+        return {pid for pid, (_, cmdline) in cpu_times().items() if cmdline.startswith("ray::") or "/ray/" in cmdline}
+
+    deadline = time.monotonic() + limit_s
+    last, since = ray_pids(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+        time.sleep(0.1)
+        now = ray_pids()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def run_once(mode: str, repo: Path, env: dict[str, str], storage: Path, data_dir: str, index: int) -> dict[str, float]:
+    """One run of the command, after the machine has settled; its row of figures."""
+    settle()
     name = f"{mode}-{index}"
     command = [sys.executable, str(repo / "jobs" / "ptb.py"), *COMMAND, "--data-dir", data_dir]
     command += ["--storage-path", str(storage), "--name", name]
@@ -197,6 +219,13 @@ def main() -> None:
     p.add_argument("--data-dir", required=True, help="the folder of ptb.{train,valid,test}.txt")
     p.add_argument("--repeats", type=int, default=2, help="ABBA blocks (each runs every mode twice)")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run side by side")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["local", "joined"],
+        default=["local", "joined"],
+        help="which modes to run (joined alone: a user's repeated runs on one head, back to back)",
+    )
     args = p.parse_args()
     if args.baseline and not (args.baseline / "jobs" / "ptb.py").is_file():
         sys.exit(f"error: --baseline {args.baseline} has no jobs/ptb.py; pass a checkout of this project")
@@ -208,26 +237,37 @@ def main() -> None:
     local_env = {**base, "RAY_TMPDIR": str(temp_dir / "local")}  # no other instance to join by accident
     (temp_dir / "local").mkdir()
     load_before = os.getloadavg()[0]
-    head, address = start_head(temp_dir, base)
-    envs = {"local": local_env, "joined": {**base, "RAY_ADDRESS": address}}
+    envs = {"local": local_env} if "local" in args.modes else {}
+    head, first_joined = None, None
+    if "joined" in args.modes:
+        head, address = start_head(temp_dir, base)
+        envs["joined"] = {**base, "RAY_ADDRESS": address}
     repos = {"": REPO, **({"baseline_": args.baseline.resolve()} if args.baseline else {})}
     modes = [(prefix + mode, repo, envs[mode]) for prefix, repo in repos.items() for mode in envs]
     rows: dict[str, list[dict[str, float]]] = {mode: [] for mode, _, _ in modes}
     try:
+        # The first run on a new head creates Ray Train's cluster-wide actors (its state actor
+        # and autoscaling coordinator), which every later run reuses: it is reported apart.
+        if head:
+            first_joined = run_once("joined_first", REPO, envs["joined"], temp_dir / "runs", args.data_dir, 0)
         for block in range(args.repeats):
             for i, (mode, repo, env) in enumerate([*modes, *reversed(modes)]):
                 index = 2 * len(modes) * block + i
                 rows[mode].append(run_once(mode, repo, env, temp_dir / "runs", args.data_dir, index))
     finally:
-        stop_head(head)
+        if head:
+            stop_head(head)
     result = {mode: medians(r) for mode, r in rows.items()}
     out = {
         "command": "python jobs/ptb.py " + " ".join(COMMAND),
         "repeats": args.repeats,
         **result,
-        "joined_over_local_overhead": round(result["joined"]["overhead_s"] / result["local"]["overhead_s"], 3),
+        **({"joined_first": medians([first_joined])} if first_joined else {}),
+        "modes": args.modes,
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+    if len(envs) == 2:
+        out["joined_over_local_overhead"] = round(result["joined"]["overhead_s"] / result["local"]["overhead_s"], 3)
     if args.baseline:
         out["baseline"] = str(args.baseline)
         for mode in envs:
