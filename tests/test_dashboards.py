@@ -175,6 +175,7 @@ def wait_for_lines(browser) -> None:
     in a worker, some frames after the data (and the text this test waits for) arrived."""
     import io
 
+    import numpy as np
     from PIL import Image
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -184,7 +185,8 @@ def wait_for_lines(browser) -> None:
             ".filter(r => r.width > 0).map(r => [r.left, r.top, r.right, r.bottom]);"
         )
         shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("HSV")
-        saturated = [sum(1 for _, s, v in shot.crop(r).getdata() if s > 100 and v > 80) for r in rects]
+        regions = [np.asarray(shot.crop(r)) for r in rects]  # rows x columns x (H, S, V)
+        saturated = [int(((hsv[..., 1] > 100) & (hsv[..., 2] > 80)).sum()) for hsv in regions]
         return bool(rects) and min(saturated) > 50
 
     WebDriverWait(browser, WAIT_S, poll_frequency=1.0).until(drawn)
