@@ -204,12 +204,12 @@ def run_once(mode: str, repo: Path, env: dict[str, str], storage: Path, data_dir
 
 
 def medians(rows: list[dict[str, float]]) -> dict:
-    """Each key's median over the rows (0 where a row lacks it: a process that did not run);
-    the ``cpu_s.<group>`` keys gathered under ``cpu_s``."""
-    keys = list(dict.fromkeys(key for r in rows for key in r))
-    flat = {key: round(statistics.median(r.get(key, 0.0) for r in rows), 2) for key in keys}
-    out: dict = {key: v for key, v in flat.items() if not key.startswith("cpu_s.")}
-    cpu = {key.split(".", 1)[1]: v for key, v in flat.items() if key.startswith("cpu_s.")}
+    """Each key's median over the rows that have it; the ``cpu_s.<group>`` keys gathered under
+    ``cpu_s``, counting 0 for a row without the group (that process did not run then)."""
+    plain = [key for key in rows[0] if not key.startswith("cpu_s.")]
+    out: dict = {key: round(statistics.median(r[key] for r in rows if key in r), 2) for key in plain}
+    groups = dict.fromkeys(key for r in rows for key in r if key.startswith("cpu_s."))
+    cpu = {key.split(".", 1)[1]: round(statistics.median(r.get(key, 0.0) for r in rows), 2) for key in groups}
     out["cpu_s"] = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
     return out
 

@@ -94,10 +94,16 @@ def test_run_overhead_counts_the_cpu_a_process_spends_while_it_runs():
 
     import run_overhead
 
-    burn = (
-        "import sys, time\nsys.stdin.readline()\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    burn = "\n".join(
+        [
+            "import sys, time",
+            "sys.stdin.readline()",
+            "t = time.process_time()",
+            "while time.process_time() - t < 0.3: pass",
+            "print('done', flush=True)",
+            "time.sleep(60)",
+        ]
     )
-    burn += "print('done', flush=True)\ntime.sleep(60)"
     child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         sampler = run_overhead.CpuSampler(child.pid)
