@@ -28,6 +28,8 @@ the per-block ratios, which cancels most of the drift of a shared machine. Then 
 evaluation speed (``lstm.tasks.ptb.evaluate_rows``) on the validation split, and the gradient
 all-reduce per step for each ``--allreduce-configs`` parameter count (``bench/allreduce.py``:
 gloo with 2 processes; nccl too with ``--device cuda`` and 2 GPUs), set beside the step time.
+With ``--profile-steps N`` (CPU), the job's step is profiled for N more steps and its time
+split into matrix products, LSTM kernels and the rest (``op_split``, ``bench/op_split.py``).
 Prints one JSON line; progress goes to stderr.
 """
 
@@ -50,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from allreduce import allreduce_ms, param_count  # noqa: E402
+from op_split import op_split  # noqa: E402
 from step_flops import flops_per_word, matmul_trainer  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -293,9 +296,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument(
         "--compiled", action="store_true", help="CUDA: also time the plain loop under torch.compile(reduce-overhead)"
     )
+    p.add_argument("--profile-steps", type=int, default=0, help="CPU: profile the job's step this many steps more")
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.threads < 1:
         raise UserError("--steps, --repeats and --threads must be >= 1")
+    if args.profile_steps < 0:
+        raise UserError("--profile-steps must be >= 0 (0: no profile)")
+    if args.profile_steps and args.device.split(":")[0] != "cpu":
+        raise UserError("--profile-steps splits a CPU step; on a GPU the profiler times launches: use --device cpu")
     return args
 
 
@@ -376,6 +384,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         warmup_s[name] = round(time.perf_counter() - start, 2)
     wps = run_blocks(trainers, args.steps, args.repeats)
     figures = step_figures(config, wps)
+    if args.profile_steps > 0:
+        figures["op_split"] = op_split(trainers["job"], args.profile_steps)
     eval_wps = eval_speed(job_model, corpus, config, device, args.precision, args.eval_words)
     comm = allreduce_figures(args, device)
     gloo = comm.get("allreduce_gloo_ms_by_config", {})

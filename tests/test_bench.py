@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import allreduce  # noqa: E402
+import op_split  # noqa: E402
 import ptb_speed  # noqa: E402
 import step_flops  # noqa: E402
 
@@ -55,8 +56,23 @@ def test_compiled_on_cpu_is_one_line_before_any_work():
         ptb_speed.main(["--device", "cpu", "--compiled", "--data-dir", "/nonexistent"])
 
 
+def test_profile_steps_on_a_gpu_is_one_line_before_any_work():
+    with pytest.raises(UserError, match="--profile-steps splits a CPU step"):
+        ptb_speed.main(["--device", "cuda", "--profile-steps", "2", "--data-dir", "/nonexistent"])
+
+
+def test_op_split_groups_the_step_and_its_shares_add_up():
+    us = {"aten::addmm": 500.0, "aten::mm": 1000.0, "aten::mkldnn_rnn_layer": 300.0, "MkldnnRnnLayerBackward0": 100.0}
+    us |= {"aten::_softmax": 60.0, "aten::add_": 30.0, "aten::copy_": 10.0}
+    s = op_split.split(us, steps=2)
+    assert s["share"] == {"matrix products": 0.75, "LSTM kernels": 0.2, "other": 0.05}
+    assert s["ms_per_step"] == 1.0 and s["ms_per_step_by_group"]["LSTM kernels"] == 0.2
+    assert list(s["other_top_share"]) == ["aten::_softmax", "aten::add_", "aten::copy_"] and s["other_ops"] == 3
+
+
 def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
     args = ["--config", "test", "--steps", "1", "--repeats", "2", "--threads", "1", "--eval-words", "2000"]
+    args += ["--profile-steps", "2"]
     assert (
         ptb_speed.main([*args, "--data-dir", str(ptb_dir), "--allreduce-configs", "test", "--allreduce-iters", "1"])
         == 0
@@ -68,6 +84,9 @@ def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
     assert set(result["warmup_s"]) == {"reference", "job", "matmul"} and "compiled_words_per_sec" not in result
     for key in ("job_words_per_sec", "reference_words_per_sec", "step_ms", "matmul_fraction", "allreduce_ms"):
         assert result[key] > 0, key
+    split = result["op_split"]  # the job's real step: products, oneDNN's LSTM kernels, and the rest
+    assert split["profiled_steps"] == 2 and all(split["share"][g] > 0 for g in split["share"])
+    assert abs(sum(split["share"].values()) - 1) < 0.01 and "aten::_softmax" in split["other_top_share"]
 
 
 def test_run_overhead_names_each_process_it_counts():
