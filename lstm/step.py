@@ -126,8 +126,8 @@ def clip_cpu_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     the gradients when the norm is within ``max_norm``. torch scales every gradient by
     ``min(1, max_norm / (norm + 1e-6))`` even when that is 1, so as not to read the norm on the
     host: a stall on a GPU, free on a CPU. There the pass is memory traffic the size of the
-    model (18.6 MB for small: up to 5% of its step), and most steps clip nothing
-    (``bench/README.md``)."""
+    model (18.6 MB for small: up to 5% of its step), and on small most steps of its first
+    epochs clip nothing (``bench/README.md``)."""
     if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
