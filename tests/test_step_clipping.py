@@ -19,7 +19,11 @@ def params_with_grads(scale: float) -> list[torch.nn.Parameter]:
     return params
 
 
-@pytest.mark.parametrize("scale,max_norm", [(1e-3, 5.0), (1.0, 5.0), (1e3, 5.0), (1e3, math.inf), (math.nan, 5.0)])
+# Gradient norms: scale 1 gives 22.2, so 0.2 gives 4.4 (just within 5) and 0.25 gives 5.6 (just over).
+CASES = [(1e-3, 5.0), (0.2, 5.0), (0.25, 5.0), (1.0, 5.0), (1e3, 5.0), (1e3, math.inf), (math.nan, 5.0)]
+
+
+@pytest.mark.parametrize("scale,max_norm", CASES)
 def test_cpu_clipping_is_torchs_bit_for_bit(scale, max_norm):
     ours, torchs = params_with_grads(scale), params_with_grads(scale)
     norm = clip_cpu_gradients(ours, max_norm)
@@ -29,7 +33,9 @@ def test_cpu_clipping_is_torchs_bit_for_bit(scale, max_norm):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("scale,max_norm,scaled", [(1e-3, 5.0, False), (1e3, math.inf, False), (1e3, 5.0, True)])
+@pytest.mark.parametrize(
+    "scale,max_norm,scaled", [(1e-3, 5.0, False), (0.2, 5.0, False), (1e3, math.inf, False), (0.25, 5.0, True)]
+)
 def test_gradients_within_the_limit_are_not_written(scale, max_norm, scaled):
     params = params_with_grads(scale)
     versions = [p.grad._version for p in params]  # an in-place op on a tensor bumps its version
