@@ -1,7 +1,8 @@
 """A whole run's fixed cost: the wall time of a short PTB command minus its training and
 evaluation, with the breakdown of lstm.timings, for a command that starts its own local Ray
 instance ("local", plain `python jobs/ptb.py`) and one that joins a running head ("joined":
-`ray start --head` once, then RAY_ADDRESS), run in alternating order (ABBA) in one call.
+`ray start --head` once, then the same plain command, which finds the head where `ray start`
+left its address, as `ray.init()` does), run in alternating order (ABBA) in one call.
 
     python bench/run_overhead.py --data-dir ../shared/data/ptb --repeats 2
     python bench/run_overhead.py --data-dir ../shared/data/ptb --baseline ../old-checkout
@@ -52,11 +53,12 @@ def free_port() -> int:
 
 
 def start_head(temp_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """`ray start --head --block` on free ports under ``temp_dir``; (process, GCS address)."""
+    """`ray start --head --block` on free ports, its files in ``temp_dir/ray`` (where a job
+    with RAY_TMPDIR=temp_dir finds it); (process, GCS address)."""
     port = free_port()
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"]
     command += ["--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-port", str(free_port())]
-    command += ["--temp-dir", str(temp_dir)]
+    command += ["--temp-dir", str(temp_dir / "ray")]
     log = open(temp_dir / "head.log", "w")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
@@ -241,7 +243,8 @@ def main() -> None:
     head, first_joined = None, None
     if "joined" in args.modes:
         head, address = start_head(temp_dir, base)
-        envs["joined"] = {**base, "RAY_ADDRESS": address}
+        envs["joined"] = {**base, "RAY_TMPDIR": str(temp_dir)}  # no RAY_ADDRESS: as a user's shell
+        print(f"head at {address}", file=sys.stderr, flush=True)
     repos = {"": REPO, **({"baseline_": args.baseline.resolve()} if args.baseline else {})}
     modes = [(prefix + mode, repo, envs[mode]) for prefix, repo in repos.items() for mode in envs]
     rows: dict[str, list[dict[str, float]]] = {mode: [] for mode, _, _ in modes}

@@ -1,6 +1,7 @@
 """Connecting to Ray, and what a run may ask of the cluster, checked before any worker starts.
 
-* :func:`ensure_ray` joins ``$RAY_ADDRESS`` (set by ``ray job submit``) or starts a local instance.
+* :func:`ensure_ray` joins the cluster a plain ``ray.init()`` joins (``$RAY_ADDRESS``, set by
+  ``ray job submit``, else the latest ``ray start`` on this machine) or starts a local instance.
 * :func:`plan_workers` fills in ``--cpus-per-worker 0`` (a fair share) and refuses a worker
   group that can never be placed: "64 workers x 1 CPU requested, the cluster has 2 CPUs".
   Ray Train itself would wait for it forever. On a cluster whose autoscaler can add nodes it
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -49,32 +51,85 @@ AUTOSCALER_WAIT_S = 600.0  # --wait-for-workers-s -1 (auto) on a cluster with an
 PROGRESS_EVERY_S = 15.0
 
 
-def ensure_ray(num_cpus: Optional[int] = None) -> bool:
-    """Connect to ``$RAY_ADDRESS`` (the job's cluster under ``ray job submit``) or start a
-    local instance; nothing if Ray is already up. True when it started a local instance."""
+def ray_address() -> Optional[str]:
+    """The cluster a plain ``ray.init()`` joins, found the way Ray finds it: ``$RAY_ADDRESS``,
+    else the cluster of the latest ``ray start`` on this machine (whose address Ray keeps in
+    ``ray_current_cluster`` under its temp dir, until ``ray stop``); None where ``ray.init()``
+    starts a local instance (also for ``RAY_ADDRESS=local``). Ray's lookup is private: if it
+    moves, this warns and reads ``$RAY_ADDRESS`` alone."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError as e:
+        logger.warning("could not look for a running Ray cluster (%s: %s)", type(e).__name__, e)
+        address = os.environ.get("RAY_ADDRESS")
+    else:
+        try:
+            address = get_ray_address_from_environment(None, None)
+        except ConnectionError as e:  # RAY_ADDRESS=auto, and no cluster found
+            raise UserError(f"$RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {e}") from None
+    return None if address in (None, "", "local") else address
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, with one line, an address ``ray.init()`` cannot use: an HTTP one (the
+    dashboard's, which `ray job submit` takes and Ray's docs export as $RAY_ADDRESS), or a
+    ``host:port`` where nothing listens, which ``ray.init()`` would retry for minutes, warning
+    every few seconds (what a ``ray start --head --block`` stopped with Ctrl-C leaves behind
+    for the next ``ray.init()``). Ray Client's ``ray://`` and ``auto`` are left to Ray."""
+    if address.startswith(("http://", "https://")):
+        raise UserError(
+            f"$RAY_ADDRESS={address} is an HTTP address (the dashboard's, for `ray job submit --address`); a job "
+            "started with python needs the cluster's GCS address (<head ip>:6379), or no $RAY_ADDRESS on a Ray node"
+        )
+    if "://" in address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    if os.environ.get("RAY_ADDRESS"):
+        fix = "start that cluster, or correct $RAY_ADDRESS, or unset it to run on a local Ray instance"
+        raise UserError(f"no Ray cluster answers at $RAY_ADDRESS={address} ({reason}); {fix}")
+    fix = (
+        "start it again with `ray start --head`, or run `ray stop` to forget it and let the job start a local instance"
+    )
+    raise UserError(
+        f"no Ray cluster answers at {address}, the address the latest `ray start` on this machine left "
+        f"({reason}); {fix}"
+    )
+
+
+def ensure_ray() -> bool:
+    """Join the cluster of :func:`ray_address` (the job's cluster under ``ray job submit``, or
+    a ``ray start --head`` on this machine) or start a local instance; nothing if Ray is
+    already up. True when it started a local instance."""
     import ray
 
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
+    address = ray_address()
     env = {**WORKER_ENV, **DRIVER_ENV}  # for the actors that call fit() too (a search's trials)
-    if not address:
+    if address is None:
         for key, value in LOCAL_DRIVER_ENV.items():
             env[key] = os.environ.setdefault(key, value)
         for key, value in LOCAL_RAY_CONFIG.items():  # read by the raylet this process starts
             os.environ.setdefault(key, value)
-    if address and "://" not in address and address not in ("auto", "local"):
-        # The cluster's GCS address, for the job's actors: Ray Train's placement-group cleaner
-        # looks its controller up through the state API, which otherwise guesses "the" cluster
-        # and can find another Ray instance on the same machine.
-        env["RAY_ADDRESS"] = address
+    else:
+        check_address(address)
+        if "://" not in address and address != "auto":
+            # The cluster's GCS address, for the job's actors: Ray Train's placement-group
+            # cleaner looks its controller up through the state API, which otherwise guesses
+            # "the" cluster and can find another Ray instance on the same machine.
+            env["RAY_ADDRESS"] = address
     # A variable the job's own runtime env sets (`ray job submit --runtime-env-json`) is left to
     # it: Ray refuses to merge two runtime envs that set the same variable.
     env = {k: v for k, v in env.items() if k not in job_env_vars()}
-    ray.init(num_cpus=num_cpus if not address else None, runtime_env={"env_vars": env})
-    return not address
+    ray.init(address=address or "local", runtime_env={"env_vars": env})
+    return address is None
 
 
 def start_train_actors() -> None:

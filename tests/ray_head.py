@@ -123,7 +123,7 @@ def kill_remaining(snapshot: dict[int, str]) -> list[int]:
 
 @dataclass
 class Head:
-    temp_dir: Path
+    temp_dir: Path  # its bin/, home/, token; Ray's files under ray/ (session_latest/ ...)
     gcs_port: int
     url: str  # the dashboard / jobs API
     env: dict[str, str]  # what the README's shell has: RAY_AUTH_MODE=token, the token, ray on PATH
@@ -195,8 +195,14 @@ def running_head(num_cpus: int) -> Iterator[Head]:
     token_file.chmod(0o600)
     # HOME of its own: where a job without --storage-path writes (~/lstm-ray/runs), kept in the test
     (temp_dir / "home").mkdir()
+    # RAY_TMPDIR: where a user's shell has /tmp. `ray start` keeps the head's address in the
+    # temp dir's ray/ray_current_cluster, where a plain `ray.init()` in that shell finds it.
     env = shell_env(
-        temp_dir / "bin", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HOME=str(temp_dir / "home")
+        temp_dir / "bin",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
+        HOME=str(temp_dir / "home"),
+        RAY_TMPDIR=str(temp_dir),
     )
     gcs, dashboard, agent, client = free_ports(4)
     url = f"http://127.0.0.1:{dashboard}"
@@ -221,7 +227,7 @@ def running_head(num_cpus: int) -> Iterator[Head]:
         "--num-cpus",
         str(num_cpus),
         "--temp-dir",
-        str(temp_dir),
+        str(temp_dir / "ray"),
         "--disable-usage-stats",
     ]
     # Without the drain wait, SIGTERM stops the node at once (the default waits 30 s for Serve).

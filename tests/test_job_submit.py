@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
-from ray_head import SEARCH_LEARNING_RATES, Job, shell_env
+from ray_head import REPO, SEARCH_LEARNING_RATES, Job, shell_env
 
 MAX_PACKAGE_BYTES = 2 * 2**20  # the repository without data, runs and environments is ~0.5 MiB
 
@@ -79,7 +80,7 @@ def test_without_a_storage_path_the_run_lands_in_home_not_in_the_working_dir(job
     assert json.loads((run / "results.json").read_text())["run_dir"] == str(run)
     assert f"[rectangle] run folder: {run}\n" in job.output  # at the start ...
     assert f"done: rectangle run in {run} (" in job.output  # ... and at the end
-    packages = head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+    packages = head.temp_dir / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
     assert not list(packages.glob("*/runs")) and not list(packages.glob("*/**/results.json"))
 
 
@@ -90,7 +91,7 @@ def test_the_uploaded_working_dir_is_the_code_only(jobs, head):
         ), job.output[:3000]
     packages = [
         p
-        for p in (head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
+        for p in (head.temp_dir / "ray" / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
         if p.is_dir()
     ]
     assert packages, "no working_dir package on the head"
@@ -103,6 +104,24 @@ def test_the_uploaded_working_dir_is_the_code_only(jobs, head):
         assert not any("__pycache__" in n for n in names)
         size = sum(p.stat().st_size for p in files)
         assert size < MAX_PACKAGE_BYTES, f"uploaded {size / 2**20:.1f} MiB"
+
+
+def test_a_plain_python_job_joins_the_running_head(head, jobs, tmp_path):
+    """The README's fast path: after `ray start --head`, a job started with plain `python` in
+    the same shell joins that head, without $RAY_ADDRESS (found where `ray start` left its
+    address, as `ray.init()` finds it); its driver shows in the head's jobs list. (After the
+    submitted jobs: ``jobs``.)"""
+    assert "RAY_ADDRESS" not in head.env
+    command = ["python", "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path), "--name", "plain"]
+    command += ["--cpus-per-worker", "1", "--max-failures", "0"]
+    done = subprocess.run(command, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{head.gcs_port}\b", output)
+    assert "Found multiple active Ray instances" not in output
+    drivers = [j for j in head.get("/api/jobs/") if j["type"] == "DRIVER" and "jobs/rectangle.py" in j["entrypoint"]]
+    assert [j["status"] for j in drivers] == ["SUCCEEDED"]
+    assert json.loads((tmp_path / "plain" / "results.json").read_text())["run_dir"] == str(tmp_path / "plain")
 
 
 @pytest.mark.parametrize(

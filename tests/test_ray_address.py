@@ -1,0 +1,97 @@
+"""Which Ray a job runs on (lstm.cluster.ray_address): the cluster in $RAY_ADDRESS, else the one
+the latest `ray start` on this machine left its address for, else a local instance of its own;
+and an address where no cluster answers refused in one line, before Ray is asked to connect
+(it would retry for minutes). The job joining a real `ray start --head` this way is in
+tests/test_job_submit.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from lstm.cluster import check_address, ray_address
+from lstm.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ray_tmpdir(tmp_path, monkeypatch) -> Path:
+    """An empty temp dir of Ray's for this test (no `ray start` recorded), RAY_ADDRESS unset."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "ray").mkdir()
+    return tmp_path
+
+
+def record_ray_start(ray_tmpdir: Path, address: str) -> None:
+    """What `ray start --head` leaves for the next `ray.init()` on the machine."""
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(address)
+
+
+def test_nothing_recorded_means_a_local_instance(ray_tmpdir):
+    assert ray_address() is None
+
+
+def test_the_latest_ray_start_is_joined(ray_tmpdir):
+    record_ray_start(ray_tmpdir, "10.1.2.3:6379")
+    assert ray_address() == "10.1.2.3:6379"
+
+
+def test_ray_address_comes_first(ray_tmpdir, monkeypatch):
+    record_ray_start(ray_tmpdir, "10.1.2.3:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "10.9.9.9:6379")
+    assert ray_address() == "10.9.9.9:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's word for "start one of your own"
+    assert ray_address() is None
+
+
+def test_a_listening_address_passes():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_address(f"127.0.0.1:{server.getsockname()[1]}")
+
+
+def test_a_dead_ray_address_names_the_variable(monkeypatch):
+    port = free_port()  # bound and closed again: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(UserError) as error:
+        check_address(f"127.0.0.1:{port}")
+    message = str(error.value)
+    assert message.startswith(f"no Ray cluster answers at $RAY_ADDRESS=127.0.0.1:{port} (ConnectionRefusedError")
+    assert "unset it to run on a local Ray instance" in message
+
+
+def test_a_dashboard_url_in_ray_address_is_refused(monkeypatch):
+    """Ray's job docs export RAY_ADDRESS=http://127.0.0.1:8265 for `ray job submit`."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(UserError, match=r"^\$RAY_ADDRESS=http://127.0.0.1:8265 is an HTTP address .*<head ip>:6379"):
+        check_address(ray_address())
+
+
+def test_ray_client_and_auto_are_left_to_ray():
+    check_address("ray://10.1.2.3:10001")  # nothing listens there; Ray Client connects itself
+    check_address("auto")
+
+
+def test_a_dead_recorded_address_stops_the_job_in_one_line_before_ray_starts(ray_tmpdir, tmp_path):
+    """`ray start --head --block` stopped with Ctrl-C (or a head killed) leaves its address
+    behind; a plain `ray.init()` would retry it for minutes."""
+    port = free_port()
+    record_ray_start(ray_tmpdir, f"127.0.0.1:{port}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path / "runs")]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1].startswith(
+        f"error: no Ray cluster answers at 127.0.0.1:{port}, the address the latest `ray start` on this machine left"
+    )
+    assert "`ray stop` to forget it" in done.stderr
+    assert not list((ray_tmpdir / "ray").glob("session_*"))  # no Ray instance was started
