@@ -11,14 +11,23 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
-from conftest import free_port
 
 from lstm.cluster import check_address, ray_address
 from lstm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port of 127.0.0.1 where nothing listens, held for the test (bound, never listening:
+    a connection is refused, and no other process can start listening there meanwhile)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 @pytest.fixture
@@ -59,8 +68,8 @@ def test_a_listening_address_passes():
         check_address(f"127.0.0.1:{server.getsockname()[1]}")
 
 
-def test_a_dead_ray_address_names_the_variable(monkeypatch):
-    port = free_port()  # bound and closed again: nothing listens there
+def test_a_dead_ray_address_names_the_variable(monkeypatch, dead_port):
+    port = dead_port
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     with pytest.raises(UserError) as error:
         check_address(f"127.0.0.1:{port}")
@@ -81,10 +90,10 @@ def test_ray_client_and_auto_are_left_to_ray():
     check_address("auto")
 
 
-def test_a_dead_recorded_address_stops_the_job_in_one_line_before_ray_starts(ray_tmpdir, tmp_path):
+def test_a_dead_recorded_address_stops_the_job_in_one_line_before_ray_starts(ray_tmpdir, tmp_path, dead_port):
     """`ray start --head --block` stopped with Ctrl-C (or a head killed) leaves its address
     behind; a plain `ray.init()` would retry it for minutes."""
-    port = free_port()
+    port = dead_port
     record_ray_start(ray_tmpdir, f"127.0.0.1:{port}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path / "runs")]
