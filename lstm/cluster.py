@@ -128,8 +128,32 @@ def ensure_ray() -> bool:
     # A variable the job's own runtime env sets (`ray job submit --runtime-env-json`) is left to
     # it: Ray refuses to merge two runtime envs that set the same variable.
     env = {k: v for k, v in env.items() if k not in job_env_vars()}
-    ray.init(address=address or "local", runtime_env={"env_vars": env})
+    try:
+        ray.init(address=address or "local", runtime_env={"env_vars": env})
+    except ConnectionError as e:
+        if address and token_refused(e):
+            mode = os.environ.get("RAY_AUTH_MODE", "unset")
+            raise UserError(
+                f"the Ray cluster at {address} refused this job's connection: it wants its authentication token "
+                f"(RAY_AUTH_MODE here: {mode}); export RAY_AUTH_MODE=token, with the cluster's token in "
+                "~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN (docs/cluster.md, Token authentication)"
+            ) from None
+        raise
     return address is None
+
+
+def token_refused(error: BaseException) -> bool:
+    """Whether a failed ``ray.init`` was the cluster refusing this process's token (a missing
+    ``RAY_AUTH_MODE=token`` in the shell that joins a ``ray start --head``, typically). Ray
+    retries for about 20 s, then raises a ConnectionError whose cause holds Ray's
+    ``AuthenticationError``, as an object or as the text of a traceback."""
+    import ray.exceptions
+
+    while error is not None:
+        if isinstance(error, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def start_train_actors() -> None:

@@ -127,6 +127,19 @@ def test_a_plain_python_job_joins_the_running_head(head, jobs, tmp_path):
     assert json.loads((tmp_path / "plain" / "results.json").read_text())["run_dir"] == str(tmp_path / "plain")
 
 
+def test_a_plain_python_job_without_the_token_mode_stops_with_one_line(head, jobs, tmp_path):
+    """The fast path's usual slip: the shell that runs the job lacks RAY_AUTH_MODE=token. Ray
+    retries for about 20 s and raises a ConnectionError; the job says what to export, exit 2."""
+    env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"}
+    command = ["python", "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path)]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.match(rf"error: the Ray cluster at \S+:{head.gcs_port} refused this job's connection", last), last
+    assert "(RAY_AUTH_MODE here: unset); export RAY_AUTH_MODE=token" in last
+    assert not list(tmp_path.iterdir())  # no run folder
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [
