@@ -1,7 +1,9 @@
 """Connecting to Ray, and what a run may ask of the cluster, checked before any worker starts.
 
 * :func:`ensure_ray` joins the cluster a plain ``ray.init()`` joins (``$RAY_ADDRESS``, set by
-  ``ray job submit``, else the latest ``ray start`` on this machine) or starts a local instance.
+  ``ray job submit``, else the latest ``ray start`` on this machine) or starts a local instance;
+  an address where no cluster answers, or a cluster that wants a token this shell does not
+  send, stops the job with one line.
 * :func:`plan_workers` fills in ``--cpus-per-worker 0`` (a fair share) and refuses a worker
   group that can never be placed: "64 workers x 1 CPU requested, the cluster has 2 CPUs".
   Ray Train itself would wait for it forever. On a cluster whose autoscaler can add nodes it
