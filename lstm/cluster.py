@@ -130,6 +130,15 @@ def ensure_ray() -> bool:
     # A variable the job's own runtime env sets (`ray job submit --runtime-env-json`) is left to
     # it: Ray refuses to merge two runtime envs that set the same variable.
     env = {k: v for k, v in env.items() if k not in job_env_vars()}
+    init_ray(address, env)
+    return address is None
+
+
+def init_ray(address: Optional[str], env: dict[str, str]) -> None:
+    """``ray.init`` on ``address`` (None: a local instance), ``env`` for the job's actors; a
+    cluster that refuses this process's token is one line."""
+    import ray
+
     try:
         ray.init(address=address or "local", runtime_env={"env_vars": env})
     except ConnectionError as e:
@@ -141,7 +150,6 @@ def ensure_ray() -> bool:
                 "~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN (docs/cluster.md, Token authentication)"
             ) from None
         raise
-    return address is None
 
 
 def token_refused(error: BaseException) -> bool:
