@@ -72,6 +72,12 @@ def ray_address() -> Optional[str]:
     return None if address in (None, "", "local") else address
 
 
+def is_gcs_address(address: str) -> bool:
+    """Whether ``address`` is a cluster's ``host:port`` (what ``ray start`` records and ``ray job
+    submit`` sets), not Ray Client's ``ray://``, an HTTP URL or ``auto``."""
+    return "://" not in address and address != "auto"
+
+
 def check_address(address: str, timeout_s: float = 5.0) -> None:
     """Refuse, with one line, an address ``ray.init()`` cannot use: an HTTP one (the
     dashboard's, which `ray job submit` takes and Ray's docs export as $RAY_ADDRESS), or a
@@ -83,7 +89,7 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
             f"$RAY_ADDRESS={address} is an HTTP address (the dashboard's, for `ray job submit --address`); a job "
             "started with python needs the cluster's GCS address (<head ip>:6379), or no $RAY_ADDRESS on a Ray node"
         )
-    if "://" in address or address == "auto":
+    if not is_gcs_address(address):
         return
     host, _, port = address.rpartition(":")
     try:
@@ -122,7 +128,7 @@ def ensure_ray() -> bool:
             os.environ.setdefault(key, value)
     else:
         check_address(address)
-        if "://" not in address and address != "auto":
+        if is_gcs_address(address):
             # The cluster's GCS address, for the job's actors: Ray Train's placement-group
             # cleaner looks its controller up through the state API, which otherwise guesses
             # "the" cluster and can find another Ray instance on the same machine.
