@@ -156,6 +156,19 @@ def s3(s3_server) -> str:
     return bucket
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module that trains in the test process
+    (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a small shared machine,
+    OpenMP threads waiting for each other make these small ops many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ptb_dir() -> Path:
     d = SHARED_DATA / "ptb"

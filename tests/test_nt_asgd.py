@@ -18,13 +18,7 @@ from lstm.optim import NTASGD
 from lstm.tasks.ptb import PTBConfig, evaluate_rows
 from lstm.tasks.ptb_checkpoint import load_trained
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def params(seed: int = 0) -> list[torch.nn.Parameter]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import ray.train
-import torch
 
 from lstm import config as cfg
 from lstm.data import ptb
@@ -23,12 +22,7 @@ from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
 CONFIG = PTBConfig(**{**PRESETS["test"], "train_fraction": 0.005, "eval_batch_size": 20, "eval_num_steps": 35})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(config: PTBConfig, data_dir: Path, checkpoint: Path | None = None, keep: Path | None = None) -> list[dict]:

@@ -18,15 +18,7 @@ from lstm.models.word import WordLM, detach_state
 from lstm.task import WorkerInfo
 from lstm.tasks.ptb import PTBConfig, PTBTask, evaluate_rows
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads waiting for each other
-    make these small ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_loss(h, w, b, y, scale):

@@ -27,12 +27,7 @@ VOCAB = 30
 TINY = dict(vocab_size=VOCAB, hidden_size=8, num_layers=2, num_steps=6, batch_size=4, max_epoch=1, max_max_epoch=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ TINY = PTBConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(kind: str = "factory", device: torch.device = CPU, config: PTBConfig = TINY, lr=1.0):
