@@ -3,7 +3,8 @@
 * :func:`ensure_ray` joins the cluster a plain ``ray.init()`` joins (``$RAY_ADDRESS``, set by
   ``ray job submit``, else the latest ``ray start`` on this machine) or starts a local instance;
   an address where no cluster answers, or a cluster that wants a token this shell does not
-  send, stops the job with one line.
+  send, stops the job with one line. A local instance's autoscaler monitor is killed at exit,
+  before Ray's shutdown would wait a second for it (:func:`stop_autoscaler_monitor`).
 * :func:`plan_workers` fills in ``--cpus-per-worker 0`` (a fair share) and refuses a worker
   group that can never be placed: "64 workers x 1 CPU requested, the cluster has 2 CPUs".
   Ray Train itself would wait for it forever. On a cluster whose autoscaler can add nodes it
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -137,6 +139,9 @@ def ensure_ray() -> bool:
     # it: Ray refuses to merge two runtime envs that set the same variable.
     env = {k: v for k, v in env.items() if k not in job_env_vars()}
     init_ray(address, env)
+    if address is None:
+        atexit.unregister(stop_autoscaler_monitor)  # registered once, however often Ray starts
+        atexit.register(stop_autoscaler_monitor)  # runs before Ray's own shutdown (registered first)
     return address is None
 
 
@@ -170,6 +175,29 @@ def token_refused(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def stop_autoscaler_monitor() -> None:
+    """Kill the autoscaler monitor of the local instance this process started, while its GCS
+    still runs: what Ray's shutdown does to it a second later. Ray stops the GCS first and then
+    sends the monitor SIGTERM, whose handler tries to report its end to that GCS; Ray waits one
+    second for it to exit, then kills it (``_kill_process_impl`` in ``ray/_private/node.py``,
+    ``Monitor._signal_handler`` in ``ray/autoscaler/_private/monitor.py``). A SIGTERM while the
+    GCS runs would not do either: the report then reaches the driver, which prints "The
+    autoscaler failed with the following error". A local instance has no nodes to add, so the
+    monitor has nothing left to do at the end. Private Ray attributes: if they move, this warns
+    and Ray's shutdown takes its second as before."""
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        if node is None or not node.head:
+            return
+        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, ()):
+            info.process.kill()
+            info.process.wait(timeout=5)
+    except Exception as e:  # noqa: BLE001 - never fail an exit over a faster shutdown
+        logger.warning("could not stop Ray's autoscaler monitor early (%s: %s)", type(e).__name__, e)
 
 
 def start_train_actors() -> None:

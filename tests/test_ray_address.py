@@ -2,7 +2,8 @@
 the latest `ray start` on this machine left its address for, else a local instance of its own;
 and an address where no cluster answers refused in one line, before Ray is asked to connect
 (it would retry for minutes). The job joining a real `ray start --head` this way is in
-tests/test_job_submit.py."""
+tests/test_job_submit.py. At its exit, a job that started its own instance stops the instance's
+autoscaler monitor before Ray's shutdown stops the GCS (lstm.cluster.stop_autoscaler_monitor)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from lstm.cluster import check_address, ray_address
+from lstm.cluster import check_address, ray_address, stop_autoscaler_monitor
 from lstm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,3 +107,42 @@ def test_a_dead_recorded_address_stops_the_job_in_one_line_before_ray_starts(ray
     )
     assert "`ray stop` to forget it" in done.stderr
     assert not list((ray_tmpdir / "ray").glob("session_*"))  # no Ray instance was started
+
+
+def test_a_job_that_started_ray_kills_its_autoscaler_monitor_while_the_gcs_runs(monkeypatch):
+    """Ray's shutdown stops the GCS, then gives the monitor SIGTERM and a second to report its
+    end to that GCS, then kills it: a second of every local run's exit. The job's exit hook kills
+    it first; a hook registered before ``ensure_ray`` runs after that one, before Ray's shutdown."""
+    script = textwrap.dedent(
+        """
+        import atexit
+        from ray._private import worker
+        from lstm import cluster
+
+        seen = {}
+        atexit.register(lambda: print("at exit:", seen["monitor"].poll(), seen["gcs"].poll(), flush=True))
+        assert cluster.ensure_ray()  # a local instance of its own
+        seen["monitor"] = worker._global_node.all_processes["monitor"][0].process
+        seen["gcs"] = worker._global_node.all_processes["gcs_server"][0].process
+        print("running:", seen["monitor"].poll(), flush=True)
+        """
+    )
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # Ray's socket paths must stay under 108 bytes
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": short}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["running: None", "at exit: -9 None"]  # monitor killed, GCS still up
+    assert "autoscaler monitor" not in done.stderr and "The autoscaler failed" not in done.stderr
+
+
+def test_stopping_the_monitor_warns_when_ray_moved_its_processes(monkeypatch, caplog):
+    """The private attributes it reads are guarded: gone, it warns and leaves the exit to Ray."""
+    from ray._private import worker
+
+    monkeypatch.setattr(worker, "_global_node", object())
+    with caplog.at_level("WARNING", logger="lstm.cluster"):
+        stop_autoscaler_monitor()
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not stop Ray's autoscaler monitor early (AttributeError: 'object' object has no attribute 'head')"
+    ]
