@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import hooks  # noqa: E402  (tests/hooks.py: worker hooks, sent to the workers by value)
 import ray.cloudpickle  # noqa: E402
 
-from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV  # noqa: E402
+from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV, stop_autoscaler_monitor  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(hooks)
 
@@ -114,6 +114,7 @@ def ray_session():
     if not ray.is_initialized():
         start_session_ray()
     yield ray
+    stop_autoscaler_monitor()  # as a job's exit does: Ray's shutdown would wait a second for it
     ray.shutdown()
 
 
