@@ -128,12 +128,15 @@ def test_a_job_that_started_ray_kills_its_autoscaler_monitor_while_the_gcs_runs(
         """
     )
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # Ray's socket paths must stay under 108 bytes
+    # Ray's socket paths must stay under 108 bytes; its processes may still be exiting at cleanup.
+    with tempfile.TemporaryDirectory(dir="/tmp", ignore_cleanup_errors=True) as short:
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": short}
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines() == ["running: None", "at exit: -9 None"]  # monitor killed, GCS still up
-    assert "autoscaler monitor" not in done.stderr and "The autoscaler failed" not in done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("running:", "at exit:"))]
+    assert lines == ["running: None", "at exit: -9 None"]  # the monitor killed, the GCS still up
+    assert "could not stop Ray's autoscaler monitor" not in done.stderr
+    assert "The autoscaler failed" not in done.stderr
 
 
 def test_stopping_the_monitor_warns_when_ray_moved_its_processes(monkeypatch, caplog):
