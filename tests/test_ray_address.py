@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import REPO
 
 from lstm.cluster import check_address, ray_address, stop_autoscaler_monitor
 from lstm.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
