@@ -85,7 +85,11 @@ def start_session_ray() -> None:
     cleaner looks the controller up through Ray's state API, which otherwise auto-detects
     "the" cluster and can pick another one on this machine (e.g. the head a job-submission
     test starts), then frees a live run's workers. Ray Train's controller polls its workers
-    every 2 s by default, and every run waits on that poll a few times: here every 0.5 s."""
+    every 2 s by default, and every run waits on that poll a few times: here every 0.5 s.
+
+    Without a dashboard, Ray still records 127.0.0.1:8265 as the instance's state API, so no
+    test may start another instance with a dashboard on that default port while the suite runs:
+    the cleaner would ask that one, not find the controller, and remove a live run's workers."""
     import ray
 
     port = free_port()

@@ -114,10 +114,14 @@ def test_a_job_that_started_ray_kills_its_autoscaler_monitor_while_the_gcs_runs(
     it first; a hook registered before ``ensure_ray`` runs after that one, before Ray's shutdown."""
     script = textwrap.dedent(
         """
-        import atexit
+        import atexit, functools
+        import ray
         from ray._private import worker
         from lstm import cluster
 
+        # No dashboard: one on Ray's default port would answer the state API queries of the
+        # suite's own instance (tests/conftest.py, start_session_ray).
+        ray.init = functools.partial(ray.init, include_dashboard=False)
         seen = {}
         atexit.register(lambda: print("at exit:", seen["monitor"].poll(), seen["gcs"].poll(), flush=True))
         assert cluster.ensure_ray()  # a local instance of its own
