@@ -8,7 +8,8 @@
 # speed_large_bf16.
 # In order of importance, each part under a time limit of its own (a part that fails or runs
 # out of time is logged and the next one starts):
-#   1. the captured step against the eager step over 100 steps (tests/test_step_capture.py);
+#   1. the captured step against the eager step over 100 steps (tests/test_step_capture.py), and
+#      a tiny bench/ptb_speed.py run whose every CUDA graph replays (tests/test_bench.py);
 #   2. bench/ptb_speed.py --device cuda: small, medium (fp32), the captured step beside the
 #      plain loop and the eager step;
 #   3. a search of 8 one-epoch trials from `small`, at 1 GPU per trial, then at 0.25;
@@ -69,7 +70,8 @@ nvidia-smi -L | tee -a "$log"
 $py -c "import torch, ray; print('torch', torch.__version__, 'ray', ray.__version__, torch.cuda.get_device_name())" |
     tee -a "$log"
 
-part capture_test 240 $py -m pytest -q -n 0 -p no:cacheprovider tests/test_step_capture.py
+part capture_test 240 env LSTM_SHARED_DATA="$(dirname "$data")" \
+    $py -m pytest -q -n 0 -p no:cacheprovider tests/test_step_capture.py tests/test_bench.py
 
 speed=(bench/ptb_speed.py --device cuda --data-dir "$data" --threads 4 --steps 20 --repeats 20)
 part speed_small 150 $py "${speed[@]}" --config small --allreduce-iters 3

@@ -89,6 +89,21 @@ def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
     assert abs(sum(split["share"].values()) - 1) < 0.01 and "aten::_softmax" in split["other_top_share"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_short_cuda_run_replays_every_graph(ptb_dir, capsys):
+    """On a GPU, at small's shapes: the captured job step, the compiled loop and the matmul
+    stand-in each capture or record a CUDA graph in one process and replay it. (Before the
+    stand-in captured on its own warmed stream at its first run, its replay hit an illegal
+    memory access on an H200.)"""
+    args = ["--device", "cuda", "--config", "small", "--steps", "2", "--repeats", "2", "--eval-words", "2000"]
+    assert ptb_speed.main([*args, "--compiled", "--allreduce-iters", "0", "--data-dir", str(ptb_dir)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["captured"] == "captured in a CUDA graph"
+    assert set(result["warmup_s"]) == {"reference", "compiled", "job", "captured", "matmul"}
+    for key in ("captured_words_per_sec", "compiled_words_per_sec", "captured_matmul_fraction", "matmul_fraction"):
+        assert result[key] > 0, key
+
+
 def test_run_overhead_names_each_process_it_counts():
     import run_overhead
 
