@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from conftest import TRAIN_POLL_ENV, TRAIN_POLL_S, wait_for_http
+from conftest import REPO, TRAIN_POLL_ENV, TRAIN_POLL_S, wait_for_http
 
-REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600  # for all the jobs at once on a busy 2-core machine
 
 # The jobs the suite submits to its one head (conftest's `head_jobs`), all at once:

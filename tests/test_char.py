@@ -6,13 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SHARED_DATA
 
 from lstm import checkpoint as ckpt
 from lstm import config as cfg
@@ -24,9 +24,8 @@ from lstm.task import WorkerInfo
 from lstm.tasks.char import CharConfig, CharTask, sample_from_checkpoint
 from lstm.trainer import fit
 
-REPO = Path(__file__).resolve().parents[1]
 # As conftest's char_dir fixture (which is per test; the trained run is shared by a module).
-SHARED_CHAR = Path(os.environ.get("LSTM_SHARED_DATA", REPO.parent / "shared" / "data")) / "char"
+SHARED_CHAR = SHARED_DATA / "char"
 SMALL = "the quick brown fox jumps over the lazy dog.\nthe end; or is it?\n" * 3
 
 

@@ -8,17 +8,15 @@ import copy
 import re
 import shutil
 import zipfile
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import own_lines
+from conftest import REPO, own_lines
 
 from lstm.cluster import SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
 from lstm.errors import UserError
 from lstm.storage import is_remote
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 
 # vCPUs and GPUs of instance types a user is likely to pick for the worker node type.

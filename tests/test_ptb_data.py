@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from lstm import config as cfg
 from lstm.data import ptb
 from lstm.errors import UserError
 from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
-
-REPO = Path(__file__).resolve().parents[1]
 
 TRAIN = " the cat sat on the mat \n the dog sat \n a cat ran \n"
 VALID = " the cat ran \n a zebra sat \n"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from lstm import config as cfg
 from lstm.errors import UserError
@@ -17,7 +18,6 @@ from lstm.task import get_task
 from lstm.trainer import fit
 from tune import cli
 
-REPO = Path(__file__).resolve().parents[1]
 METRIC = "valid_consistency"
 
 

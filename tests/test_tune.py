@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from ray.tune import Callback
 
 from lstm.cli import build_parser, resolve_configs
@@ -26,8 +27,6 @@ from tune import cli, report, runner
 from tune.schedulers import ResumableASHA, pbt_mutations
 from tune.space import SearchSpace, parse_space
 from tune.spec import TRAIN_RUNS, load_spec
-
-REPO = Path(__file__).resolve().parents[1]
 
 GOOD_LR, BAD_LR = (0.0001, 0.00003), (0.5,)
 RECT_SEARCH = [
