@@ -297,9 +297,8 @@ class CapturedStepper:
     ``torch.compiler.cudagraph_mark_step_begin()``); and ``aten.lstm`` has a registered
     decomposition (``torch/_decomp/decompositions.py``, ``lstm_impl``) that unrolls each layer
     over the time steps instead of calling cuDNN's RNN kernel, so compile time grows with
-    ``num_steps`` x layers in every trial worker. On an H200 this class ran 4.6-5.9 (small),
-    1.8-2.3 (medium) and 1.5 (large) times as fast as the eager step, and 6.4 times as fast as
-    the plain loop with its forward and loss compiled that way (small; ``bench/README.md``).
+    ``num_steps`` x layers in every trial worker. How fast this class runs on a GPU, beside the
+    eager step and that compiled loop, is measured in ``bench/README.md`` (GPU).
     """
 
     def __init__(
