@@ -292,6 +292,15 @@ def describe(num_workers: int, bundle: dict[str, float], nodes: Sequence[Node]) 
     )
 
 
+def describe_nodes(nodes: Sequence[Node], *, gpus: bool = False) -> str:
+    """ "4 CPUs", "4 CPUs and 1 GPUs", "6 CPUs on 2 nodes (at most 3 CPUs on one)" """
+    total = {k: sum(n.resources.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    text = f"{total['CPU']:g} CPUs" + (f" and {total['GPU']:g} GPUs" if gpus else "")
+    if len(nodes) > 1:
+        text += f" on {len(nodes)} nodes (at most {max(n.resources.get('CPU', 0.0) for n in nodes):g} CPUs on one)"
+    return text
+
+
 def autoscaler_can_add_nodes() -> bool:
     """Whether an autoscaler with node types of its own runs (the cluster launcher's, or
     KubeRay's). Read from the status Ray's monitor keeps in the GCS; a private key, so if it

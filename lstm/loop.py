@@ -9,9 +9,11 @@ For every task it does the same things, in this order::
                               # all-reduced: global metrics; then task.after_evaluation(metrics)
         report()              # ray.train.report(metrics, checkpoint); rank 0 writes the checkpoint
 
-Problems the user can fix (a checkpoint of another vocabulary, a diverging loss) hit every
-rank alike. They are reported as a ``user_error`` metric and returned, not raised, so that
-``FailureConfig`` does not retry what a retry cannot fix; the driver turns them into one line.
+The loop runs in a Ray Train worker or in a Tune trial's own process; it reaches either through
+:class:`lstm.session.Session` (rank, world size, device, get_checkpoint, report), so the loop,
+the tasks and the metrics are one code for both. Problems the user can fix (a checkpoint of
+another vocabulary, a diverging loss) hit every rank alike; the session ends the run on them
+without a retry (lstm/session.py says how for each kind).
 
 Epoch ``e`` is seeded by (seed, e, rank): an epoch re-run after a worker failure draws the same
 dropout masks and data order as in an uninterrupted run, so the run ends with the same metrics.
@@ -26,7 +28,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,13 +38,12 @@ from lstm import checkpoint as ckpt
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.progress import Progress
+from lstm.session import USER_ERROR, Session, TrainSession
 from lstm.step import DivergenceGuard, StepModule, autocast, make_stepper
 from lstm.task import Task, WorkerInfo, get_task
 
-USER_ERROR = "user_error"  # the metric (and return value) that carries a one-line UserError
+__all__ = ["USER_ERROR", "TIMINGS", "run_worker", "train_loop_per_worker", "WorkerHook"]
 TIMINGS = "timings"  # the return value's marks of the worker's loop (lstm.timings)
-
-Report = Callable[[dict[str, Any], Optional[Any]], None]
 
 
 class WorkerHook:
@@ -189,7 +190,9 @@ class Loop:
         metrics.update(task.after_evaluation(self.stepper.optimizer, metrics))
         return metrics
 
-    def report(self, metrics: dict[str, Any], history: History, records: list[dict[str, Any]], report: Report) -> None:
+    def report(
+        self, metrics: dict[str, Any], history: History, records: list[dict[str, Any]], session: Session
+    ) -> None:
         """Keep the epoch in the history, print it, and report it with a checkpoint."""
         task, worker = self.task, self.worker
         extras = task.epoch_extras(self.model, metrics["epoch"] - 1) if worker.is_chief else {}
@@ -202,7 +205,6 @@ class Loop:
                 print(line, flush=True)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         with tempfile.TemporaryDirectory(prefix="lstm-ckpt-") as tmp:
-            checkpoint = None
             if worker.is_chief:
                 ckpt.save(
                     Path(tmp),
@@ -217,18 +219,14 @@ class Loop:
                         "history": history.epochs,
                     },
                 )
-                import ray.train
-
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            report(scalars, checkpoint)
+            session.report(scalars, tmp if worker.is_chief else None)
 
 
 def run_training(
     task: Task,
     settings: cfg.RunSettings,
+    session: Session,
     *,
-    get_checkpoint: Callable[[], Any],
-    report: Report,
     run_dir: str = "",
     hooks: Sequence[WorkerHook] = (),
     marks: Optional[dict[str, float]] = None,
@@ -240,7 +238,7 @@ def run_training(
     loop = Loop(task, settings, run_dir, hooks)
     torch.manual_seed(task.config.seed)
     model = task.build_model()
-    history, optimizer_state = restore(task, model, get_checkpoint())
+    history, optimizer_state = restore(task, model, session.get_checkpoint())
     loop.prepare(model, optimizer_state)
     run_start = time.perf_counter()
     marks.update(training_at=time.time(), train_s=0.0, eval_s=0.0)
@@ -259,7 +257,7 @@ def run_training(
         )
         marks["train_s"] += train_seconds
         marks["eval_s"] += metrics["eval_s"]
-        loop.report(metrics, history, records, report)
+        loop.report(metrics, history, records, session)
     marks["finished_at"] = time.time()
 
 
@@ -279,14 +277,6 @@ def quiet_ray_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def current_worker() -> WorkerInfo:
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    return WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device())
-
-
 def set_threads(settings: cfg.RunSettings, task_class: type[Task], device: torch.device) -> None:
     """The CPUs Ray reserved for this worker, but never more threads than the machine has cores
     (a test cluster may advertise more CPUs than it has), nor than the task can use."""
@@ -295,39 +285,36 @@ def set_threads(settings: cfg.RunSettings, task_class: type[Task], device: torch
         torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1, cap)))
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point. ``loop_config``: {"task", "config", "run", "run_dir", "data"} and
-    optionally "init_checkpoint" (a ``Checkpoint`` a new run starts from: PBT's clone) and "hooks"."""
+def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
+    """One worker's whole run in ``session``'s process. ``loop_config`` (built once, by
+    :meth:`lstm.plan.RunPlan.loop_config`): {"task", "config", "run", "run_dir", "data", "hooks"}.
+    Returns the loop's timing marks, or the user error the session ended the run on."""
     import ray
-    import ray.train
 
     marks = {"started_at": time.time()}
-    quiet_ray_train_logs()
     task_class = get_task(loop_config["task"])
     settings = cfg.build(cfg.RunSettings, loop_config["run"])
-    worker = current_worker()
-    set_threads(settings, task_class, worker.device)
-    init_checkpoint = loop_config.get("init_checkpoint")
-
-    def get_checkpoint() -> Any:
-        own = ray.train.get_checkpoint()
-        return own if own is not None else init_checkpoint
-
+    set_threads(settings, task_class, session.worker.device)
     try:
-        task = task_class(cfg.build(task_class.config_class, loop_config["config"]), worker)
-        task.setup(ray.get(loop_config["data"]))
+        session.check_start()
+        task = task_class(cfg.build(task_class.config_class, loop_config["config"]), session.worker)
+        data = loop_config["data"]
+        task.setup(ray.get(data) if isinstance(data, ray.ObjectRef) else data)
         run_training(
             task,
             settings,
-            get_checkpoint=get_checkpoint,
-            report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+            session,
             run_dir=loop_config.get("run_dir", ""),
             hooks=loop_config.get("hooks", ()),
             marks=marks,
         )
     except UserError as e:
-        # Ray Train V2 keeps only the metrics reported with a checkpoint, so the error is
-        # also returned (the driver reads rank 0's return value).
-        ray.train.report({USER_ERROR: str(e)})
-        return {USER_ERROR: str(e)}
+        return session.user_error(e)
     return {TIMINGS: marks}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: :func:`run_worker` in a Ray Train worker. ``loop_config`` may
+    also hold "init_checkpoint" (a ``Checkpoint`` a new run starts from: PBT's clone)."""
+    quiet_ray_train_logs()
+    return run_worker(loop_config, TrainSession(loop_config.get("init_checkpoint")))

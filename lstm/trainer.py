@@ -1,65 +1,35 @@
-"""``fit()``: check everything, then train a task on Ray Train workers. The only place that
-builds Ray Train's driver objects (TorchTrainer, ScalingConfig, RunConfig, FailureConfig,
-CheckpointConfig); Tune's trial function builds its trainer with :func:`make_trainer` too.
-
-Before any worker starts, ``fit`` checks, each failing with one line: the config, the run
-folder (exists without ``--resume``, missing with it), the data (read once, here; the workers
-get it through Ray's object store), the config against the data and the worker count, shared
-storage on a multi-node cluster, that the storage path can be written, and that the worker
-group can be placed at all.
+"""``fit()``: plan a run (:func:`lstm.plan.plan_run`: every up-front check), then train it on
+Ray Train workers. The only place that builds Ray Train's driver objects (TorchTrainer,
+ScalingConfig, RunConfig, FailureConfig, CheckpointConfig): a search's trials of two or more
+workers build theirs with :func:`make_trainer` too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any, Optional, Sequence
 
-from lstm import checkpoint as ckpt
-from lstm import cluster, outputs, storage, timings, tracking
 from lstm import config as cfg
+from lstm import outputs, storage, timings, tracking
 from lstm.errors import UserError
 from lstm.loop import TIMINGS, USER_ERROR, WorkerHook, train_loop_per_worker
 from lstm.outputs import RunResult
-from lstm.task import Task, get_task
+from lstm.plan import RunPlan, plan_run
 
 logger = logging.getLogger(__name__)
 
 
-def check_run_folder(run_dir: str, name: str, resume: bool) -> None:
-    """A run is never continued by accident, nor a missing one 'resumed' from scratch."""
-    exists = ckpt.has_checkpoints(run_dir)
-    if resume and not exists:
-        raise UserError(
-            f"--resume: no run to resume at {storage.display(run_dir)}; check --name/--storage-path, "
-            "or drop --resume to start one"
-        )
-    if exists and not resume:
-        raise UserError(
-            f"a run named {name!r} already exists at {storage.display(run_dir)}; pass --resume to "
-            "continue it, or choose another --name"
-        )
-
-
 def make_trainer(
-    task: type[Task],
-    config: cfg.TaskConfig,
-    settings: cfg.RunSettings,
-    data: Any,
-    *,
-    callbacks: Sequence[Any] = (),
-    hooks: Sequence[WorkerHook] = (),
-    init_checkpoint: Any = None,
+    plan: RunPlan, *, callbacks: Sequence[Any] = (), hooks: Sequence[WorkerHook] = (), init_checkpoint: Any = None
 ) -> Any:
-    """The TorchTrainer of one run. ``settings`` is complete (storage root, name, CPUs per
-    worker); ``data`` is the object-store reference of what ``task.read_data`` returned;
-    ``init_checkpoint`` (a ``Checkpoint``) is where a *new* run starts (PBT's clone of another
-    trial); a run with checkpoints of its own resumes from those instead."""
+    """The TorchTrainer of ``plan``. ``init_checkpoint`` (a ``Checkpoint``) is where a *new*
+    run starts (PBT's clone of another trial); a run with checkpoints of its own resumes from
+    those instead."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir = storage.join(settings.storage_path, settings.name)
+    settings = plan.settings
     scaling = ray.train.ScalingConfig(
         num_workers=settings.num_workers,
         use_gpu=settings.use_gpu,
@@ -70,20 +40,12 @@ def make_trainer(
         storage_path=settings.storage_path,
         failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
-        callbacks=[*callbacks, outputs.TensorBoardCallback(run_dir)],
+        callbacks=[*callbacks, outputs.TensorBoardCallback(plan.run_dir)],
     )
-    loop_config = {
-        "task": task.name,
-        "config": cfg.to_dict(config),
-        "run": cfg.to_dict(dataclasses.replace(settings, data_dir="")),  # the data comes through the object store
-        "run_dir": run_dir,
-        "data": data,
-        "hooks": list(hooks),
-        **({"init_checkpoint": init_checkpoint} if init_checkpoint else {}),
-    }
+    extra = {"init_checkpoint": init_checkpoint} if init_checkpoint else {}
     return trainer_class(TorchTrainer)(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=plan.loop_config(hooks, **extra),
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=run_config,
@@ -114,32 +76,6 @@ def trainer_class(base: type) -> type:
     return Trainer
 
 
-def prepare(
-    task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, *, resume: bool, phases: timings.Phases
-) -> tuple[cfg.RunSettings, Any]:
-    """Every up-front check of ``fit`` (see the module docstring). Returns the completed
-    settings and the task's data; starts or joins Ray. ``phases`` gets the marks of
-    lstm.timings."""
-    config.validate()
-    settings.validate()
-    settings = dataclasses.replace(settings, mlflow_tracking_uri=tracking.resolve_uri(settings.mlflow_tracking_uri))
-    tracking.check(settings.mlflow_tracking_uri)
-    where = storage.locate(settings.storage_path, settings.name, task.name)
-    check_run_folder(where.path, where.name, resume)
-    data = task.read_data(config, settings.data_dir or None)
-    task.check(config, data, settings.num_workers)
-    phases.mark("checked")
-    if cluster.ensure_ray():
-        cluster.start_train_actors()
-    phases.mark("ray_started")
-    cluster.check_shared_storage(where.root)
-    storage.check_writable(where.root)
-    cpus = cluster.plan_workers(
-        settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
-    )
-    return dataclasses.replace(settings, storage_path=where.root, name=where.name, cpus_per_worker=cpus), data
-
-
 def fit(
     task_name: str,
     config: cfg.TaskConfig,
@@ -155,18 +91,14 @@ def fit(
 
     ``resume=True`` continues the run named ``settings.name`` from its latest checkpoint (Ray
     Train restores a run whose name and storage path already exist)."""
-    import ray
-
-    task = get_task(task_name)
     phases = phases or timings.Phases()
-    settings, data = prepare(task, config, settings, resume=resume, phases=phases)
-    run_dir = storage.join(settings.storage_path, settings.name)
+    plan = plan_run(task_name, config, settings, resume=resume, phases=phases)
+    task, run_dir, uri = plan.task, plan.run_dir, plan.settings.mlflow_tracking_uri
     print(f"[{task.name}] run folder: {storage.display(run_dir)}", flush=True)
-    uri = settings.mlflow_tracking_uri
-    run_id = tracking.start_job_run(uri, task.name, settings.name, cfg.to_dict(config)) if uri else None
+    run_id = tracking.start_job_run(uri, task.name, plan.settings.name, cfg.to_dict(config)) if uri else None
     if run_id:
         callbacks = [*callbacks, tracking.MetricsCallback(uri, run_id)]
-    trainer = make_trainer(task, config, settings, ray.put(data), callbacks=callbacks, hooks=hooks)
+    trainer = make_trainer(plan, callbacks=callbacks, hooks=hooks)
     try:
         phases.mark("fit_started")
         result = trainer.fit()

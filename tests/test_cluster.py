@@ -108,12 +108,13 @@ def test_gpu_workers_have_gpus_and_the_head_has_none(cluster):
 
 def test_a_gpu_search_fits_the_cluster_at_its_minimum_size(cluster, tmp_path):
     """What `jobs/tune_ptb.py --gpu --workers-per-trial 2` finds right after `ray up`."""
+    from lstm.cluster import Node
     from tune import cli, runner
 
     head, gpu = node_types(cluster)
-    resources = {
-        k: head["resources"].get(k, 0) + gpu["min_workers"] * gpu["resources"].get(k, 0) for k in ("CPU", "GPU")
-    }
+    nodes = [Node("head", dict(head["resources"]))]
+    nodes += [Node(f"gpu{i}", dict(gpu["resources"])) for i in range(gpu["min_workers"])]
+    gpus = sum(n.resources.get("GPU", 0) for n in nodes)
     argv = [
         "--task",
         "rectangle",
@@ -126,7 +127,7 @@ def test_a_gpu_search_fits_the_cluster_at_its_minimum_size(cluster, tmp_path):
         str(tmp_path),
     ]
     spec = cli.spec_from_args(cli.build_parser().parse_args(argv))
-    assert runner.check_resources(spec, cluster=resources) == min(resources["GPU"] // 2, spec.num_trials) >= 1
+    assert runner.check_resources(spec, nodes) == min(gpus // 2, spec.num_trials) >= 1
 
 
 def test_setup_installs_cuda_torch_then_the_project(cluster):

@@ -69,7 +69,7 @@ def test_the_tune_search_runs_on_the_cluster(jobs, storage):
     assert summary["best"]["hyperparameters"]["learning_rate"] in SEARCH_LEARNING_RATES
     best = json.loads((experiment / "best_config.json").read_text())
     assert best["learning_rate"] == summary["best"]["hyperparameters"]["learning_rate"]
-    runs = sorted((experiment / "train_runs").glob("trial-*/results.json"))
+    runs = sorted(experiment.glob("trial_*/results.json"))  # one-worker trials: in Tune's trial folders
     assert {json.loads(r.read_text())["config"]["learning_rate"] for r in runs} == set(SEARCH_LEARNING_RATES)
     assert len(runs) == trials
 

@@ -17,6 +17,8 @@ from lstm import config as cfg
 from lstm.data import ptb
 from lstm.errors import UserError
 from lstm.loop import run_training
+from lstm.session import Session
+from lstm.task import WorkerInfo
 from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
 
 CONFIG = PTBConfig(**{**PRESETS["test"], "train_fraction": 0.005, "eval_batch_size": 20, "eval_num_steps": 35})
@@ -25,25 +27,35 @@ CONFIG = PTBConfig(**{**PRESETS["test"], "train_fraction": 0.005, "eval_batch_si
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+class InProcess(Session):
+    """The loop's session for one worker in this process: reports are kept, the checkpoint of
+    each report is copied to ``keep``."""
+
+    worker = WorkerInfo()
+
+    def __init__(self, checkpoint: Path | None, keep: Path | None):
+        self.checkpoint, self.keep, self.reports = checkpoint, keep, []
+
+    def get_checkpoint(self):
+        return ray.train.Checkpoint(str(self.checkpoint)) if self.checkpoint else None
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(metrics)
+        if checkpoint_dir is not None and self.keep is not None:
+            shutil.rmtree(self.keep, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, self.keep)
+
+    def user_error(self, error):
+        raise error
+
+
 def train(config: PTBConfig, data_dir: Path, checkpoint: Path | None = None, keep: Path | None = None) -> list[dict]:
     """Run the loop for one worker in this process; ``keep`` receives the last checkpoint."""
-    reports = []
-
-    def report(metrics, ckpt=None):
-        reports.append(metrics)
-        if ckpt is not None and keep is not None:
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(ckpt.path, keep)
-
+    session = InProcess(checkpoint, keep)
     task = PTBTask(config)
     task.setup(ptb.load_corpus(data_dir))
-    run_training(
-        task,
-        cfg.RunSettings(),
-        report=report,
-        get_checkpoint=lambda: ray.train.Checkpoint(str(checkpoint)) if checkpoint else None,
-    )
-    return reports
+    run_training(task, cfg.RunSettings(), session)
+    return session.reports
 
 
 @pytest.fixture(scope="module")

@@ -159,10 +159,11 @@ def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(ray_session,
     assert all(ln.split(",")[4] == "2" for ln in lines[1:]), "each trial ran its 2 epochs"
     best = read_json(s3, "searches/s/best_trial.json")
     assert best["epochs_run"] == 2 and best["best"] == summary["best"]["valid_consistency"] > 0
-    assert best["run_dir"].startswith(f"{root}/s/train_runs/trial-")
-    # each trial's Train run has its own results.json in the bucket
-    runs = {k.split("/")[1] for k in files if k.startswith("train_runs/") and k.endswith("/results.json")}
+    assert best["run_dir"].startswith(f"{root}/s/trial_")  # one-worker trials train in Tune's process
+    # each trial's folder has its checkpoints and its own results.json in the bucket
+    runs = {k.split("/")[0] for k in files if k.startswith("trial_") and k.endswith("/results.json")}
     assert len(runs) == 2
+    assert all(any(k.startswith(f"{run}/checkpoint_") for k in files) for run in runs)
     trials = {float(ln.split(",")[3]): ln.split(",")[1] for ln in lines[1:]}
     check_search_runs(mlflow_server, "s", trials, summary["best"]["trial_id"], summary["best"]["valid_consistency"])
 

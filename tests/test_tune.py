@@ -21,6 +21,7 @@ from conftest import REPO
 from ray.tune import Callback
 
 from lstm.cli import build_parser, resolve_configs
+from lstm.cluster import Node
 from lstm.errors import UserError
 from lstm.task import get_task
 from tune import cli, report, runner
@@ -132,19 +133,26 @@ def test_concurrency_fits_the_cluster(tmp_path):
     spec = spec_for(
         ["--task", "rectangle", "--base", "test", "--num-samples", "8", "--space", "hidden_size=4,8"], tmp_path
     )
-    four_cpus = {"CPU": 4.0, "memory": 8 * 2**30}
-    assert runner.check_resources(spec, four_cpus) == 4  # 1 worker x 1 CPU each; drivers hold no CPU
+    four_cpus = [Node("a", {"CPU": 4.0, "memory": 8 * 2**30})]
+    assert runner.check_resources(spec, four_cpus) == 4  # 1 worker x 1 CPU each
     two = spec_for(
         ["--task", "rectangle", "--base", "test", "--workers-per-trial", "2", "--space", "hidden_size=4,8"], tmp_path
     )
-    assert runner.check_resources(two, four_cpus) == 2
+    assert runner.check_resources(two, four_cpus) == 2  # their trial drivers hold no CPU
     with pytest.raises(UserError, match=r"--max-concurrent 3: only 2 trial\(s\) fit at once .*4 CPUs"):
         runner.check_resources(dataclasses.replace(two, max_concurrent=3), four_cpus)
-    with pytest.raises(UserError, match="one trial needs 2 worker.*1 GPU.*0 GPUs"):
+    with pytest.raises(UserError, match="one trial needs 2 worker.*1 GPU.*0 GPUs.*or drop --gpu"):
         runner.check_resources(dataclasses.replace(two, use_gpu=True), four_cpus)
-    assert runner.check_resources(dataclasses.replace(two, use_gpu=True), {**four_cpus, "GPU": 4.0}) == 2
+    with_gpus = [Node("a", {**four_cpus[0].resources, "GPU": 4.0})]
+    assert runner.check_resources(dataclasses.replace(two, use_gpu=True), with_gpus) == 2
     with pytest.raises(UserError, match="one trial needs 2 worker.*but this Ray cluster has 1 CPUs"):
-        runner.check_resources(two, {"CPU": 1.0})
+        runner.check_resources(two, [Node("a", {"CPU": 1.0})])
+    # a worker's CPUs must fit on one node: two nodes of 3 CPUs hold two 2-CPU trials, not three
+    wide = dataclasses.replace(spec, cpus_per_worker=2)
+    three_and_three = [Node("a", {"CPU": 3.0}), Node("b", {"CPU": 3.0})]
+    assert runner.check_resources(wide, three_and_three) == 2
+    with pytest.raises(UserError, match=r"only 2 trial\(s\) fit .*6 CPUs on 2 nodes \(at most 3 CPUs on one\)"):
+        runner.check_resources(dataclasses.replace(wide, max_concurrent=3), three_and_three)
     # fractional GPUs: four one-worker trials of a quarter GPU share one GPU
     shared = spec_for(
         [
@@ -162,8 +170,9 @@ def test_concurrency_fits_the_cluster(tmp_path):
         ],
         tmp_path,
     )
-    assert runner.check_resources(shared, {"CPU": 16.0, "GPU": 1.0}) == 4
-    assert runner.check_resources(dataclasses.replace(shared, gpus_per_worker=1.0), {"CPU": 16.0, "GPU": 1.0}) == 1
+    one_gpu = [Node("a", {"CPU": 16.0, "GPU": 1.0})]
+    assert runner.check_resources(shared, one_gpu) == 4
+    assert runner.check_resources(dataclasses.replace(shared, gpus_per_worker=1.0), one_gpu) == 1
 
 
 # --------------------------------------------------------------------------- bad input, before anything starts
@@ -240,17 +249,11 @@ class InterruptAfter(Callback):
 
 
 def trial_footprint(exp: Path, trial_id: str) -> tuple:
-    """What a re-run would change: Tune's results of the trial and its Train run's files
-    (checkpoints, TensorBoard events; not the results.json/plots each report rewrites)."""
-    results = (exp / f"trial_{trial_id}" / "result.json").read_text()
-    run = exp / TRAIN_RUNS / f"trial-{trial_id}"
-    files = sorted(
-        (str(p.relative_to(run)), p.stat().st_mtime_ns)
-        for p in run.rglob("*")
-        if p.is_file() and p.name != "results.json" and p.suffix != ".png"
-    )
-    assert any(name.startswith("checkpoint_") for name, _ in files)
-    return results, files
+    """What a re-run would change: Tune's results of the trial and its checkpoints."""
+    trial = exp / f"trial_{trial_id}"
+    files = sorted((str(p.relative_to(trial)), p.stat().st_mtime_ns) for p in trial.glob("checkpoint_*/*"))
+    assert files
+    return (trial / "result.json").read_text(), files
 
 
 def max_overlap(rows: list[report.TrialRow], exp: Path) -> int:
@@ -314,14 +317,14 @@ def test_asha_search_interrupted_then_resumed(tmp_path, ray_session):
     assert config.epochs == task.presets["test"]["epochs"]  # the preset's epochs, not the search budget
     best_trial = json.loads((exp / "best_trial.json").read_text())
     assert best_trial["config"]["epochs"] == 3
-    # each trial's Train run has what jobs/rectangle.py writes, the stopped ones included (a
-    # stopped trial's run may get further than Tune saw before it is killed: these epochs
-    # take a fraction of a second)
+    # each trial's folder has what jobs/rectangle.py writes, the stopped ones included; a
+    # one-worker trial trains in Tune's process, so it stops exactly where Tune stopped it
     for r in rep.rows:
-        run = exp / TRAIN_RUNS / f"trial-{r.trial_id}"
-        assert json.loads((run / "results.json").read_text())["final"]["epoch"] >= r.epochs_run
+        run = exp / f"trial_{r.trial_id}"
+        assert json.loads((run / "results.json").read_text())["final"]["epoch"] == r.epochs_run
         assert (run / "learning_curve.png").is_file()
-    assert best_trial["run_dir"] == str(exp / TRAIN_RUNS / f"trial-{rep.best.trial_id}")
+    assert best_trial["run_dir"] == str(exp / f"trial_{rep.best.trial_id}")
+    assert not (exp / TRAIN_RUNS).exists()  # no Ray Train run was started
     # Tune's TensorBoard files, so that `tensorboard --logdir <storage path>` shows the search
     assert list((exp / f"trial_{rep.best.trial_id}").glob("events.out.tfevents.*"))
     # the search's own board (tune.board): one run per trial, before and after the resume
@@ -451,7 +454,6 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
     for index in targets:
         row = by_index[index]
         run = Path(report.trial_run_dir(spec, row.trial_id))
-        assert "-from-" in run.name  # the latest run started from a cloned checkpoint
         history = json.loads((run / "results.json").read_text())["epochs"]
         assert [e["epoch"] for e in history] == [1, 2]
         assert history[-1]["lr"] == pytest.approx(row.hparams["learning_rate"])  # it ends on the mutated lr
@@ -534,3 +536,45 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
     )
     # the test preset's own epochs and all of the training data, not the search's budget
     assert (printed["max_max_epoch"], printed["train_fraction"]) == (1, 1.0)
+
+
+def test_one_worker_trials_two_worker_trials_and_the_job_train_alike(tmp_path, ray_session, ptb_dir):
+    """The same config and seed, trained three ways: by jobs/ptb.py's fit(), by a one-worker
+    trial (in Tune's trial process) and by a two-worker trial (a Ray Train run of two ranks that
+    share each batch of 20 rows). Without dropout the three compute the same epochs: the job
+    and the one-worker trial exactly (one process, one thread each), the two ranks up to the
+    order of float sums (DDP averages the two halves' gradients; the sums are all-reduced)."""
+    from lstm import config as cfg
+    from lstm.trainer import fit
+
+    common = {"hidden_size": 8, "max_max_epoch": 2, "train_fraction": 0.01, "eval_num_steps": 35}
+    ptb = get_task("ptb")
+    job = fit(
+        "ptb",
+        cfg.build(ptb.config_class, {**ptb.presets["test"], **common}),
+        cfg.RunSettings(cpus_per_worker=1, storage_path=str(tmp_path), name="job", data_dir=str(ptb_dir)),
+    )
+    trials = {}
+    for workers in (1, 2):
+        name = f"w{workers}"
+        cli.main(
+            [
+                *("--task", "ptb", "--base", "test", "--data-dir", str(ptb_dir)),
+                *("--train-fraction", "0.01", "--max-epochs", "2", "--num-samples", "1"),
+                *("--space", "hidden_size=grid:8", "keep_prob=base", "lr_decay=base", "eval_num_steps=35"),
+                *("--workers-per-trial", str(workers), "--storage-path", str(tmp_path), "--name", name),
+            ]
+        )
+        (result,) = (tmp_path / name).glob("trial_*/result.json")
+        trials[workers] = [json.loads(line) for line in result.read_text().splitlines()]
+    assert not (tmp_path / "w1" / TRAIN_RUNS).exists() and (tmp_path / "w2" / TRAIN_RUNS).is_dir()
+    keys = ["train_loss", "train_ppl", "valid_loss", "valid_ppl"]
+    expected = [{k: e[k] for k in keys} for e in job.history]
+    assert [e["epoch"] for e in job.history] == [r["epoch"] for r in trials[1]] == [r["epoch"] for r in trials[2]]
+    assert [{k: r[k] for k in keys} for r in trials[1]] == expected
+    assert trials[1][-1]["test_ppl"] == job.metrics["test_ppl"]
+    assert [{k: pytest.approx(r[k], rel=1e-5) for k in keys} for r in trials[2]] == expected
+    assert trials[2][-1]["test_ppl"] == pytest.approx(job.metrics["test_ppl"], rel=1e-5)
+    assert [r["workers"] for r in trials[2]] == [2, 2]
+    # the epochs trained: a job that ignored the config would not match (its default preset is larger)
+    assert job.history[0]["train_ppl"] != job.history[1]["train_ppl"]

@@ -79,23 +79,25 @@ def release_orphans() -> int:
         return 0
 
 
-def controllers_alive() -> int:
-    """Train controllers of this job still alive (or starting)."""
+def controllers_alive() -> set[bytes]:
+    """The ids of this job's Train controllers still alive (or starting)."""
     try:
         from ray.core.generated import gcs_pb2
 
         _, actors, job = _tables()
         dead = gcs_pb2.ActorTableData.ActorState.Value("DEAD")
-        return sum(1 for a in actors if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job and a.state != dead)
+        return {
+            a.actor_id for a in actors if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job and a.state != dead
+        }
     except Exception:  # noqa: BLE001
-        return 0
+        return set()
 
 
-def release_after_search(timeout_s: float = 30.0) -> None:
-    """At the end of a search: wait for the last stopped trials' controllers to die, then
-    release what they left."""
+def release_after_search(before: set[bytes] = frozenset(), timeout_s: float = 30.0) -> None:
+    """At the end of a search: wait for the last stopped trials' controllers to die (not those
+    alive ``before`` the search: a driver's own runs), then release what they left."""
     deadline = time.monotonic() + timeout_s
-    while controllers_alive() and time.monotonic() < deadline:
+    while controllers_alive() - before and time.monotonic() < deadline:
         time.sleep(0.5)
     release_orphans()
 

@@ -23,7 +23,7 @@ from tune.spec import SearchSpec, load_spec
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jobs/tune_ptb.py",
-        description="Search hyperparameters with Ray Tune; every trial is a Ray Train run of jobs/<task>.py.",
+        description="Search hyperparameters with Ray Tune; every trial trains what jobs/<task>.py trains.",
     )
     add_search_flags(p)
     add_budget_flags(p)
@@ -89,7 +89,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="trials at once (default: as many as the cluster's CPUs/GPUs fit)",
     )
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    p.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=1,
+        help="workers per trial: 1 trains in Tune's trial process, 2 or more start a Ray Train run (default 1)",
+    )
     p.add_argument("--gpu", action="store_true", help="GPU workers (nccl)")
     p.add_argument(
         "--gpus-per-worker",
@@ -98,6 +103,13 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="with --gpu: GPUs per worker; 0.25 packs 4 one-worker trials on a GPU (default 1)",
     )
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs per worker (default 1)")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="retries of a trial that fails (a crash, a lost node) from its latest checkpoint; a one-line "
+        "user error is not trained again (default 3; -1: retry forever)",
+    )
     p.add_argument(
         "--data-dir", default="", help="the task's data folder (default: $LSTM_DATA_DIR or the download cache)"
     )
@@ -129,6 +141,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--reduction-factor must be > 1 (got {args.reduction_factor})")
     if args.time_budget_s is not None and not args.time_budget_s > 0:
         raise UserError(f"--time-budget-s must be positive (got {args.time_budget_s})")
+    if args.max_failures < -1:
+        raise UserError(f"--max-failures must be -1 (retry forever) or >= 0 (got {args.max_failures})")
     if args.max_epochs is not None and args.max_epochs < 1:
         raise UserError(f"--max-epochs must be >= 1 (got {args.max_epochs})")
     cfg.RunSettings(
@@ -186,6 +200,7 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
         use_gpu=args.gpu,
         gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
         data_dir=os.path.abspath(os.path.expanduser(args.data_dir)) if args.data_dir else "",
         seed=args.seed,
         grace_period=args.grace_period,
@@ -222,7 +237,8 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = ())
     tracking.check(spec.mlflow_tracking_uri)
     data = read_data(spec)
     cluster.ensure_ray()
-    cluster.start_train_actors()
+    if spec.workers_per_trial > 1:  # one-worker trials start no Ray Train run
+        cluster.start_train_actors()
     cluster.check_shared_storage(spec.storage_path)
     max_concurrent = runner.check_resources(spec)
     print(

@@ -4,23 +4,29 @@ Layout of the search folder ``<storage_path>/<name>/`` (local or remote)::
 
     search_spec.json        what was searched and how (``--resume`` reads it back)
     trial_<id>/             Tune's folder of a trial: params.json, result.json, progress.csv,
-                            TensorBoard events (and, with PBT, Tune's copies of checkpoints)
-    train_runs/trial-<id>/  the trial's Ray Train run: checkpoints, results.json, plots,
-                            tensorboard/ -- exactly what ``jobs/<task>.py`` writes for a run
+                            TensorBoard events; a one-worker trial's checkpoints, results.json
+                            and the task's plots
+    train_runs/trial-<id>/  a trial of two or more workers: its Ray Train run (checkpoints,
+                            results.json, plots, tensorboard/), what ``jobs/<task>.py`` writes
     results.csv, results.md, best_config.json, best_trial.json, plots/   (tune.report)
 
-Resources. A trial is a Tune actor (the "trial driver") that builds a TorchTrainer and waits
-in ``fit()``; Ray Train then starts a controller actor (0 CPUs) and ``--workers-per-trial``
-workers with ``--cpus-per-worker`` CPUs (and ``--gpus-per-worker`` GPUs with ``--gpu``) in a
-placement group of its own, which Tune does not see. So the trial driver reserves no CPU, only
-:data:`TRIAL_DRIVER_MEMORY` (Tune needs a non-empty request), and the limit on concurrent
-trials is what keeps trials from starting more workers than the cluster has CPUs and GPUs. It
-defaults to as many trials as fit, fractional GPUs counted (4 trials of 0.25 GPU share one);
-asking for more is an error before anything starts. Trial drivers never hold a CPU that a
-waiting worker needs, so trials and their workers cannot deadlock, even on 2 cores.
+Two kinds of trial, one loop (:func:`lstm.loop.run_worker`):
 
-The data is read once, by the search's driver, and reaches every trial's workers through
-Ray's object store.
+* **One worker** (``--workers-per-trial 1``, the default): the trial trains in Tune's own trial
+  process, Ray Tune's function-trainable idiom -- ``ray.tune.report`` with a checkpoint,
+  ``ray.tune.get_checkpoint``, Tune's ``FailureConfig`` for retries, and ``reuse_actors`` so
+  that one process, torch imported, serves the next trial. The trial reserves its worker's CPUs
+  (and GPU share). No Ray Train run starts: a short trial trains instead of waiting for a
+  controller, a worker group and their clean-up.
+* **Two or more workers**: the trial is a Tune actor that runs a Ray Train run of the trial's
+  plan (:func:`lstm.trainer.make_trainer`) and relays its reports (:mod:`tune.bridge`). That
+  actor holds no CPU, only :data:`TRIAL_DRIVER_MEMORY` (Tune needs a non-empty request); the
+  workers' CPUs are in a placement group of Ray Train's, which Tune does not see, so the limit
+  on concurrent trials is what keeps trials from starting more workers than the cluster holds.
+
+The limit defaults to as many trials as fit on the cluster's nodes, fractional GPUs counted (4
+trials of 0.25 GPU share one); asking for more is an error before anything starts. The data is
+read once, by the search's driver, and reaches every trial through Ray's object store.
 """
 
 from __future__ import annotations
@@ -35,44 +41,46 @@ import ray
 from ray import tune as rtune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from lstm import cluster, tracking
 from lstm import config as cfg
-from lstm import storage, tracking
 from lstm.errors import UserError
+from lstm.loop import run_worker
+from lstm.plan import check_run_folder, trial_plan
+from lstm.session import TuneSession
 from lstm.trainer import make_trainer, returned_user_error
 from tune import report
 from tune.board import SearchBoard
 from tune.bridge import Mailbox, relay_reports
-from tune.cleanup import ReleaseOrphansCallback, release_after_search
+from tune.cleanup import ReleaseOrphansCallback, controllers_alive, release_after_search
 from tune.schedulers import make_scheduler
 from tune.spec import SearchSpec, save_spec
 
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes reserved per trial driver (it holds no CPU)
-PBT_CHECKPOINTS_TO_KEEP = 4  # Tune's copies per trial; PBT warns below 3 (clones may vanish)
+PBT_CHECKPOINTS_TO_KEEP = 4
 
 
 # --------------------------------------------------------------------------- resources
 
 
-def check_resources(spec: SearchSpec, cluster: Optional[dict[str, float]] = None) -> int:
-    """How many trials may run at once: ``spec.max_concurrent`` if it fits the Ray cluster
-    (UserError if not), else as many as fit. Call with Ray initialised (or pass ``cluster``)."""
-    cluster = ray.cluster_resources() if cluster is None else cluster
-    cpus, gpus, memory = (float(cluster.get(k, 0.0)) for k in ("CPU", "GPU", "memory"))
-    need_cpu = spec.workers_per_trial * spec.cpus_per_worker
-    need_gpu = spec.workers_per_trial * spec.gpus_per_worker if spec.use_gpu else 0.0
+def check_resources(spec: SearchSpec, nodes: Optional[Sequence[cluster.Node]] = None) -> int:
+    """How many trials may run at once: ``spec.max_concurrent`` if it fits the Ray cluster's
+    nodes (UserError if not), else as many as fit. A worker's CPUs and GPU share must fit on one
+    node. Call with Ray initialised (or pass ``nodes``)."""
+    nodes = cluster.alive_nodes() if nodes is None else list(nodes)
+    bundle = {"CPU": float(spec.cpus_per_worker), **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {})}
     what = f"{spec.workers_per_trial} worker(s) x {spec.cpus_per_worker} CPU" + (
-        f" + {spec.gpus_per_worker:g} GPU" if need_gpu else ""
+        f" + {spec.gpus_per_worker:g} GPU" if spec.use_gpu else ""
     )
-    have = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if need_gpu else "")
-    fits = math.floor(cpus / need_cpu + 1e-9)
-    if need_gpu:
-        fits = min(fits, math.floor(gpus / need_gpu + 1e-9))
-    if memory:
+    have = cluster.describe_nodes(nodes, gpus=spec.use_gpu)
+    fits = cluster.placeable(bundle, nodes) // spec.workers_per_trial
+    memory = sum(n.resources.get("memory", 0.0) for n in nodes)
+    if spec.workers_per_trial > 1 and memory:
         fits = min(fits, math.floor(memory / TRIAL_DRIVER_MEMORY))
     if fits < 1:
         raise UserError(
             f"one trial needs {what} but this Ray cluster has {have}; lower --workers-per-trial "
-            "or --cpus-per-worker" + ("" if need_gpu or gpus else ", or drop --gpu")
+            "or --cpus-per-worker"
+            + (", or drop --gpu" if spec.use_gpu and not any(n.resources.get("GPU") for n in nodes) else "")
         )
     if spec.max_concurrent is None:
         return max(1, min(fits, spec.num_trials))
@@ -97,29 +105,40 @@ def train_run_name(trial_id: str, start: Any) -> str:
     return f"trial-{trial_id}-from-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}"
 
 
-def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any], mailbox: Any) -> None:
-    """Tune trial function: one Ray Train run of the trial's config, built by
-    :func:`lstm.trainer.make_trainer` exactly as ``jobs/<task>.py`` builds it. ``data`` holds
-    the object-store reference of the task's data (in a tuple, which keeps Tune's
-    ``with_parameters`` from resolving it: the workers fetch it, not the trial driver);
-    ``mailbox`` is the search's :class:`tune.bridge.Mailbox`."""
-    config = spec.trial_config(hparams)
-    start = rtune.get_checkpoint()
-    name = train_run_name(rtune.get_context().get_trial_id(), start)
-    settings = cfg.RunSettings(
+def trial_settings(spec: SearchSpec, *, storage_path: str, name: str) -> cfg.RunSettings:
+    """The run settings of every trial of ``spec``: complete, as the search checked them."""
+    return cfg.RunSettings(
         num_workers=spec.workers_per_trial,
         use_gpu=spec.use_gpu,
         gpus_per_worker=spec.gpus_per_worker,
         cpus_per_worker=spec.cpus_per_worker,
-        storage_path=spec.train_runs_dir,
+        max_failures=spec.max_failures,
+        checkpoints_to_keep=checkpoints_to_keep(spec),
+        storage_path=storage_path,
         name=name,
     )
+
+
+def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any], mailbox: Any) -> None:
+    """Tune trial function: the trial's plan, trained in this process (one worker) or as a Ray
+    Train run (two or more). ``data`` holds the object-store reference of the task's data (in a
+    tuple, which keeps Tune's ``with_parameters`` from resolving it: whoever trains fetches
+    it); ``mailbox`` is the search's :class:`tune.bridge.Mailbox` (None for one-worker trials)."""
+    config = spec.trial_config(hparams)
+    trial_id = rtune.get_context().get_trial_id()
+    if spec.workers_per_trial == 1:
+        settings = trial_settings(spec, storage_path=spec.experiment_dir, name=f"trial_{trial_id}")
+        plan = trial_plan(spec.task_class, config, settings, data[0])
+        run_worker(plan.loop_config(), TuneSession(plan.run_dir))
+        return
+    start = rtune.get_checkpoint()
+    name = train_run_name(trial_id, start)
+    settings = trial_settings(spec, storage_path=spec.train_runs_dir, name=name)
+    plan = trial_plan(spec.task_class, config, settings, data[0])
     result = relay_reports(
         mailbox,
-        lambda callbacks: make_trainer(
-            spec.task_class, config, settings, data[0], callbacks=callbacks, init_checkpoint=start
-        ),
-        storage.join(spec.train_runs_dir, name),
+        lambda callbacks: make_trainer(plan, callbacks=callbacks, init_checkpoint=start),
+        plan.run_dir,
         with_checkpoints=spec.scheduler == "pbt",
     )
     error = returned_user_error(result)
@@ -147,14 +166,24 @@ class SearchOutcome:
     report: Any  # tune.report.SearchReport (None when write_report=False)
 
 
+def checkpoints_to_keep(spec: SearchSpec) -> int:
+    """Checkpoints kept per trial: PBT warns below 3 (a clone's source may vanish)."""
+    return PBT_CHECKPOINTS_TO_KEEP if spec.scheduler == "pbt" else cfg.RunSettings.checkpoints_to_keep
+
+
 def _trainable(spec: SearchSpec, data: Any, mailbox: Any) -> Any:
-    resources = rtune.PlacementGroupFactory([{"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}])
+    if spec.workers_per_trial == 1:
+        bundle = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {})}
+    else:
+        bundle = {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
     trial = rtune.with_parameters(run_trial, spec=spec, data=(data,), mailbox=mailbox)
-    return rtune.with_resources(trial, resources)
+    return rtune.with_resources(trial, rtune.PlacementGroupFactory([bundle]))
 
 
 def make_tuner(spec: SearchSpec, data: Any, mailbox: Any, max_concurrent: int, callbacks: Sequence[Any] = ()) -> Any:
     """The Tuner of a new search."""
+    in_process = spec.workers_per_trial == 1
+    keep = checkpoints_to_keep(spec) if in_process or spec.scheduler == "pbt" else None
     return rtune.Tuner(
         _trainable(spec, data, mailbox),
         param_space=spec.space.param_space(),
@@ -165,16 +194,22 @@ def make_tuner(spec: SearchSpec, data: Any, mailbox: Any, max_concurrent: int, c
             # TuneConfig(max_concurrent_trials) when given a BasicVariantGenerator.
             search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent),
             time_budget_s=spec.time_budget_s,
-            reuse_actors=False,  # a stopped trial's actor must die, taking its Train run with it
+            # A Train run's trial actor must die when Tune stops it, taking its run with it.
+            reuse_actors=in_process,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=rtune.RunConfig(
             name=spec.name,
             storage_path=spec.storage_path,
-            checkpoint_config=rtune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP)
-            if spec.scheduler == "pbt"
-            else None,
-            callbacks=[ReleaseOrphansCallback(), SearchBoard(spec), *mlflow_callbacks(spec), *callbacks],
+            # One-worker trials retry in Tune; a Train run retries its workers itself.
+            failure_config=rtune.FailureConfig(max_failures=spec.max_failures if in_process else 0),
+            checkpoint_config=rtune.CheckpointConfig(num_to_keep=keep) if keep else None,
+            callbacks=[
+                *([] if in_process else [ReleaseOrphansCallback()]),
+                SearchBoard(spec),
+                *mlflow_callbacks(spec),
+                *callbacks,
+            ],
             verbose=1,
         ),
     )
@@ -206,19 +241,13 @@ def run_search(
     """Start (or with ``resume=True`` continue) the search ``spec`` describes on ``data`` (what
     the task's ``read_data`` returned); write the report. Ray must be initialised."""
     exists = rtune.Tuner.can_restore(spec.experiment_dir)
-    where = storage.display(spec.experiment_dir)
-    if resume and not exists:
-        raise UserError(
-            f"--resume: no search to resume at {where}; check --name/--storage-path, or drop --resume to start one"
-        )
-    if exists and not resume:
-        raise UserError(
-            f"a search named {spec.name!r} already exists at {where}; pass --resume "
-            "to continue it, or choose another --name"
-        )
+    check_run_folder(spec.experiment_dir, spec.name, resume, exists=exists, what="search")
     max_concurrent = check_resources(spec)
     data_ref = ray.put(data)
-    mailbox = Mailbox.remote()  # held until the report is written (tune/bridge.py says why)
+    in_process = spec.workers_per_trial == 1
+    # Train runs report through the search's mailbox, held until the report is written (tune/bridge.py).
+    mailbox = None if in_process else Mailbox.remote()
+    controllers_before = set() if in_process else controllers_alive()
     start = time.perf_counter()
     if resume:
         # Finished and errored trials stay as they are; unfinished ones continue (their Train
@@ -235,11 +264,13 @@ def run_search(
         save_spec(spec)
         tuner = make_tuner(spec, data_ref, mailbox, max_concurrent, callbacks)
     tuner.fit()
-    release_after_search()  # what stopped trials' Train runs left behind (see tune.cleanup)
+    if not in_process:
+        release_after_search(controllers_before)  # what stopped trials' Train runs left (tune.cleanup)
     wall = time.perf_counter() - start
     rep = report.write_report(spec, wall_time_s=wall) if write_report else None
     log_best_to_mlflow(spec, rep)
     # Tune's registry keeps the trainable, and with it a handle on the mailbox, for the life of
     # the driver: without this, a driver that runs several searches keeps one idle actor each.
-    ray.kill(mailbox)
+    if mailbox is not None:
+        ray.kill(mailbox)
     return SearchOutcome(spec=spec, max_concurrent=max_concurrent, wall_time_s=wall, report=rep)

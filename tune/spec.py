@@ -43,6 +43,7 @@ class SearchSpec:
     reduction_factor: float = 2.0
     perturbation_interval: int = 1
     synch: bool = False  # PBT: synchronous (every trial reaches the interval before any exploits)
+    max_failures: int = 3  # retries of a failed trial (Tune's for one worker, Ray Train's for more)
     budget: dict[str, Any] = field(default_factory=dict)  # {field: value} set by the budget flags
     mlflow_tracking_uri: str = ""
 

@@ -1,0 +1,120 @@
+"""A run's plan: everything resolved and checked once, before any worker starts.
+
+:class:`RunPlan` holds the task, its validated config, the completed run settings (storage
+root, run name, CPUs per worker, MLflow URI) and the object-store reference of the task's
+data; :meth:`RunPlan.loop_config` is what reaches the loop (:func:`lstm.loop.run_worker`), once.
+
+* A job plans its run with :func:`plan_run`: each check fails with one line -- the config and
+  settings, the run folder (exists without ``--resume``, missing with it), the data (read once,
+  here), the config against the data and the worker count, shared storage on a multi-node
+  cluster, that the storage path can be written, and that the worker group can be placed.
+* A search checks the same things once for all its trials (``tune.cli``), and each trial
+  makes its plan with :func:`trial_plan` from the search's checked parts.
+
+Either plan then runs the same way: as a Ray Train run (:func:`lstm.trainer.make_trainer`), or,
+for a one-worker trial, in Tune's own trial process (``tune.runner``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from lstm import cluster, storage, timings, tracking
+from lstm import config as cfg
+from lstm.errors import UserError
+from lstm.task import Task, get_task
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, resolved and checked."""
+
+    task: type[Task]
+    config: cfg.TaskConfig
+    settings: cfg.RunSettings  # complete: storage root, name, CPUs per worker, MLflow URI
+    data: Any  # the object-store reference of what task.read_data returned
+    resume: bool = False
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.settings.storage_path, self.settings.name)
+
+    def loop_config(self, hooks: Sequence[Any] = (), **extra: Any) -> dict[str, Any]:
+        """What the loop gets: plain values and the data's reference (its data_dir is dropped:
+        the data comes through the object store)."""
+        return {
+            "task": self.task.name,
+            "config": cfg.to_dict(self.config),
+            "run": cfg.to_dict(dataclasses.replace(self.settings, data_dir="")),
+            "run_dir": self.run_dir,
+            "data": self.data,
+            "hooks": list(hooks),
+            **extra,
+        }
+
+
+def check_run_folder(
+    run_dir: str, name: str, resume: bool, *, exists: Optional[bool] = None, what: str = "run"
+) -> None:
+    """A run (or search) is never continued by accident, nor a missing one 'resumed' from
+    scratch. ``exists`` defaults to: the folder holds a checkpoint."""
+    if exists is None:
+        from lstm import checkpoint as ckpt
+
+        exists = ckpt.has_checkpoints(run_dir)
+    if resume and not exists:
+        raise UserError(
+            f"--resume: no {what} to resume at {storage.display(run_dir)}; check --name/--storage-path, "
+            f"or drop --resume to start one"
+        )
+    if exists and not resume:
+        raise UserError(
+            f"a {what} named {name!r} already exists at {storage.display(run_dir)}; pass --resume to "
+            "continue it, or choose another --name"
+        )
+
+
+def plan_run(
+    task_name: str,
+    config: cfg.TaskConfig,
+    settings: cfg.RunSettings,
+    *,
+    resume: bool = False,
+    phases: Optional[timings.Phases] = None,
+) -> RunPlan:
+    """Check a job's run (see the module docstring) and start or join Ray; ``phases`` gets
+    the marks of lstm.timings."""
+    import ray
+
+    phases = phases or timings.Phases()
+    task = get_task(task_name)
+    config.validate()
+    settings.validate()
+    settings = dataclasses.replace(settings, mlflow_tracking_uri=tracking.resolve_uri(settings.mlflow_tracking_uri))
+    tracking.check(settings.mlflow_tracking_uri)
+    where = storage.locate(settings.storage_path, settings.name, task.name)
+    check_run_folder(where.path, where.name, resume)
+    data = task.read_data(config, settings.data_dir or None)
+    task.check(config, data, settings.num_workers)
+    phases.mark("checked")
+    if cluster.ensure_ray():
+        cluster.start_train_actors()
+    phases.mark("ray_started")
+    cluster.check_shared_storage(where.root)
+    storage.check_writable(where.root)
+    cpus = cluster.plan_workers(
+        settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
+    )
+    settings = dataclasses.replace(settings, storage_path=where.root, name=where.name, cpus_per_worker=cpus)
+    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data), resume=resume)
+
+
+def trial_plan(
+    task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, data: Any, *, resume: bool = False
+) -> RunPlan:
+    """A search trial's plan. The search checked the data, the storage and the resources for
+    all its trials; ``config`` is the trial's (validated when it was built) and ``settings``
+    is complete."""
+    return RunPlan(task=task, config=config, settings=settings, data=data, resume=resume)

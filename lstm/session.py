@@ -1,0 +1,126 @@
+"""Where a run's loop is running, as the loop sees it: its rank, world size and device, the
+checkpoint to start from, and where each epoch's metrics and checkpoint go.
+
+Two kinds of process run the loop (:func:`lstm.loop.run_worker`):
+
+* :class:`TrainSession` -- a Ray Train worker (a job, or a search trial of two or more
+  workers): ``ray.train.report`` / ``ray.train.get_checkpoint``. A user error is reported as
+  the ``user_error`` metric and returned, not raised, so that Ray Train's ``FailureConfig``
+  does not retry what a retry cannot fix; the driver prints it as one line.
+* :class:`TuneSession` -- Tune's own trial process (a one-worker trial): ``ray.tune.report`` /
+  ``ray.tune.get_checkpoint``, Ray Tune's function-trainable idiom. No Ray Train run is
+  started, so a trial trains instead of waiting for a controller and a worker group. A user
+  error is raised, so that the trial ends ERROR with its one line; Tune's ``FailureConfig``
+  retries failed trials, and a retry of a user error raises it again at once, before any
+  training (the trial leaves ``user_error.txt`` in its folder).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any, Optional
+
+import torch
+
+from lstm import storage
+from lstm.errors import UserError
+from lstm.task import WorkerInfo
+
+USER_ERROR = "user_error"  # the metric (and return value) that carries a one-line UserError
+USER_ERROR_FILE = "user_error.txt"  # a Tune trial's one-line error, read back by its retries
+
+
+class Session(ABC):
+    """The loop's view of the process it runs in."""
+
+    worker: WorkerInfo
+
+    @abstractmethod
+    def get_checkpoint(self) -> Any:
+        """The ``Checkpoint`` to start from (the run's own latest, or where a new run starts), or None."""
+
+    @abstractmethod
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
+        """Report one epoch's metrics; rank 0 passes the folder of its checkpoint."""
+
+    @abstractmethod
+    def user_error(self, error: UserError) -> dict[str, Any]:
+        """End the run on a user error: return what the loop returns, or raise."""
+
+    def check_start(self) -> None:  # noqa: B027 - an optional hook: a Train run has nothing to check
+        """Raise the user error a previous attempt of this run ended with, if it left one."""
+
+
+class TrainSession(Session):
+    """A Ray Train worker. ``init_checkpoint``: where a run with no checkpoint of its own
+    starts (PBT's clone of another trial)."""
+
+    def __init__(self, init_checkpoint: Any = None):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.worker = WorkerInfo(
+            rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device()
+        )
+        self.init_checkpoint = init_checkpoint
+
+    def get_checkpoint(self) -> Any:
+        import ray.train
+
+        own = ray.train.get_checkpoint()
+        return own if own is not None else self.init_checkpoint
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def user_error(self, error: UserError) -> dict[str, Any]:
+        # Ray Train V2 keeps only the metrics reported with a checkpoint, so the error is also
+        # returned (the driver reads rank 0's return value).
+        import ray.train
+
+        ray.train.report({USER_ERROR: str(error)})
+        return {USER_ERROR: str(error)}
+
+
+class TuneSession(Session):
+    """Tune's trial process, training as the only worker of its run (on the GPU Tune assigned
+    to the trial, if any). ``trial_dir``: the trial's folder in the search's storage."""
+
+    def __init__(self, trial_dir: str) -> None:
+        import ray
+
+        # Tune's session logs a line per checkpoint; the loop prints its own line per epoch.
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.worker = WorkerInfo(rank=0, world_size=1, device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
+        self.trial_dir = trial_dir
+
+    def get_checkpoint(self) -> Any:
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    def _error_file(self) -> str:
+        return storage.join(self.trial_dir, USER_ERROR_FILE)
+
+    def user_error(self, error: UserError) -> dict[str, Any]:
+        storage.write_text(self._error_file(), str(error) + "\n")
+        raise error
+
+    def check_start(self) -> None:  # noqa: B027 - an optional hook: a Train run has nothing to check
+        try:
+            line = storage.read_bytes(self._error_file()).decode("utf-8").strip()
+        except FileNotFoundError:
+            return
+        raise UserError(line)
