@@ -4,7 +4,7 @@
   ``ray job submit``, else the latest ``ray start`` on this machine) or starts a local instance;
   an address where no cluster answers, or a cluster that wants a token this shell does not
   send, stops the job with one line. A local instance's autoscaler monitor is killed at exit,
-  before Ray's shutdown would wait a second for it (:func:`stop_autoscaler_monitor`).
+  before Ray's shutdown would wait a second for it (:mod:`lstm.ray_private`).
 * :func:`plan_workers` fills in ``--cpus-per-worker 0`` (a fair share) and refuses a worker
   group that can never be placed: "64 workers x 1 CPU requested, the cluster has 2 CPUs".
   Ray Train itself would wait for it forever. On a cluster whose autoscaler can add nodes it
@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from lstm import storage
+from lstm import ray_private, storage
 from lstm.errors import UserError
+from lstm.ray_private import STATE_TRACKING, stop_autoscaler_monitor
 
 logger = logging.getLogger(__name__)
 
-STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 # What the job's actors (Tune's trial actors, Ray Train's controllers and workers) run with.
 # * Ray Train V2 patches print() on workers to also go through its logger, which shows every
 #   line twice in the driver's output; the loop's own lines are enough.
@@ -56,21 +56,12 @@ PROGRESS_EVERY_S = 15.0
 
 
 def ray_address() -> Optional[str]:
-    """The cluster a plain ``ray.init()`` joins, found the way Ray finds it: ``$RAY_ADDRESS``,
-    else the cluster of the latest ``ray start`` on this machine (whose address Ray keeps in
-    ``ray_current_cluster`` under its temp dir, until ``ray stop``); None where ``ray.init()``
-    starts a local instance (also for ``RAY_ADDRESS=local``). Ray's lookup is private: if it
-    moves, this warns and reads ``$RAY_ADDRESS`` alone."""
+    """The cluster a plain ``ray.init()`` joins (:func:`lstm.ray_private.latest_ray_start_address`);
+    None where ``ray.init()`` starts a local instance (also for ``RAY_ADDRESS=local``)."""
     try:
-        from ray._private.services import get_ray_address_from_environment
-    except ImportError as e:
-        logger.warning("could not look for a running Ray cluster (%s: %s)", type(e).__name__, e)
-        address = os.environ.get("RAY_ADDRESS")
-    else:
-        try:
-            address = get_ray_address_from_environment(None, None)
-        except ConnectionError as e:  # RAY_ADDRESS=auto, and no cluster found
-            raise UserError(f"$RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {e}") from None
+        address = ray_private.latest_ray_start_address()
+    except ConnectionError as e:  # RAY_ADDRESS=auto, and no cluster found
+        raise UserError(f"$RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {e}") from None
     return None if address in (None, "", "local") else address
 
 
@@ -177,58 +168,6 @@ def token_refused(error: BaseException) -> bool:
     return False
 
 
-def stop_autoscaler_monitor() -> None:
-    """Kill the autoscaler monitor of the local instance this process started, while its GCS
-    still runs: what Ray's shutdown does to it a second later. Ray stops the GCS first and then
-    sends the monitor SIGTERM, whose handler tries to report its end to that GCS; Ray waits one
-    second for it to exit, then kills it (``_kill_process_impl`` in ``ray/_private/node.py``,
-    ``Monitor._signal_handler`` in ``ray/autoscaler/_private/monitor.py``). A SIGTERM while the
-    GCS runs would not do either: the report then reaches the driver, which prints "The
-    autoscaler failed with the following error". A local instance has no nodes to add, so the
-    monitor has nothing left to do at the end. Private Ray attributes: if they move, this warns
-    and Ray's shutdown takes its second as before."""
-    try:
-        from ray._private import ray_constants, worker
-
-        node = worker._global_node
-        if node is None or not node.head:
-            return
-        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, ()):
-            info.process.kill()
-            info.process.wait(timeout=5)
-    except Exception as e:  # noqa: BLE001 - never fail an exit over a faster shutdown
-        logger.warning("could not stop Ray's autoscaler monitor early (%s: %s)", type(e).__name__, e)
-
-
-def start_train_actors() -> None:
-    """Create Ray Train's two cluster-wide actors now, from this driver, without waiting for
-    them. Each run's controller otherwise creates them itself, one after the other, and waits
-    for each before it places its workers: the autoscaling coordinator, to which it sends its
-    resource request (and waits up to 5 s for the answer), and, with state tracking on, the
-    state actor, with which it registers the run. Both are new processes that import Ray Data
-    or Ray Train: created here, they start while the driver finishes its checks and the
-    controller starts. A job calls this when it started its own local instance: on a running
-    cluster the actors are there from earlier runs, and importing Ray Data here would cost more
-    than it saves. A search always calls it, for the state actor: its first trials'
-    controllers would race to create it, and each loser leaves a failed
-    ``TrainStateActor.__init__`` task on the job's dashboard page. Both are detached named
-    actors that Ray Train gets or creates with the same options, so creating them earlier
-    changes nothing else. Private Ray APIs: if one moves, this warns and the controllers
-    create the actors as before."""
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-
-        get_or_create_autoscaling_coordinator()
-        if os.environ.get(STATE_TRACKING) == "1":
-            from ray.train.v2._internal.state.state_actor import get_or_create_state_actor
-
-            get_or_create_state_actor()
-    except Exception as e:  # noqa: BLE001 - never fail a run over Ray Train's bookkeeping
-        logger.warning("could not start Ray Train's actors early (%s: %s)", type(e).__name__, e)
-
-
 def job_env_vars() -> dict[str, str]:
     """The environment variables of the runtime env ``ray job submit`` gave this job ({} outside a job)."""
     try:
@@ -303,18 +242,9 @@ def describe_nodes(nodes: Sequence[Node], *, gpus: bool = False) -> str:
 
 def autoscaler_can_add_nodes() -> bool:
     """Whether an autoscaler with node types of its own runs (the cluster launcher's, or
-    KubeRay's). Read from the status Ray's monitor keeps in the GCS; a private key, so if it
-    cannot be read this warns and answers False (the run then fails fast rather than wait)."""
-    try:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get("__autoscaling_status")
-    except Exception as e:  # noqa: BLE001 - private Ray API; never fail a run over it
-        logger.warning("could not read the autoscaler's status (%s); assuming no autoscaler", e)
-        return False
-    if not raw:
-        return False
-    report = json.loads(raw).get("autoscaler_report") or {}
+    KubeRay's), from the status Ray's monitor keeps; False if it cannot be read (the run then
+    fails fast rather than wait)."""
+    report = ray_private.autoscaler_status() or {}
     types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
     # Without an autoscaler the monitor mirrors each live node as a type "node_<id>".
     return any(not t.startswith("node_") for t in types)

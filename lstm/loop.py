@@ -21,7 +21,6 @@ dropout masks and data order as in an uninterrupted run, so the run ends with th
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -36,6 +35,7 @@ from torch import nn
 
 from lstm import checkpoint as ckpt
 from lstm import config as cfg
+from lstm import ray_private
 from lstm.errors import UserError
 from lstm.progress import Progress
 from lstm.session import USER_ERROR, Session, TrainSession
@@ -264,19 +264,6 @@ def run_training(
 # --------------------------------------------------------------------------- Ray Train entry point
 
 
-def quiet_ray_train_logs() -> None:
-    """Ray Train logs every report at INFO with the whole metrics dict; the loop prints its own
-    line per epoch. Its logger is named by a private module's file: if that moves, warn and
-    leave the logs on."""
-    try:
-        import ray.train.v2._internal.execution.context as context_module
-    except ImportError as e:
-        logging.getLogger(__name__).warning("cannot quiet Ray Train's per-report logs (%s)", e)
-        return
-    for name in (context_module.__file__, "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def set_threads(settings: cfg.RunSettings, task_class: type[Task], device: torch.device) -> None:
     """The CPUs Ray reserved for this worker, but never more threads than the machine has cores
     (a test cluster may advertise more CPUs than it has), nor than the task can use."""
@@ -316,5 +303,5 @@ def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point: :func:`run_worker` in a Ray Train worker. ``loop_config`` may
     also hold "init_checkpoint" (a ``Checkpoint`` a new run starts from: PBT's clone)."""
-    quiet_ray_train_logs()
+    ray_private.quiet_train_reports()
     return run_worker(loop_config, TrainSession(loop_config.get("init_checkpoint")))

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from lstm import cluster, storage, timings, tracking
+from lstm import cluster, ray_private, storage, timings, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.task import Task, get_task
@@ -100,7 +100,7 @@ def plan_run(
     task.check(config, data, settings.num_workers)
     phases.mark("checked")
     if cluster.ensure_ray():
-        cluster.start_train_actors()
+        ray_private.start_train_actors()
     phases.mark("ray_started")
     cluster.check_shared_storage(where.root)
     storage.check_writable(where.root)

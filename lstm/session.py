@@ -17,13 +17,12 @@ Two kinds of process run the loop (:func:`lstm.loop.run_worker`):
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 import torch
 
-from lstm import storage
+from lstm import ray_private, storage
 from lstm.errors import UserError
 from lstm.task import WorkerInfo
 
@@ -94,8 +93,7 @@ class TuneSession(Session):
     def __init__(self, trial_dir: str) -> None:
         import ray
 
-        # Tune's session logs a line per checkpoint; the loop prints its own line per epoch.
-        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+        ray_private.quiet_train_reports()
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.worker = WorkerInfo(rank=0, world_size=1, device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
         self.trial_dir = trial_dir

@@ -11,7 +11,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from lstm import config as cfg
-from lstm import outputs, storage, timings, tracking
+from lstm import outputs, ray_private, storage, timings, tracking
 from lstm.errors import UserError
 from lstm.loop import TIMINGS, USER_ERROR, WorkerHook, train_loop_per_worker
 from lstm.outputs import RunResult
@@ -43,37 +43,13 @@ def make_trainer(
         callbacks=[*callbacks, outputs.TensorBoardCallback(plan.run_dir)],
     )
     extra = {"init_checkpoint": init_checkpoint} if init_checkpoint else {}
-    return trainer_class(TorchTrainer)(
+    return ray_private.trainer_without_datasets_callback(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=plan.loop_config(hooks, **extra),
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=run_config,
     )
-
-
-def trainer_class(base: type) -> type:
-    """``base`` (TorchTrainer) without Ray Train's Ray Data callback when a run has no Ray
-    Datasets, as ours never do (each worker gets its data through the object store). Ray 2.60
-    adds that callback to every run, and it starts a ``DatasetManager`` actor per run: one more
-    process, which imports Ray Data (CPU that a busy machine misses, though the run does not
-    wait for it). The callback is a private class: if it moves, this warns and returns
-    ``base`` unchanged."""
-    try:
-        from ray.train.v2._internal.callbacks import DatasetsCallback
-    except ImportError as e:
-        logger.warning("every run starts Ray Train's DatasetManager actor (%s)", e)
-        return base
-
-    class Trainer(base):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-
-    Trainer.__name__ = Trainer.__qualname__ = base.__name__
-    return Trainer
 
 
 def fit(

@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 import hooks  # noqa: E402  (tests/hooks.py: worker hooks, sent to the workers by value)
 import ray.cloudpickle  # noqa: E402
 
-from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV, stop_autoscaler_monitor  # noqa: E402
+from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV  # noqa: E402
+from lstm.ray_private import stop_autoscaler_monitor  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(hooks)
 

@@ -19,8 +19,9 @@ from typing import Iterator
 import pytest
 from conftest import REPO
 
-from lstm.cluster import check_address, ray_address, stop_autoscaler_monitor
+from lstm.cluster import check_address, ray_address
 from lstm.errors import UserError
+from lstm.ray_private import stop_autoscaler_monitor
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ def test_stopping_the_monitor_warns_when_ray_moved_its_processes(monkeypatch, ca
     from ray._private import worker
 
     monkeypatch.setattr(worker, "_global_node", object())
-    with caplog.at_level("WARNING", logger="lstm.cluster"):
+    with caplog.at_level("WARNING", logger="lstm.ray_private"):
         stop_autoscaler_monitor()
     assert [r.getMessage() for r in caplog.records] == [
         "could not stop Ray's autoscaler monitor early (AttributeError: 'object' object has no attribute 'head')"

@@ -9,8 +9,9 @@ import pytest
 from conftest import own_lines
 
 from lstm.cli import train_main
-from lstm.cluster import STATE_TRACKING, alive_nodes, autoscaler_can_add_nodes, plan_workers, start_train_actors
+from lstm.cluster import alive_nodes, autoscaler_can_add_nodes, plan_workers
 from lstm.errors import UserError, run_cli
+from lstm.ray_private import STATE_TRACKING, start_train_actors
 
 
 def node(cpus: float, gpus: float = 0, address: str = "10.0.0.1") -> dict:
@@ -110,7 +111,7 @@ def test_the_driver_starts_ray_trains_cluster_actors_itself(ray_session, caplog,
     """``start_train_actors`` reaches the private Ray functions it guards (a Ray upgrade that
     moves them makes it warn), and the actors it creates are the named ones Ray Train looks up."""
     monkeypatch.setenv(STATE_TRACKING, "1")
-    with caplog.at_level("WARNING", logger="lstm.cluster"):
+    with caplog.at_level("WARNING", logger="lstm.ray_private"):
         start_train_actors()
     assert not caplog.records
     ray_session.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")

@@ -405,9 +405,11 @@ def test_resumable_asha_replays_results(tmp_path):
 PBT_LR = (0.00003, 0.5)  # a log range from good to far too large
 
 
-def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_session):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_session, workers):
     """PBT: a trial in the bottom quantile continues from a copy of a better trial's checkpoint
-    (a new Train run that starts from it, carrying its history) with a mutated learning rate."""
+    (carrying its history) with a mutated learning rate: a one-worker trial in its own Tune
+    process, a two-worker trial as a new Train run that starts from the copy."""
     exp = tmp_path / "pbt"
     # Synchronous PBT: every trial reaches epoch 1 before the worst is exploited, so the exploit
     # is certain (and epoch 2, the last, is left alone). Two trials: the bottom quantile (25%,
@@ -436,6 +438,8 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
             str(tmp_path),
             "--name",
             "pbt",
+            "--workers-per-trial",
+            str(workers),
         ]
     )
     spec = load_spec(str(exp))
@@ -454,6 +458,8 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
     for index in targets:
         row = by_index[index]
         run = Path(report.trial_run_dir(spec, row.trial_id))
+        # a Train run (two workers) that starts from a cloned checkpoint is a new run named after it
+        assert ("-from-" in run.name) == (workers == 2)
         history = json.loads((run / "results.json").read_text())["epochs"]
         assert [e["epoch"] for e in history] == [1, 2]
         assert history[-1]["lr"] == pytest.approx(row.hparams["learning_rate"])  # it ends on the mutated lr

@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any, Optional, Sequence
 
-from lstm import cluster, storage, tracking
+from lstm import cluster, ray_private, storage, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.task import Task, get_task, task_names
@@ -238,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = ())
     data = read_data(spec)
     cluster.ensure_ray()
     if spec.workers_per_trial > 1:  # one-worker trials start no Ray Train run
-        cluster.start_train_actors()
+        ray_private.start_train_actors()
     cluster.check_shared_storage(spec.storage_path)
     max_concurrent = runner.check_resources(spec)
     print(

@@ -41,7 +41,7 @@ import ray
 from ray import tune as rtune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from lstm import cluster, tracking
+from lstm import cluster, ray_private, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.loop import run_worker
@@ -51,7 +51,6 @@ from lstm.trainer import make_trainer, returned_user_error
 from tune import report
 from tune.board import SearchBoard
 from tune.bridge import Mailbox, relay_reports
-from tune.cleanup import ReleaseOrphansCallback, controllers_alive, release_after_search
 from tune.schedulers import make_scheduler
 from tune.spec import SearchSpec, save_spec
 
@@ -156,6 +155,21 @@ def trial_dirname(trial: Any) -> str:
 # --------------------------------------------------------------------------- the search
 
 
+class ReleaseOrphans(rtune.Callback):
+    """Frees stopped Train trials' workers every few seconds of a search
+    (:func:`lstm.ray_private.release_orphans` says why)."""
+
+    def __init__(self, interval_s: float = 5.0):
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            ray_private.release_orphans()
+
+
 @dataclass
 class SearchOutcome:
     """What :func:`run_search` returns."""
@@ -205,7 +219,7 @@ def make_tuner(spec: SearchSpec, data: Any, mailbox: Any, max_concurrent: int, c
             failure_config=rtune.FailureConfig(max_failures=spec.max_failures if in_process else 0),
             checkpoint_config=rtune.CheckpointConfig(num_to_keep=keep) if keep else None,
             callbacks=[
-                *([] if in_process else [ReleaseOrphansCallback()]),
+                *([] if in_process else [ReleaseOrphans()]),
                 SearchBoard(spec),
                 *mlflow_callbacks(spec),
                 *callbacks,
@@ -247,7 +261,7 @@ def run_search(
     in_process = spec.workers_per_trial == 1
     # Train runs report through the search's mailbox, held until the report is written (tune/bridge.py).
     mailbox = None if in_process else Mailbox.remote()
-    controllers_before = set() if in_process else controllers_alive()
+    controllers_before = set() if in_process else ray_private.controllers(alive=True)
     start = time.perf_counter()
     if resume:
         # Finished and errored trials stay as they are; unfinished ones continue (their Train
@@ -265,7 +279,7 @@ def run_search(
         tuner = make_tuner(spec, data_ref, mailbox, max_concurrent, callbacks)
     tuner.fit()
     if not in_process:
-        release_after_search(controllers_before)  # what stopped trials' Train runs left (tune.cleanup)
+        ray_private.release_after_search(controllers_before)  # what stopped trials' Train runs left
     wall = time.perf_counter() - start
     rep = report.write_report(spec, wall_time_s=wall) if write_report else None
     log_best_to_mlflow(spec, rep)

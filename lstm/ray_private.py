@@ -1,0 +1,256 @@
+"""Every use of Ray's private APIs, in one module.
+
+Each piece below works around something Ray 2.60 does, or lacks, and reaches into Ray's
+private modules to do it. Each degrades to one warning if a Ray upgrade moves what it relies on,
+so a run never fails over one of them. Each also has a strict accessor, a function whose name
+starts with ``reach_``, that raises instead of warning. tests/test_ray_private.py calls every
+accessor, so an upgrade that breaks a workaround fails a test rather than silently costing
+its gain.
+
+The workarounds, and what each saves:
+
+* :func:`trainer_without_datasets_callback` -- no Ray Data actor per run (runs have no Datasets);
+* :func:`quiet_train_reports` -- no INFO line with the whole metrics dict per report;
+* :func:`latest_ray_start_address` -- a job joins the latest ``ray start`` as ``ray.init()`` would;
+* :func:`stop_autoscaler_monitor` -- a local instance exits a second sooner;
+* :func:`start_train_actors` -- Ray Train's cluster-wide actors start while the driver checks;
+* :func:`autoscaler_status` -- a run waits for nodes only where an autoscaler can add them;
+* :func:`release_orphans` -- a search frees stopped Train trials' workers without a dashboard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+logger = logging.getLogger(__name__)
+
+STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+CONTROLLER_CLASS = "TrainController"
+_warned: set[str] = set()
+
+
+def _warn_once(what: str, error: BaseException) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning("%s (%s: %s)", what, type(error).__name__, error)
+
+
+# --------------------------------------------------------------------------- Ray Train's driver
+
+
+def reach_datasets_callback() -> type:
+    """The default callback with which Ray Train starts a ``DatasetManager`` actor per run."""
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    return DatasetsCallback
+
+
+def trainer_without_datasets_callback(base: type) -> type:
+    """``base`` (TorchTrainer) without Ray Train's Ray Data callback when a run has no Ray
+    Datasets, as ours never do (each worker gets its data through the object store). Ray 2.60
+    adds that callback to every run, and it starts a ``DatasetManager`` actor per run: one more
+    process, which imports Ray Data (CPU that a busy machine misses)."""
+    try:
+        datasets_callback = reach_datasets_callback()
+    except ImportError as e:
+        _warn_once("every run starts Ray Train's DatasetManager actor", e)
+        return base
+
+    class Trainer(base):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, datasets_callback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = base.__name__
+    return Trainer
+
+
+def reach_train_report_loggers() -> list[str]:
+    """The loggers that log every report at INFO: Ray Train's (named by a private module's
+    file) and, for Tune's function trainables, the old session's checkpoint line."""
+    import ray.train._internal.storage as session_storage
+    import ray.train.v2._internal.execution.context as train_context
+    import ray.train.v2._internal.execution.storage as train_storage
+
+    return [module.logger.name for module in (train_context, train_storage, session_storage)]
+
+
+def quiet_train_reports() -> None:
+    """Ray Train (and Tune's session) log every report at INFO, the whole metrics dict or the
+    checkpoint's path; the loop prints its own line per epoch. If the loggers move, warn and
+    leave their logs on."""
+    try:
+        names = reach_train_report_loggers()
+    except (ImportError, AttributeError) as e:
+        _warn_once("cannot quiet Ray Train's per-report logs", e)
+        return
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- joining and leaving Ray
+
+
+def reach_address_lookup() -> Callable[[Optional[str], Optional[str]], Optional[str]]:
+    """Ray's own lookup of the cluster a plain ``ray.init()`` joins."""
+    from ray._private.services import get_ray_address_from_environment
+
+    return get_ray_address_from_environment
+
+
+def latest_ray_start_address() -> Optional[str]:
+    """The cluster a plain ``ray.init()`` joins: ``$RAY_ADDRESS``, else the cluster of the
+    latest ``ray start`` on this machine (Ray keeps its address in ``ray_current_cluster``
+    under its temp dir, until ``ray stop``). ConnectionError for ``RAY_ADDRESS=auto`` with no
+    cluster. If Ray's lookup moves, warn and read ``$RAY_ADDRESS`` alone."""
+    try:
+        lookup = reach_address_lookup()
+    except ImportError as e:
+        _warn_once("could not look for a running Ray cluster", e)
+        return os.environ.get("RAY_ADDRESS")
+    return lookup(None, None)
+
+
+def reach_monitor_processes() -> list[Any]:
+    """The autoscaler monitor processes of the instance this process started ([] if it joined one)."""
+    from ray._private import ray_constants, worker
+
+    node = worker._global_node
+    if node is None or not node.head:
+        return []
+    return [info.process for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, ())]
+
+
+def stop_autoscaler_monitor() -> None:
+    """Kill the autoscaler monitor of the local instance this process started, while its GCS
+    still runs: what Ray's shutdown does to it a second later. Ray stops the GCS first and then
+    sends the monitor SIGTERM, whose handler tries to report its end to that GCS; Ray waits one
+    second for it to exit, then kills it (``_kill_process_impl`` in ``ray/_private/node.py``).
+    A local instance has no nodes to add, so the monitor has nothing left to do at the end."""
+    try:
+        for process in reach_monitor_processes():
+            process.kill()
+            process.wait(timeout=5)
+    except Exception as e:  # noqa: BLE001 - never fail an exit over a faster shutdown
+        logger.warning("could not stop Ray's autoscaler monitor early (%s: %s)", type(e).__name__, e)
+
+
+def reach_train_actor_factories() -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Ray Train's get-or-create functions of its autoscaling coordinator and state actor."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+    from ray.train.v2._internal.state.state_actor import get_or_create_state_actor
+
+    return get_or_create_autoscaling_coordinator, get_or_create_state_actor
+
+
+def start_train_actors() -> None:
+    """Create Ray Train's two cluster-wide actors now, from this driver, without waiting for
+    them. Each run's controller otherwise creates them itself, one after the other, and waits
+    for each before it places its workers. A job calls this when it started its own local
+    instance; a search of Ray Train trials always does, for the state actor (its first trials'
+    controllers would race to create it, and each loser leaves a failed task on the job's
+    dashboard page). Both are detached named actors that Ray Train gets or creates with the same
+    options, so creating them earlier changes nothing else."""
+    try:
+        coordinator, state_actor = reach_train_actor_factories()
+        coordinator()
+        if os.environ.get(STATE_TRACKING) == "1":
+            state_actor()
+    except Exception as e:  # noqa: BLE001 - never fail a run over Ray Train's bookkeeping
+        logger.warning("could not start Ray Train's actors early (%s: %s)", type(e).__name__, e)
+
+
+def reach_autoscaler_status() -> Optional[dict[str, Any]]:
+    """The autoscaler's report, as Ray's monitor keeps it in the GCS (None before its first,
+    a few seconds after the cluster starts)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get("__autoscaling_status")
+    return json.loads(raw).get("autoscaler_report") if raw else None
+
+
+def autoscaler_status() -> Optional[dict[str, Any]]:
+    """:func:`reach_autoscaler_status`, or None (with a warning) if it cannot be read."""
+    try:
+        return reach_autoscaler_status()
+    except Exception as e:  # noqa: BLE001 - private Ray API; never fail a run over it
+        _warn_once("could not read the autoscaler's status; assuming no autoscaler", e)
+        return None
+
+
+# --------------------------------------------------------------------------- stopped trials' workers
+#
+# When Tune stops a trial of two or more workers (ASHA, PBT, the time budget) it kills the
+# trial's actor, and with it the Ray Train controller the trial started. Ray 2.60's Train V2
+# then relies on a detached PlacementGroupCleaner actor to remove the run's worker placement
+# group -- and that actor asks Ray's State API, which only works while the Ray dashboard runs.
+# Without one the placement group is never removed: its CPUs stay reserved until the driver
+# exits, and after a few stopped trials the next trial waits forever for workers. So the
+# search's driver removes the placement groups of its dead controllers itself, reading the
+# tables straight from the GCS.
+
+
+def reach_gcs_tables() -> tuple[list[Any], list[Any], str, int, int]:
+    """Placement groups, actors, this job's id, and the REMOVED and DEAD states, from the GCS."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    accessor = state._connect_and_get_accessor()
+    pgs = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table()]
+    actors = [gcs_pb2.ActorTableData.FromString(raw) for raw in accessor.get_actor_table(None, None)]
+    removed = gcs_pb2.PlacementGroupTableData.PlacementGroupState.Value("REMOVED")
+    dead = gcs_pb2.ActorTableData.ActorState.Value("DEAD")
+    return pgs, actors, ray.get_runtime_context().get_job_id(), removed, dead
+
+
+def controllers(alive: bool) -> set[bytes]:
+    """The ids of this job's Train controllers that are alive (or starting), or dead."""
+    try:
+        _, actors, job, _, dead = reach_gcs_tables()
+    except Exception:  # noqa: BLE001 - Ray internals; release_orphans warns
+        return set()
+    ours = [a for a in actors if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job]
+    return {a.actor_id for a in ours if (a.state != dead) == alive}
+
+
+def release_orphans() -> int:
+    """Remove the placement groups of this job's dead Train controllers; returns how many."""
+    try:
+        import ray
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        pgs, _, _, removed_state, _ = reach_gcs_tables()
+        dead_ids = controllers(alive=False)
+        removed = 0
+        for pg in pgs:  # the worker groups' placement groups, created by the controllers
+            if pg.state != removed_state and not pg.is_detached and pg.creator_actor_id in dead_ids:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                removed += 1
+        if removed:
+            logger.info("released %d placement group(s) of stopped trials", removed)
+        return removed
+    except Exception as e:  # noqa: BLE001 - Ray internals; never fail a search over this
+        _warn_once(
+            "could not release the resources of stopped trials; run Ray with its dashboard so that Ray Train "
+            "cleans them up itself",
+            e,
+        )
+        return 0
+
+
+def release_after_search(before: set[bytes] = frozenset(), timeout_s: float = 30.0) -> None:
+    """At the end of a search: wait for the last stopped trials' controllers to die (not those
+    alive ``before`` the search: a driver's own runs), then release what they left."""
+    deadline = time.monotonic() + timeout_s
+    while controllers(alive=True) - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    release_orphans()

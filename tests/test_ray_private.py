@@ -1,0 +1,65 @@
+"""What lstm.ray_private relies on in Ray's private modules, reached strictly: each test fails
+when a Ray upgrade moves it, where the workaround itself would only warn."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from lstm import ray_private
+
+
+def test_ray_train_adds_a_datasets_callback_that_runs_without_datasets_drop(ray_session):
+    from ray.train.torch import TorchTrainer
+
+    datasets_callback = ray_private.reach_datasets_callback()
+    plain = TorchTrainer(lambda: None)._create_default_callbacks()
+    assert any(isinstance(c, datasets_callback) for c in plain)
+    trainer = ray_private.trainer_without_datasets_callback(TorchTrainer)
+    assert trainer.__name__ == "TorchTrainer" and trainer is not TorchTrainer
+    assert not any(isinstance(c, datasets_callback) for c in trainer(lambda: None)._create_default_callbacks())
+
+
+def test_the_per_report_loggers_are_quieted():
+    names = ray_private.reach_train_report_loggers()
+    assert len(names) == 3 and any(name.endswith("context.py") for name in names)
+    ray_private.quiet_train_reports()
+    assert all(logging.getLogger(name).level == logging.WARNING for name in names)
+
+
+def test_rays_address_lookup_reads_ray_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    assert ray_private.reach_address_lookup()(None, None) == "10.1.2.3:6379"
+
+
+def test_the_monitor_of_the_instance_this_process_started_is_found(ray_session):
+    (monitor,) = ray_private.reach_monitor_processes()  # the suite's instance, started here
+    assert monitor.poll() is None and callable(monitor.kill)
+
+
+def test_ray_trains_actor_factories_are_where_they_were():
+    coordinator, state_actor = ray_private.reach_train_actor_factories()
+    assert callable(coordinator) and callable(state_actor)
+
+
+def test_the_autoscalers_status_lists_the_live_node(ray_session):
+    """Ray's monitor writes its first report a few seconds after the instance starts."""
+    deadline = time.monotonic() + 60
+    while (status := ray_private.reach_autoscaler_status()) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status is not None and any(t.startswith("node_") for t in status["active_nodes"])
+
+
+def test_the_gcs_tables_hold_this_jobs_placement_groups(ray_session):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([{"CPU": 0.01}])
+    ray_session.get(pg.ready(), timeout=60)
+    try:
+        pgs, actors, job, removed, dead = ray_private.reach_gcs_tables()
+        assert job == ray_session.get_runtime_context().get_job_id()
+        (mine,) = [p for p in pgs if p.placement_group_id == pg.id.binary()]
+        assert mine.state != removed and not mine.is_detached
+        assert isinstance(actors, list) and isinstance(dead, int)
+    finally:
+        remove_placement_group(pg)
