@@ -280,11 +280,11 @@ def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
 
     marks = {"started_at": time.time()}
     task_class = get_task(loop_config["task"])
-    settings = cfg.build(cfg.RunSettings, loop_config["run"])
+    settings: cfg.RunSettings = loop_config["run"]
     set_threads(settings, task_class, session.worker.device)
     try:
         session.check_start()
-        task = task_class(cfg.build(task_class.config_class, loop_config["config"]), session.worker)
+        task = task_class(loop_config["config"], session.worker)
         data = loop_config["data"]
         task.setup(ray.get(data) if isinstance(data, ray.ObjectRef) else data)
         run_training(

@@ -42,12 +42,12 @@ class RunPlan:
         return storage.join(self.settings.storage_path, self.settings.name)
 
     def loop_config(self, hooks: Sequence[Any] = (), **extra: Any) -> dict[str, Any]:
-        """What the loop gets: plain values and the data's reference (its data_dir is dropped:
-        the data comes through the object store)."""
+        """What the loop gets: the validated config and settings as they are (frozen dataclasses,
+        checked once, here) and the data's reference (so the settings' data_dir is dropped)."""
         return {
             "task": self.task.name,
-            "config": cfg.to_dict(self.config),
-            "run": cfg.to_dict(dataclasses.replace(self.settings, data_dir="")),
+            "config": self.config,
+            "run": dataclasses.replace(self.settings, data_dir=""),
             "run_dir": self.run_dir,
             "data": self.data,
             "hooks": list(hooks),
