@@ -58,7 +58,8 @@ found = sorted(top.glob("search_summary.json")) or sorted(top.rglob("results.jso
 r = json.loads(found[-1].read_text()) if found else {"missing": str(top)}
 r.pop("config", None), r.pop("files", None)
 if found and found[-1].name == "search_summary.json":  # each trial: hidden size, train and wall time
-    runs = [json.loads(f.read_text()) for f in sorted(top.rglob("train_runs/*/results.json"))]
+    found = sorted(top.rglob("train_runs/*/results.json")) + sorted(top.rglob("trial_*/results.json"))
+    runs = [json.loads(f.read_text()) for f in found]  # Train runs (2+ workers), or the trials' own
     keys = ("train_s", "eval_s", "words_per_sec", "valid_ppl")
     r["trials"] = [{"hidden_size": t["config"]["hidden_size"], "wall_time_s": t["wall_time_s"],
                     **{k: t["final"].get(k) for k in keys}} for t in runs]

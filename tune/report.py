@@ -384,9 +384,9 @@ def trial_run_dir(spec: SearchSpec, trial_id: str) -> Optional[str]:
     """The folder holding a trial's latest checkpoint, or None: a one-worker trial's own
     folder, or a Train run of a trial of more workers (with PBT such a trial has one run per
     clone; the latest carries the whole lineage's history)."""
-    if spec.workers_per_trial == 1:
-        own = spec.trial_dir(trial_id)
-        return own if ckpt.has_checkpoints(own) else None
+    own = spec.trial_dir(trial_id)
+    if spec.workers_per_trial == 1 and ckpt.has_checkpoints(own):
+        return own
     best: Optional[tuple[int, str, str]] = None
     for run in storage.list_dir(spec.train_runs_dir):
         if run != f"trial-{trial_id}" and not run.startswith(f"trial-{trial_id}-from-"):
