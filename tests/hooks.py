@@ -18,7 +18,10 @@ def wait_for_reports(timeout_s: float = 30.0) -> None:
     one more epoch (a real crash minutes into an epoch cannot)."""
     import ray.train
 
-    ray.train.get_all_reported_checkpoints(timeout_s=timeout_s)
+    try:
+        ray.train.get_all_reported_checkpoints(timeout_s=timeout_s)
+    except Exception:  # noqa: BLE001 - not a Ray Train worker: a Tune trial persists each report as it makes it
+        pass
 
 
 class ExitOnce(WorkerHook):

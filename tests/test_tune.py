@@ -337,6 +337,24 @@ def test_asha_search_interrupted_then_resumed(tmp_path, ray_session):
         assert scalars["Search/best_valid_consistency"][-1][1] == pytest.approx(r.best("min")[1])
 
 
+def test_a_one_worker_trial_whose_process_dies_is_retried_by_tune_and_trains_the_same(tmp_path, ray_session):
+    """Tune's FailureConfig retries a one-worker trial whose process died mid-epoch (the loop's
+    hook exits it once), from the trial's latest checkpoint; the retry ends on the same metrics
+    as a trial that never failed (epochs are seeded by (seed, epoch, rank))."""
+    from hooks import ExitOnce
+
+    argv = [*RECT_SEARCH[:4], "--max-epochs", "3", "--num-samples", "1", "--space", "hidden_size=16"]
+    argv += ["learning_rate=grid:0.0001", "--storage-path", str(tmp_path)]
+    cli.main([*argv, "--name", "crashed"], hooks=[ExitOnce(epoch=2, step=1)])
+    cli.main([*argv, "--name", "calm"])
+    (crashed,), (calm,) = (report.read_rows(load_spec(str(tmp_path / name))) for name in ("crashed", "calm"))
+    trial = tmp_path / "crashed" / f"trial_{crashed.trial_id}"
+    assert (trial / ".exited").is_file()  # the hook did exit the trial's process
+    assert "Failure # 1" in (trial / "error.txt").read_text() and "Failure # 2" not in (trial / "error.txt").read_text()
+    assert (crashed.status, crashed.epochs_run) == ("TERMINATED", 3)
+    assert crashed.history == calm.history
+
+
 def read_board(folder: Path) -> dict[str, tuple[dict[str, list], dict[str, float]]]:
     """{run: ({tag: [(step, value)]}, {hyperparameter: value})} of a TensorBoard folder."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
@@ -510,6 +528,13 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
         diverged.error,
     )
     assert diverged.error in (exp / "results.md").read_text()
+    # Tune retried the trial (--max-failures 3) and each retry raised the error again at once,
+    # before training: the retries fail in the loop's start check, not at an epoch's step
+    trial = exp / f"trial_{diverged.trial_id}"
+    assert (trial / "user_error.txt").read_text().strip() == diverged.error
+    failures = (trial / "error.txt").read_text().split("Failure # ")[1:]
+    assert len(failures) == 4 and "check_start" not in failures[0]
+    assert all("check_start" in f for f in failures[1:])
     assert (good.status, good.epochs_run, good.stopped_early, good.error) == ("TERMINATED", 2, False, "")
     assert rep.rows == [good, diverged]  # a trial with no result ranks last
     assert 0.3 <= good.hparams["keep_prob"] <= 1.0 and 0.5 <= good.hparams["lr_decay"] <= 1.0

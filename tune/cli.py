@@ -228,8 +228,9 @@ def read_data(spec: SearchSpec) -> Any:
     return data
 
 
-def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = ()) -> int:
-    """Entry point of ``jobs/tune_ptb.py``. ``callbacks``: extra Tune callbacks (tests)."""
+def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = (), hooks: Sequence[Any] = ()) -> int:
+    """Entry point of ``jobs/tune_ptb.py``. ``callbacks``: extra Tune callbacks; ``hooks``:
+    worker hooks for every trial (tests)."""
     args = build_parser().parse_args(argv)
     spec = resume_spec(args) if args.resume else spec_from_args(args)
     if not args.resume:
@@ -248,6 +249,6 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = ())
     for line in spec.space.describe():
         print(f"  {line}")
     print(f"  folder: {storage.display(spec.experiment_dir)}", flush=True)
-    outcome = runner.run_search(spec, data, resume=args.resume, callbacks=callbacks)
+    outcome = runner.run_search(spec, data, resume=args.resume, callbacks=callbacks, hooks=hooks)
     report.print_report(outcome.report, outcome.wall_time_s)
     return 0

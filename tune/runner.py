@@ -44,7 +44,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from lstm import cluster, ray_private, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.loop import run_worker
+from lstm.loop import WorkerHook, run_worker
 from lstm.plan import check_run_folder, trial_plan
 from lstm.session import TuneSession
 from lstm.trainer import make_trainer, returned_user_error
@@ -118,17 +118,20 @@ def trial_settings(spec: SearchSpec, *, storage_path: str, name: str) -> cfg.Run
     )
 
 
-def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any], mailbox: Any) -> None:
+def run_trial(
+    hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any], mailbox: Any, hooks: Sequence[WorkerHook] = ()
+) -> None:
     """Tune trial function: the trial's plan, trained in this process (one worker) or as a Ray
     Train run (two or more). ``data`` holds the object-store reference of the task's data (in a
     tuple, which keeps Tune's ``with_parameters`` from resolving it: whoever trains fetches
-    it); ``mailbox`` is the search's :class:`tune.bridge.Mailbox` (None for one-worker trials)."""
+    it); ``mailbox`` is the search's :class:`tune.bridge.Mailbox` (None for one-worker trials);
+    ``hooks`` reach the loop as a job's do (tests inject faults with them)."""
     config = spec.trial_config(hparams)
     trial_id = rtune.get_context().get_trial_id()
     if spec.workers_per_trial == 1:
         settings = trial_settings(spec, storage_path=spec.experiment_dir, name=f"trial_{trial_id}")
         plan = trial_plan(spec.task_class, config, settings, data[0])
-        run_worker(plan.loop_config(), TuneSession(plan.run_dir))
+        run_worker(plan.loop_config(hooks), TuneSession(plan.run_dir))
         return
     start = rtune.get_checkpoint()
     name = train_run_name(trial_id, start)
@@ -136,7 +139,7 @@ def run_trial(hparams: dict[str, Any], *, spec: SearchSpec, data: tuple[Any], ma
     plan = trial_plan(spec.task_class, config, settings, data[0])
     result = relay_reports(
         mailbox,
-        lambda callbacks: make_trainer(plan, callbacks=callbacks, init_checkpoint=start),
+        lambda callbacks: make_trainer(plan, callbacks=callbacks, hooks=hooks, init_checkpoint=start),
         plan.run_dir,
         with_checkpoints=spec.scheduler == "pbt",
     )
@@ -185,21 +188,28 @@ def checkpoints_to_keep(spec: SearchSpec) -> int:
     return PBT_CHECKPOINTS_TO_KEEP if spec.scheduler == "pbt" else cfg.RunSettings.checkpoints_to_keep
 
 
-def _trainable(spec: SearchSpec, data: Any, mailbox: Any) -> Any:
+def _trainable(spec: SearchSpec, data: Any, mailbox: Any, hooks: Sequence[WorkerHook] = ()) -> Any:
     if spec.workers_per_trial == 1:
         bundle = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {})}
     else:
         bundle = {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
-    trial = rtune.with_parameters(run_trial, spec=spec, data=(data,), mailbox=mailbox)
+    trial = rtune.with_parameters(run_trial, spec=spec, data=(data,), mailbox=mailbox, hooks=tuple(hooks))
     return rtune.with_resources(trial, rtune.PlacementGroupFactory([bundle]))
 
 
-def make_tuner(spec: SearchSpec, data: Any, mailbox: Any, max_concurrent: int, callbacks: Sequence[Any] = ()) -> Any:
+def make_tuner(
+    spec: SearchSpec,
+    data: Any,
+    mailbox: Any,
+    max_concurrent: int,
+    callbacks: Sequence[Any] = (),
+    hooks: Sequence[WorkerHook] = (),
+) -> Any:
     """The Tuner of a new search."""
     in_process = spec.workers_per_trial == 1
     keep = checkpoints_to_keep(spec) if in_process or spec.scheduler == "pbt" else None
     return rtune.Tuner(
-        _trainable(spec, data, mailbox),
+        _trainable(spec, data, mailbox, hooks),
         param_space=spec.space.param_space(),
         tune_config=rtune.TuneConfig(
             num_samples=spec.num_samples,
@@ -250,10 +260,17 @@ def log_best_to_mlflow(spec: SearchSpec, rep: Any) -> None:
 
 
 def run_search(
-    spec: SearchSpec, data: Any, *, resume: bool = False, callbacks: Sequence[Any] = (), write_report: bool = True
+    spec: SearchSpec,
+    data: Any,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    hooks: Sequence[WorkerHook] = (),
+    write_report: bool = True,
 ) -> SearchOutcome:
     """Start (or with ``resume=True`` continue) the search ``spec`` describes on ``data`` (what
-    the task's ``read_data`` returned); write the report. Ray must be initialised."""
+    the task's ``read_data`` returned); write the report. Ray must be initialised. ``callbacks``:
+    more Tune callbacks; ``hooks``: worker hooks for every trial's loop."""
     exists = rtune.Tuner.can_restore(spec.experiment_dir)
     check_run_folder(spec.experiment_dir, spec.name, resume, exists=exists, what="search")
     max_concurrent = check_resources(spec)
@@ -269,14 +286,14 @@ def run_search(
         # original search's.
         tuner = rtune.Tuner.restore(
             spec.experiment_dir,
-            trainable=_trainable(spec, data_ref, mailbox),
+            trainable=_trainable(spec, data_ref, mailbox, hooks),
             resume_unfinished=True,
             resume_errored=False,
             restart_errored=False,
         )
     else:
         save_spec(spec)
-        tuner = make_tuner(spec, data_ref, mailbox, max_concurrent, callbacks)
+        tuner = make_tuner(spec, data_ref, mailbox, max_concurrent, callbacks, hooks)
     tuner.fit()
     if not in_process:
         ray_private.release_after_search(controllers_before)  # what stopped trials' Train runs left
