@@ -1,4 +1,4 @@
-"""The one training loop: :func:`train_loop_per_worker` runs on every Ray Train worker.
+"""The one training loop: :func:`run_worker` runs it in each process that trains a run.
 
 For every task it does the same things, in this order::
 
@@ -7,7 +7,7 @@ For every task it does the same things, in this order::
         train_epoch()         # this rank's batches: forward (in DDP), backward, clip, step
         evaluate_and_reduce() # the task's sums on each split (under task.evaluation_weights),
                               # all-reduced: global metrics; then task.after_evaluation(metrics)
-        report()              # ray.train.report(metrics, checkpoint); rank 0 writes the checkpoint
+        report()              # session.report(metrics, checkpoint); rank 0 writes the checkpoint
 
 The loop runs in a Ray Train worker or in a Tune trial's own process; it reaches either through
 :class:`lstm.session.Session` (rank, world size, device, get_checkpoint, report), so the loop,
@@ -38,11 +38,10 @@ from lstm import config as cfg
 from lstm import ray_private
 from lstm.errors import UserError
 from lstm.progress import Progress
-from lstm.session import USER_ERROR, Session, TrainSession
+from lstm.session import Session, TrainSession
 from lstm.step import DivergenceGuard, StepModule, autocast, make_stepper
 from lstm.task import Task, WorkerInfo, get_task
 
-__all__ = ["USER_ERROR", "TIMINGS", "run_worker", "train_loop_per_worker", "WorkerHook"]
 TIMINGS = "timings"  # the return value's marks of the worker's loop (lstm.timings)
 
 
@@ -285,8 +284,7 @@ def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
     try:
         session.check_start()
         task = task_class(loop_config["config"], session.worker)
-        data = loop_config["data"]
-        task.setup(ray.get(data) if isinstance(data, ray.ObjectRef) else data)
+        task.setup(ray.get(loop_config["data"]))
         run_training(
             task,
             settings,

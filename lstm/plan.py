@@ -9,7 +9,7 @@ data; :meth:`RunPlan.loop_config` is what reaches the loop (:func:`lstm.loop.run
   here), the config against the data and the worker count, shared storage on a multi-node
   cluster, that the storage path can be written, and that the worker group can be placed.
 * A search checks the same things once for all its trials (``tune.cli``), and each trial
-  makes its plan with :func:`trial_plan` from the search's checked parts.
+  makes its ``RunPlan`` from the search's checked parts (``tune.runner.run_trial``).
 
 Either plan then runs the same way: as a Ray Train run (:func:`lstm.trainer.make_trainer`), or,
 for a one-worker trial, in Tune's own trial process (``tune.runner``).
@@ -35,7 +35,6 @@ class RunPlan:
     config: cfg.TaskConfig
     settings: cfg.RunSettings  # complete: storage root, name, CPUs per worker, MLflow URI
     data: Any  # the object-store reference of what task.read_data returned
-    resume: bool = False
 
     @property
     def run_dir(self) -> str:
@@ -108,13 +107,4 @@ def plan_run(
         settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
     )
     settings = dataclasses.replace(settings, storage_path=where.root, name=where.name, cpus_per_worker=cpus)
-    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data), resume=resume)
-
-
-def trial_plan(
-    task: type[Task], config: cfg.TaskConfig, settings: cfg.RunSettings, data: Any, *, resume: bool = False
-) -> RunPlan:
-    """A search trial's plan. The search checked the data, the storage and the resources for
-    all its trials; ``config`` is the trial's (validated when it was built) and ``settings``
-    is complete."""
-    return RunPlan(task=task, config=config, settings=settings, data=data, resume=resume)
+    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data))

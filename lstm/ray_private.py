@@ -212,14 +212,18 @@ def reach_gcs_tables() -> tuple[list[Any], list[Any], str, int, int]:
     return pgs, actors, ray.get_runtime_context().get_job_id(), removed, dead
 
 
+def _controller_ids(actors: list[Any], job: str, dead: int, alive: bool) -> set[bytes]:
+    ours = [a for a in actors if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job]
+    return {a.actor_id for a in ours if (a.state != dead) == alive}
+
+
 def controllers(alive: bool) -> set[bytes]:
     """The ids of this job's Train controllers that are alive (or starting), or dead."""
     try:
         _, actors, job, _, dead = reach_gcs_tables()
     except Exception:  # noqa: BLE001 - Ray internals; release_orphans warns
         return set()
-    ours = [a for a in actors if a.class_name == CONTROLLER_CLASS and a.job_id.hex() == job]
-    return {a.actor_id for a in ours if (a.state != dead) == alive}
+    return _controller_ids(actors, job, dead, alive)
 
 
 def release_orphans() -> int:
@@ -228,8 +232,8 @@ def release_orphans() -> int:
         import ray
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-        pgs, _, _, removed_state, _ = reach_gcs_tables()
-        dead_ids = controllers(alive=False)
+        pgs, actors, job, removed_state, dead = reach_gcs_tables()  # one read of the GCS's tables
+        dead_ids = _controller_ids(actors, job, dead, alive=False)
         removed = 0
         for pg in pgs:  # the worker groups' placement groups, created by the controllers
             if pg.state != removed_state and not pg.is_detached and pg.creator_actor_id in dead_ids:

@@ -116,7 +116,7 @@ class TuneSession(Session):
         storage.write_text(self._error_file(), str(error) + "\n")
         raise error
 
-    def check_start(self) -> None:  # noqa: B027 - an optional hook: a Train run has nothing to check
+    def check_start(self) -> None:
         try:
             line = storage.read_bytes(self._error_file()).decode("utf-8").strip()
         except FileNotFoundError:

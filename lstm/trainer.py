@@ -13,9 +13,10 @@ from typing import Any, Optional, Sequence
 from lstm import config as cfg
 from lstm import outputs, ray_private, storage, timings, tracking
 from lstm.errors import UserError
-from lstm.loop import TIMINGS, USER_ERROR, WorkerHook, train_loop_per_worker
+from lstm.loop import TIMINGS, WorkerHook, train_loop_per_worker
 from lstm.outputs import RunResult
 from lstm.plan import RunPlan, plan_run
+from lstm.session import USER_ERROR
 
 logger = logging.getLogger(__name__)
 

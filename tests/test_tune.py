@@ -381,7 +381,7 @@ def test_a_resumed_run_with_nothing_left_relays_its_last_epoch():
     (the latest checkpoint's metrics). A run that ended on a one-line error reports nothing."""
     from types import SimpleNamespace
 
-    from lstm.loop import USER_ERROR
+    from lstm.session import USER_ERROR
     from tune.bridge import already_finished
 
     done = SimpleNamespace(metrics={"epoch": 3, "epochs": 3, "valid_consistency": 0.05}, checkpoint="ckpt")

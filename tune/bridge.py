@@ -49,7 +49,7 @@ from ray import tune as rtune
 from ray.train import UserCallback
 
 from lstm import storage
-from lstm.loop import USER_ERROR
+from lstm.session import USER_ERROR
 
 CHECKPOINT_PATH = "checkpoint_path"  # the metric Ray's TuneReportCallback adds too
 OFFER_RETRY_S = 0.1  # while the trial function still hands the previous report to Tune

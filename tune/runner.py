@@ -45,14 +45,14 @@ from lstm import cluster, ray_private, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.loop import WorkerHook, run_worker
-from lstm.plan import check_run_folder, trial_plan
+from lstm.plan import RunPlan, check_run_folder
 from lstm.session import TuneSession
 from lstm.trainer import make_trainer, returned_user_error
 from tune import report
 from tune.board import SearchBoard
 from tune.bridge import Mailbox, relay_reports
 from tune.schedulers import make_scheduler
-from tune.spec import SearchSpec, save_spec
+from tune.spec import SearchSpec, save_spec, trial_folder_name
 
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes reserved per trial driver (it holds no CPU)
 PBT_CHECKPOINTS_TO_KEEP = 4
@@ -129,14 +129,14 @@ def run_trial(
     config = spec.trial_config(hparams)
     trial_id = rtune.get_context().get_trial_id()
     if spec.workers_per_trial == 1:
-        settings = trial_settings(spec, storage_path=spec.experiment_dir, name=f"trial_{trial_id}")
-        plan = trial_plan(spec.task_class, config, settings, data[0])
+        settings = trial_settings(spec, storage_path=spec.experiment_dir, name=trial_folder_name(trial_id))
+        plan = RunPlan(spec.task_class, config, settings, data[0])
         run_worker(plan.loop_config(hooks), TuneSession(plan.run_dir))
         return
     start = rtune.get_checkpoint()
     name = train_run_name(trial_id, start)
     settings = trial_settings(spec, storage_path=spec.train_runs_dir, name=name)
-    plan = trial_plan(spec.task_class, config, settings, data[0])
+    plan = RunPlan(spec.task_class, config, settings, data[0])
     result = relay_reports(
         mailbox,
         lambda callbacks: make_trainer(plan, callbacks=callbacks, hooks=hooks, init_checkpoint=start),
@@ -151,8 +151,8 @@ def run_trial(
 
 
 def trial_dirname(trial: Any) -> str:
-    """Short trial folder names (Tune's default spells out every hyperparameter)."""
-    return f"trial_{trial.trial_id}"
+    """Tune's ``trial_dirname_creator`` (a saved search refers to it by this name on ``--resume``)."""
+    return trial_folder_name(trial.trial_id)
 
 
 # --------------------------------------------------------------------------- the search

@@ -17,6 +17,11 @@ SPEC_FILE = "search_spec.json"
 TRAIN_RUNS = "train_runs"
 
 
+def trial_folder_name(trial_id: str) -> str:
+    """A trial's folder in its search: short (Tune's default spells out every hyperparameter)."""
+    return f"trial_{trial_id}"
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     """A search, JSON-able."""
@@ -56,8 +61,8 @@ class SearchSpec:
         return storage.join(self.experiment_dir, TRAIN_RUNS)
 
     def trial_dir(self, trial_id: str) -> str:
-        """Tune's folder of a trial (see tune.runner.trial_dirname)."""
-        return storage.join(self.experiment_dir, f"trial_{trial_id}")
+        """Tune's folder of a trial."""
+        return storage.join(self.experiment_dir, trial_folder_name(trial_id))
 
     @property
     def task_class(self) -> type[Task]:
