@@ -48,9 +48,10 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", STATE_TRACKING: "1", "RAY_tas
 # default 2 s) and sees a report, a finished run or a failure only at a poll: 0.5 s saves
 # seconds per run for a health check that costs one small remote call per worker.
 DRIVER_ENV = {STATE_TRACKING: "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-# A local instance this process starts is one node that nothing drains: Ray Train's preemption
-# watcher (an actor per run, started with the worker group) has nothing to watch there.
-LOCAL_DRIVER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# On a local instance the job starts (one node, a worker per core at most) the poll is 0.1 s:
+# a run's end is seen within 0.1 s of its last report. Nothing drains such a node either, so
+# Ray Train's preemption watcher (an actor per run) has nothing to watch.
+LOCAL_DRIVER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # A local instance starts idle worker processes for its first driver, as many as it has CPUs,
 # for the driver's tasks. A run has none: Ray Train starts its controller and workers as actors
 # in processes of their own, so the idle ones only take CPU while the run starts.
@@ -112,17 +113,16 @@ def ensure_ray() -> bool:
     already up. True when it started a local instance."""
     import ray
 
-    for key, value in DRIVER_ENV.items():
-        os.environ.setdefault(key, value)
     if ray.is_initialized():
+        set_defaults(DRIVER_ENV)
         return False
     address = ray_address()
-    env = {**WORKER_ENV, **DRIVER_ENV}  # for the actors that call fit() too (a search's trials)
+    driver_env = {**DRIVER_ENV, **(LOCAL_DRIVER_ENV if address is None else {})}
+    set_defaults(driver_env)
+    # The job's actors get them too: a search's trials call fit() in theirs.
+    env = {**WORKER_ENV, **{key: os.environ[key] for key in driver_env}}
     if address is None:
-        for key, value in LOCAL_DRIVER_ENV.items():
-            env[key] = os.environ.setdefault(key, value)
-        for key, value in LOCAL_RAY_CONFIG.items():  # read by the raylet this process starts
-            os.environ.setdefault(key, value)
+        set_defaults(LOCAL_RAY_CONFIG)  # read by the raylet this process starts
     else:
         check_address(address)
         if is_gcs_address(address):
@@ -138,6 +138,12 @@ def ensure_ray() -> bool:
         atexit.unregister(stop_autoscaler_monitor)  # registered once, however often Ray starts
         atexit.register(stop_autoscaler_monitor)  # runs before Ray's own shutdown (registered first)
     return address is None
+
+
+def set_defaults(env: dict[str, str]) -> None:
+    """Set each of ``env`` in this process's environment unless the user set it."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
 
 
 def init_ray(address: Optional[str], env: dict[str, str]) -> None:

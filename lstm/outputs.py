@@ -4,7 +4,8 @@
   the final checkpoint's location, written when the run ends;
 * the task's PNG plots (``learning_curve.png``, ...), drawn from ``results.json``;
 * ``tensorboard/`` -- every reported scalar as it arrives, written by
-  :class:`TensorBoardCallback` in the Ray Train controller, so TensorBoard shows a run live.
+  :class:`lstm.callbacks.TensorBoardCallback` in the Ray Train controller, so TensorBoard
+  shows a run live.
 
 All of it goes through :mod:`lstm.storage`, so a run on S3 gets the same files.
 """
@@ -12,8 +13,6 @@ All of it goes through :mod:`lstm.storage`, so a run on S3 gets the same files.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -96,47 +95,3 @@ def load_results(run_dir: str) -> dict[str, Any]:
         raise UserError(
             f"{storage.display(run_dir)} has no {RESULTS_FILE}; pass the folder of a finished run"
         ) from None
-
-
-# --------------------------------------------------------------------------- TensorBoard
-
-try:  # the callback base class of Ray Train V2
-    from ray.train import UserCallback as _UserCallback
-except ImportError:  # pragma: no cover - another Ray
-    _UserCallback = object  # type: ignore[assignment,misc]
-
-
-class TensorBoardCallback(_UserCallback):  # type: ignore[misc,valid-type]
-    """Writes every reported scalar to ``<run_dir>/tensorboard`` as it arrives. Runs in the
-    Ray Train controller; for a remote run folder it writes locally and uploads the events
-    file after each report."""
-
-    def __init__(self, run_dir: str):
-        self.target = storage.join(run_dir, TENSORBOARD_DIR)
-        self._writer = None
-        self._local: Optional[str] = None
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not metrics or "epoch" not in metrics[0]:
-            return
-        writer = self._open()
-        m = metrics[0]
-        for key, value in m.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "epochs"):
-                writer.add_scalar(key, value, global_step=int(m["epoch"]))
-        writer.flush()
-        if storage.is_remote(self.target):
-            storage.upload_dir(self._local, self.target)
-
-    def _open(self) -> Any:
-        if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            remote = storage.is_remote(self.target)
-            self._local = tempfile.mkdtemp(prefix="lstm-tb-") if remote else self.target
-            self._writer = SummaryWriter(self._local)
-        return self._writer
-
-    def __del__(self) -> None:
-        if self._local and storage.is_remote(self.target):
-            shutil.rmtree(self._local, ignore_errors=True)

@@ -17,9 +17,12 @@ for a one-worker trial, in Tune's own trial process (``tune.runner``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from lstm import cluster, ray_private, storage, timings, tracking
 from lstm import config as cfg
@@ -35,6 +38,7 @@ class RunPlan:
     config: cfg.TaskConfig
     settings: cfg.RunSettings  # complete: storage root, name, CPUs per worker, MLflow URI
     data: Any  # the object-store reference of what task.read_data returned
+    own_ray: bool = False  # the job started the local Ray instance it runs on (ends with it)
 
     @property
     def run_dir(self) -> str:
@@ -98,7 +102,9 @@ def plan_run(
     data = task.read_data(config, settings.data_dir or None)
     task.check(config, data, settings.num_workers)
     phases.mark("checked")
-    if cluster.ensure_ray():
+    with importing(*AFTER_RAY_STARTS):
+        own_ray = cluster.ensure_ray()
+    if own_ray:
         ray_private.start_train_actors()
     phases.mark("ray_started")
     cluster.check_shared_storage(where.root)
@@ -107,4 +113,28 @@ def plan_run(
         settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
     )
     settings = dataclasses.replace(settings, storage_path=where.root, name=where.name, cpus_per_worker=cpus)
-    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data))
+    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data), own_ray=own_ray)
+
+
+# What a job's driver imports only once Ray is up: Ray Train (the trainer, its callbacks) and
+# matplotlib (the plots at the end). Ray's start is mostly a wait for its processes, so these
+# are imported meanwhile: about 1.5 s of a job's fixed cost (bench/README.md).
+AFTER_RAY_STARTS = ("ray.train.torch", "lstm.callbacks", "matplotlib.pyplot")
+
+
+@contextlib.contextmanager
+def importing(*modules: str) -> Iterator[None]:
+    """Import ``modules`` in a thread while the body runs; wait for them at its end. An import
+    that fails there is left to fail again, with its own traceback, where it is used."""
+
+    def load() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    thread = threading.Thread(target=load, name="lstm-imports", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()

@@ -9,7 +9,8 @@ its gain.
 
 The workarounds, and what each saves:
 
-* :func:`trainer_without_datasets_callback` -- no Ray Data actor per run (runs have no Datasets);
+* :func:`slim_trainer` -- no Ray Data actor per run (runs have no Datasets), and no
+  placement-group cleaner on a local instance the job owns;
 * :func:`quiet_train_reports` -- no INFO line with the whole metrics dict per report;
 * :func:`latest_ray_start_address` -- a job joins the latest ``ray start`` as ``ray.init()`` would;
 * :func:`stop_autoscaler_monitor` -- a local instance exits a second sooner;
@@ -42,6 +43,15 @@ def _warn_once(what: str, error: BaseException) -> None:
 # --------------------------------------------------------------------------- Ray Train's driver
 
 
+def _reached(reach: Callable[[], type], costs: str) -> Optional[type]:
+    """``reach()``, or None with a warning that says what its failure ``costs``."""
+    try:
+        return reach()
+    except ImportError as e:
+        _warn_once(costs, e)
+        return None
+
+
 def reach_datasets_callback() -> type:
     """The default callback with which Ray Train starts a ``DatasetManager`` actor per run."""
     from ray.train.v2._internal.callbacks import DatasetsCallback
@@ -49,23 +59,36 @@ def reach_datasets_callback() -> type:
     return DatasetsCallback
 
 
-def trainer_without_datasets_callback(base: type) -> type:
-    """``base`` (TorchTrainer) without Ray Train's Ray Data callback when a run has no Ray
-    Datasets, as ours never do (each worker gets its data through the object store). Ray 2.60
-    adds that callback to every run, and it starts a ``DatasetManager`` actor per run: one more
-    process, which imports Ray Data (CPU that a busy machine misses)."""
-    try:
-        datasets_callback = reach_datasets_callback()
-    except ImportError as e:
-        _warn_once("every run starts Ray Train's DatasetManager actor", e)
+def reach_placement_group_cleaner_callback() -> type:
+    """The default callback with which Ray Train starts a ``PlacementGroupCleaner`` actor per run."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    return PlacementGroupCleanerCallback
+
+
+def slim_trainer(base: type, *, own_ray: bool = False) -> type:
+    """``base`` (TorchTrainer) without the default callbacks of Ray Train 2.60 that start an
+    actor per run -- one more process each, importing Ray Train or Ray Data, CPU that a small
+    machine misses while the run starts -- where the run has no use for them:
+
+    * the Ray Data callback (a ``DatasetManager``) when the run has no Ray Datasets, as ours
+      never do (each worker gets its data through the object store);
+    * the placement-group cleaner, a detached actor that removes the workers' placement group
+      if the controller dies, when the job runs on a local instance of its own (``own_ray``):
+      that instance, and everything in it, ends with the job."""
+    datasets = _reached(reach_datasets_callback, "every run starts Ray Train's DatasetManager actor")
+    cleaner = (
+        _reached(reach_placement_group_cleaner_callback, "every run starts Ray Train's PlacementGroupCleaner")
+        if own_ray
+        else None
+    )
+    if datasets is None and cleaner is None:
         return base
 
     class Trainer(base):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, datasets_callback)]
+            unused = tuple(c for c in (cleaner, None if self.datasets else datasets) if c is not None)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
     Trainer.__name__ = Trainer.__qualname__ = base.__name__
     return Trainer

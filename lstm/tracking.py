@@ -2,7 +2,7 @@
 
 * A job (``jobs/<task>.py``) logs one MLflow run, named after the run, in the experiment
   ``lstm-ray-<task>``: the config as params, every epoch's metrics (step = epoch), logged by
-  :class:`MetricsCallback` in the Ray Train controller as each epoch is reported, and
+  :class:`lstm.callbacks.MetricsCallback` in the Ray Train controller as each epoch is reported, and
   ``results.json`` as an artifact at the end.
 * A search logs one MLflow run per trial, named after the trial id, in an experiment named
   after the search, through Ray Tune's own ``MLflowLoggerCallback`` (in the search's driver):
@@ -19,13 +19,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Optional
-
-from ray.train import UserCallback
 
 from lstm import storage
 from lstm.errors import UserError
@@ -134,22 +131,6 @@ def log_files(uri: str, run_id: str, files: Mapping[str, str]) -> None:
             local = Path(tmp) / name
             local.write_bytes(storage.read_bytes(location))
             c.log_artifact(run_id, str(local))
-
-
-class MetricsCallback(UserCallback):
-    """Logs every epoch's numeric metrics to an MLflow run; runs in the Ray Train controller."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not metrics or "epoch" not in metrics[0]:
-            return
-        from mlflow.entities import Metric
-
-        step, now = int(metrics[0]["epoch"]), int(time.time() * 1000)
-        values = [Metric(k, v, now, step) for k, v in numbers(metrics[0]).items() if k not in ("epoch", "epochs")]
-        client(self.uri).log_batch(self.run_id, metrics=values)
 
 
 # --------------------------------------------------------------------------- a search

@@ -30,6 +30,8 @@ def make_trainer(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from lstm.callbacks import TensorBoardCallback
+
     settings = plan.settings
     scaling = ray.train.ScalingConfig(
         num_workers=settings.num_workers,
@@ -41,10 +43,10 @@ def make_trainer(
         storage_path=settings.storage_path,
         failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
-        callbacks=[*callbacks, outputs.TensorBoardCallback(plan.run_dir)],
+        callbacks=[*callbacks, TensorBoardCallback(plan.run_dir)],
     )
     extra = {"init_checkpoint": init_checkpoint} if init_checkpoint else {}
-    return ray_private.trainer_without_datasets_callback(TorchTrainer)(
+    return ray_private.slim_trainer(TorchTrainer, own_ray=plan.own_ray)(
         train_loop_per_worker,
         train_loop_config=plan.loop_config(hooks, **extra),
         scaling_config=scaling,
@@ -74,7 +76,9 @@ def fit(
     print(f"[{task.name}] run folder: {storage.display(run_dir)}", flush=True)
     run_id = tracking.start_job_run(uri, task.name, plan.settings.name, cfg.to_dict(config)) if uri else None
     if run_id:
-        callbacks = [*callbacks, tracking.MetricsCallback(uri, run_id)]
+        from lstm.callbacks import MetricsCallback
+
+        callbacks = [*callbacks, MetricsCallback(uri, run_id)]
     trainer = make_trainer(plan, callbacks=callbacks, hooks=hooks)
     try:
         phases.mark("fit_started")

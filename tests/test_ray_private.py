@@ -9,15 +9,21 @@ import time
 from lstm import ray_private
 
 
-def test_ray_train_adds_a_datasets_callback_that_runs_without_datasets_drop(ray_session):
+def callback_types(trainer: type) -> set[type]:
+    return {type(c) for c in trainer(lambda: None)._create_default_callbacks()}
+
+
+def test_ray_train_adds_the_callbacks_that_slim_trainer_drops(ray_session):
     from ray.train.torch import TorchTrainer
 
-    datasets_callback = ray_private.reach_datasets_callback()
-    plain = TorchTrainer(lambda: None)._create_default_callbacks()
-    assert any(isinstance(c, datasets_callback) for c in plain)
-    trainer = ray_private.trainer_without_datasets_callback(TorchTrainer)
-    assert trainer.__name__ == "TorchTrainer" and trainer is not TorchTrainer
-    assert not any(isinstance(c, datasets_callback) for c in trainer(lambda: None)._create_default_callbacks())
+    datasets, cleaner = ray_private.reach_datasets_callback(), ray_private.reach_placement_group_cleaner_callback()
+    assert {datasets, cleaner} <= callback_types(TorchTrainer)
+    on_a_cluster = ray_private.slim_trainer(TorchTrainer)
+    assert on_a_cluster.__name__ == "TorchTrainer" and on_a_cluster is not TorchTrainer
+    assert datasets not in callback_types(on_a_cluster) and cleaner in callback_types(on_a_cluster)
+    on_its_own_instance = ray_private.slim_trainer(TorchTrainer, own_ray=True)
+    assert not {datasets, cleaner} & callback_types(on_its_own_instance)
+    assert callback_types(TorchTrainer) - {datasets, cleaner} == callback_types(on_its_own_instance)
 
 
 def test_the_per_report_loggers_are_quieted():
