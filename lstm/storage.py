@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -81,10 +82,27 @@ class Location:
         return join(self.root, self.name)
 
 
+# A run's or search's name is one folder name inside the storage path: no "/", no "..", nothing
+# hidden, nothing a shell or a URI would read otherwise.
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid run or search name (:data:`NAME_RULE`), else a one-line UserError."""
+    if not _NAME.fullmatch(name):
+        raise UserError(
+            f"--name {name!r} is not a folder name of {NAME_RULE}; choose one such as my-run-1 "
+            "(the storage path is set by --storage-path)"
+        )
+    return name
+
+
 def locate(storage_path: str, name: str, default_prefix: str) -> Location:
     """The folder of a run or search: the resolved root (see :func:`resolve_root`) and the
-    name, by default ``<default_prefix>-YYYYmmdd-HHMMSS``."""
-    return Location(resolve_root(storage_path), name or f"{default_prefix}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    name (:func:`check_name`), by default ``<default_prefix>-YYYYmmdd-HHMMSS``."""
+    name = check_name(name) if name else f"{default_prefix}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    return Location(resolve_root(storage_path), name)
 
 
 def display(location: str) -> str:
@@ -158,6 +176,20 @@ def write_text(location: str, text: str) -> str:
 
 def write_json(location: str, obj: Any) -> str:
     return write_text(location, json.dumps(obj, indent=2, default=jsonable) + "\n")
+
+
+def delete(location: str) -> None:
+    """Delete a file (nothing if it is not there)."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def delete_dir(location: str) -> None:
+    """Delete a folder and everything in it (nothing if it is not there)."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 def upload_dir(local_dir: str | os.PathLike, location: str) -> None:

@@ -10,8 +10,8 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
+from lstm import claim, outputs, ray_private, storage, timings, tracking
 from lstm import config as cfg
-from lstm import outputs, ray_private, storage, timings, tracking
 from lstm.errors import UserError
 from lstm.loop import TIMINGS, WorkerHook, train_loop_per_worker
 from lstm.outputs import RunResult
@@ -72,9 +72,17 @@ def fit(
     Train restores a run whose name and storage path already exist)."""
     phases = phases or timings.Phases()
     plan = plan_run(task_name, config, settings, resume=resume, phases=phases)
+    with claim.held(plan.run_dir, what="run"):  # one writer per run folder
+        return run_plan(plan, callbacks=callbacks, hooks=hooks, phases=phases)
+
+
+def run_plan(
+    plan: RunPlan, *, callbacks: Sequence[Any] = (), hooks: Sequence[WorkerHook] = (), phases: timings.Phases
+) -> RunResult:
+    """Train a planned run on Ray Train workers; write its outputs; return its result."""
     task, run_dir, uri = plan.task, plan.run_dir, plan.settings.mlflow_tracking_uri
     print(f"[{task.name}] run folder: {storage.display(run_dir)}", flush=True)
-    run_id = tracking.start_job_run(uri, task.name, plan.settings.name, cfg.to_dict(config)) if uri else None
+    run_id = tracking.start_job_run(uri, task.name, plan.settings.name, cfg.to_dict(plan.config)) if uri else None
     if run_id:
         from lstm.callbacks import MetricsCallback
 

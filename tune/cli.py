@@ -118,7 +118,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         default="",
         help="where searches live: a folder or s3://... (default: $LSTM_RAY_STORAGE or ~/lstm-ray/runs)",
     )
-    p.add_argument("--name", default="", help="the search's name (default: tune-<task>-<timestamp>)")
+    p.add_argument(
+        "--name",
+        default="",
+        help=f"the search's folder name in --storage-path: {storage.NAME_RULE} (default: tune-<task>-<timestamp>)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --name with its settings")
     p.add_argument(
         "--mlflow-tracking-uri",

@@ -41,7 +41,7 @@ import ray
 from ray import tune as rtune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from lstm import cluster, ray_private, tracking
+from lstm import claim, cluster, ray_private, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.loop import WorkerHook, run_worker
@@ -274,6 +274,20 @@ def run_search(
     exists = rtune.Tuner.can_restore(spec.experiment_dir)
     check_run_folder(spec.experiment_dir, spec.name, resume, exists=exists, what="search")
     max_concurrent = check_resources(spec)
+    with claim.held(spec.experiment_dir, what="search"):  # one writer per search folder
+        return fit_search(spec, data, resume, max_concurrent, callbacks, hooks, write_report)
+
+
+def fit_search(
+    spec: SearchSpec,
+    data: Any,
+    resume: bool,
+    max_concurrent: int,
+    callbacks: Sequence[Any],
+    hooks: Sequence[WorkerHook],
+    write_report: bool,
+) -> SearchOutcome:
+    """Run (or continue) the search's Tuner to its end; write the report."""
     data_ref = ray.put(data)
     in_process = spec.workers_per_trial == 1
     # Train runs report through the search's mailbox, held until the report is written (tune/bridge.py).
