@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from lstm import ray_private, storage
+from lstm import errors, ray_private, storage
 from lstm.errors import UserError
 from lstm.ray_private import STATE_TRACKING, stop_autoscaler_monitor
 
@@ -134,7 +134,9 @@ def ensure_ray() -> bool:
     # it: Ray refuses to merge two runtime envs that set the same variable.
     env = {k: v for k, v in env.items() if k not in job_env_vars()}
     init_ray(address, env)
+    errors.BEFORE_LAST_LINE.append(ray.shutdown)  # the job's last line comes after Ray's forwarded ones
     if address is None:
+        errors.BEFORE_LAST_LINE.append(stop_autoscaler_monitor)  # closed first: Ray's shutdown then waits for nothing
         atexit.unregister(stop_autoscaler_monitor)  # registered once, however often Ray starts
         atexit.register(stop_autoscaler_monitor)  # runs before Ray's own shutdown (registered first)
     return address is None

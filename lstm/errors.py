@@ -13,6 +13,11 @@ import gc
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
+# What a command closes before it prints its last line (an error, or "interrupted"): the Ray
+# connection it made (lstm.cluster.ensure_ray registers its shutdown), whose forwarded log lines
+# from Ray's actors would otherwise still arrive after that line.
+BEFORE_LAST_LINE: list[Callable[[], None]] = []
+
 
 class UserError(Exception):
     """A problem the user can fix; its message is one line saying what and how."""
@@ -62,12 +67,22 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int | None], argv: Optiona
     try:
         code = main(argv)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        last_line("interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - we re-raise anything that is not the user's
         user_error = find_user_error(exc)
         if user_error is None:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
+        last_line(f"error: {user_error}", 2)
     sys.exit(code or 0)
+
+
+def last_line(line: str, status: int) -> NoReturn:
+    """Close what :data:`BEFORE_LAST_LINE` holds, print ``line`` to stderr, exit with ``status``."""
+    while BEFORE_LAST_LINE:
+        try:
+            BEFORE_LAST_LINE.pop()()
+        except Exception:  # noqa: BLE001 - the line matters more than a clean close
+            pass
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(status)

@@ -38,7 +38,10 @@ class RunPlan:
     config: cfg.TaskConfig
     settings: cfg.RunSettings  # complete: storage root, name, CPUs per worker, MLflow URI
     data: Any  # the object-store reference of what task.read_data returned
-    own_ray: bool = False  # the job started the local Ray instance it runs on (ends with it)
+    # Whether the run needs Ray Train's placement-group cleaner, which frees the workers of a
+    # controller that died while its driver lives on. Not on a local instance the job started
+    # (it ends with the job), nor in a search (tune.runner.ReleaseOrphans frees stopped trials').
+    pg_cleaner: bool = True
 
     @property
     def run_dir(self) -> str:
@@ -113,7 +116,7 @@ def plan_run(
         settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
     )
     settings = dataclasses.replace(settings, storage_path=where.root, name=where.name, cpus_per_worker=cpus)
-    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data), own_ray=own_ray)
+    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data), pg_cleaner=not own_ray)
 
 
 # What a job's driver imports only once Ray is up: Ray Train (the trainer, its callbacks) and

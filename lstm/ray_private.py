@@ -66,7 +66,7 @@ def reach_placement_group_cleaner_callback() -> type:
     return PlacementGroupCleanerCallback
 
 
-def slim_trainer(base: type, *, own_ray: bool = False) -> type:
+def slim_trainer(base: type, *, pg_cleaner: bool = True) -> type:
     """``base`` (TorchTrainer) without the default callbacks of Ray Train 2.60 that start an
     actor per run -- one more process each, importing Ray Train or Ray Data, CPU that a small
     machine misses while the run starts -- where the run has no use for them:
@@ -74,12 +74,14 @@ def slim_trainer(base: type, *, own_ray: bool = False) -> type:
     * the Ray Data callback (a ``DatasetManager``) when the run has no Ray Datasets, as ours
       never do (each worker gets its data through the object store);
     * the placement-group cleaner, a detached actor that removes the workers' placement group
-      if the controller dies, when the job runs on a local instance of its own (``own_ray``):
-      that instance, and everything in it, ends with the job."""
+      if the controller dies, unless ``pg_cleaner`` (:attr:`lstm.plan.RunPlan.pg_cleaner` says
+      where nothing needs it). It also finds its controller through Ray's state API, which
+      guesses "the" cluster: beside another Ray instance on the machine it fails with a
+      traceback ("Found multiple active Ray instances")."""
     datasets = _reached(reach_datasets_callback, "every run starts Ray Train's DatasetManager actor")
     cleaner = (
         _reached(reach_placement_group_cleaner_callback, "every run starts Ray Train's PlacementGroupCleaner")
-        if own_ray
+        if not pg_cleaner
         else None
     )
     if datasets is None and cleaner is None:

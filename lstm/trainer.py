@@ -46,7 +46,7 @@ def make_trainer(
         callbacks=[*callbacks, TensorBoardCallback(plan.run_dir)],
     )
     extra = {"init_checkpoint": init_checkpoint} if init_checkpoint else {}
-    return ray_private.slim_trainer(TorchTrainer, own_ray=plan.own_ray)(
+    return ray_private.slim_trainer(TorchTrainer, pg_cleaner=plan.pg_cleaner)(
         train_loop_per_worker,
         train_loop_config=plan.loop_config(hooks, **extra),
         scaling_config=scaling,

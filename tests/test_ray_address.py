@@ -153,3 +153,43 @@ def test_stopping_the_monitor_warns_when_ray_moved_its_processes(monkeypatch, ca
     assert [r.getMessage() for r in caplog.records] == [
         "could not stop Ray's autoscaler monitor early (AttributeError: 'object' object has no attribute 'head')"
     ]
+
+
+# --------------------------------------------------------------------------- beside another instance
+
+NO_DASHBOARD_JOB = textwrap.dedent(
+    """
+    import functools, runpy, sys
+    import ray
+
+    # No dashboard on Ray's default port, which the suite's instance names as its state API
+    # (tests/conftest.py, start_session_ray).
+    ray.init = functools.partial(ray.init, include_dashboard=False)
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def run_own_instance_job(*argv: str) -> subprocess.CompletedProcess:
+    """A plain job that starts a local Ray instance of its own while the suite's runs (both in
+    Ray's default temp dir, as two jobs of one user are); stdout and stderr in one stream, in
+    the order they were written."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
+    command = [sys.executable, "-c", NO_DASHBOARD_JOB, *argv]
+    return subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_job_beside_another_ray_instance_runs_quietly(ray_session, tmp_path):
+    done = run_own_instance_job("jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "multiple active Ray instances" not in done.stdout and "Traceback" not in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("  time:")
+
+
+def test_a_job_that_stops_with_an_error_prints_it_last(ray_session, tmp_path, ptb_dir):
+    argv = ["--config", "test", "--train-fraction", "0.005", "--learning-rate", "1e30", "--max-max-epoch", "1"]
+    done = run_own_instance_job("jobs/ptb.py", *argv, "--data-dir", str(ptb_dir), "--storage-path", str(tmp_path))
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert done.stdout.splitlines()[-1].startswith("error: the loss became"), done.stdout[-3000:]
+    assert "Traceback" not in done.stdout

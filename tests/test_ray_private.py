@@ -21,7 +21,7 @@ def test_ray_train_adds_the_callbacks_that_slim_trainer_drops(ray_session):
     on_a_cluster = ray_private.slim_trainer(TorchTrainer)
     assert on_a_cluster.__name__ == "TorchTrainer" and on_a_cluster is not TorchTrainer
     assert datasets not in callback_types(on_a_cluster) and cleaner in callback_types(on_a_cluster)
-    on_its_own_instance = ray_private.slim_trainer(TorchTrainer, own_ray=True)
+    on_its_own_instance = ray_private.slim_trainer(TorchTrainer, pg_cleaner=False)
     assert not {datasets, cleaner} & callback_types(on_its_own_instance)
     assert callback_types(TorchTrainer) - {datasets, cleaner} == callback_types(on_its_own_instance)
 

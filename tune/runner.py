@@ -136,7 +136,7 @@ def run_trial(
     start = rtune.get_checkpoint()
     name = train_run_name(trial_id, start)
     settings = trial_settings(spec, storage_path=spec.train_runs_dir, name=name)
-    plan = RunPlan(spec.task_class, config, settings, data[0])
+    plan = RunPlan(spec.task_class, config, settings, data[0], pg_cleaner=False)
     result = relay_reports(
         mailbox,
         lambda callbacks: make_trainer(plan, callbacks=callbacks, hooks=hooks, init_checkpoint=start),
