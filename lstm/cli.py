@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from lstm import config as cfg
 from lstm import storage, timings
+from lstm.errors import UserError
 from lstm.outputs import RunResult
 from lstm.task import Task, get_task
 from lstm.trainer import fit
@@ -30,7 +31,9 @@ def build_parser(task: type[Task], description: Optional[str] = None) -> argpars
             help=f"named config: {', '.join(task.presets)} (default {task.default_preset})",
         )
     p.add_argument("--config-file", default=None, help="JSON file of config fields (e.g. a search's best_config.json)")
-    p.add_argument("--resume", action="store_true", help="continue the run called --name from its latest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run called --name (needed) from its latest checkpoint"
+    )
     p.add_argument(
         "--gpu",
         dest="run__use_gpu",
@@ -39,7 +42,11 @@ def build_parser(task: type[Task], description: Optional[str] = None) -> argpars
         default=None,
         help="GPU workers, nccl backend (--gpus-per-worker: each worker's share, default 1)",
     )
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as JSON and exit (run flags are checked, not printed; not with --resume)",
+    )
     cfg.add_config_flags(p, task.config_class, group_title=f"{task.name} config (override any preset field)")
     cfg.add_config_flags(p, cfg.RunSettings, prefix="run", group_title="run and scaling", exclude=("use_gpu",))
     return p
@@ -59,7 +66,22 @@ def resolve_configs(task: type[Task], args: argparse.Namespace) -> tuple[cfg.Tas
         task_name=task.name,
     )
     settings = cfg.build(cfg.RunSettings, cfg.flags_given(args, prefix="run"), source="run setting")
+    check_flags(args, config, settings)
     return config, settings
+
+
+def check_flags(args: argparse.Namespace, config: cfg.TaskConfig, settings: cfg.RunSettings) -> None:
+    """UserError for a flag given where it has no effect: one the config or the run settings
+    leave unused (their ``unused_flags``), ``--resume`` with ``--print-config`` or without
+    ``--name``."""
+    given = {*cfg.flags_given(args), *cfg.flags_given(args, prefix="run")}
+    cfg.refuse_unused(given, {**config.unused_flags(), **settings.unused_flags()})
+    if args.resume and args.print_config:
+        raise UserError(
+            "--resume has no effect with --print-config, which prints the config and exits; drop one of them"
+        )
+    if args.resume and not settings.name:
+        raise UserError("--resume needs the --name of the run to continue; add --name NAME")
 
 
 def train_main(

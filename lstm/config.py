@@ -8,7 +8,8 @@ A config is built from, in order of precedence (last wins):
 4. command-line flags, one per field (``--hidden-size 650``, ``--lr-decay 1/1.15``).
 
 :func:`add_config_flags` derives the flags from the dataclass, so a new field is a new flag
-with no extra code. Unknown names and bad values raise :class:`~lstm.errors.UserError`.
+with no extra code. Unknown names and bad values raise :class:`~lstm.errors.UserError`, and so
+does a flag given where it has no effect (``unused_flags``, :func:`refuse_unused`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, ClassVar, Collection, Mapping, Optional, Sequence, Type, TypeVar
 
+from lstm import io
 from lstm.errors import UserError
 
 C = TypeVar("C")
@@ -35,8 +37,19 @@ class TaskConfig:
 
     seed: int = 0
 
+    # A field's --help line beyond its default: what it needs, where that helps.
+    flag_help: ClassVar[Mapping[str, str]] = {}
+
     def validate(self) -> None:
         """Raise UserError for impossible values. Subclasses extend this."""
+
+    def unused_flags(self) -> dict[str, str]:
+        """The flags that have no effect with this config's values (its fields, or a run
+        setting such as ``data_dir`` for a task that reads no data), each with the rest of the
+        line that refuses it: ``{"mixtures": "needs --head mdn (...); ..."}``. A flag given on
+        the command line for one of them is refused (:func:`refuse_unused`); a value from a
+        preset or a config file is not. Subclasses extend this."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,11 @@ class RunSettings:
     data_dir: str = ""  # '' -> $LSTM_DATA_DIR or the download cache
     wait_for_workers_s: float = -1  # -1: 600 s if an autoscaler can add nodes, else refuse at once
     mlflow_tracking_uri: str = ""  # '' -> $MLFLOW_TRACKING_URI, or no MLflow
+
+    flag_help: ClassVar[Mapping[str, str]] = {
+        "gpus_per_worker": "needs --gpu: each worker's share of a GPU; below 1, several one-worker runs share one",
+        "data_dir": "the data folder of a task that reads data; '' is $LSTM_DATA_DIR or the download cache",
+    }
 
     def validate(self) -> None:
         check_fields(self, ("num_workers",), lambda v: v >= 1, "a positive integer")
@@ -83,6 +101,14 @@ class RunSettings:
                 "workers, or --num-workers 1 to share GPUs between runs"
             )
 
+    def unused_flags(self) -> dict[str, str]:
+        """The run flags that have no effect with these settings (see TaskConfig.unused_flags)."""
+        if self.use_gpu:
+            return {}
+        return {
+            "gpus_per_worker": "needs --gpu (without it the workers use no GPU); add --gpu, or drop --gpus-per-worker"
+        }
+
     @property
     def gpus(self) -> float:
         """GPUs each worker asks Ray for (0 without --gpu)."""
@@ -95,6 +121,14 @@ def check_fields(config: Any, names: Sequence[str], ok: Callable[[Any], bool], r
         value = getattr(config, name)
         if value is None or not ok(value):
             raise UserError(f"{flag_name(name)} must be {rule} (got {value})")
+
+
+def refuse_unused(given: Collection[str], unused: Mapping[str, str]) -> None:
+    """UserError ``--flag <why>`` for the first field in ``given`` (the flags the user passed,
+    as field names) that ``unused`` names (``unused_flags()``: no effect here, and what it needs)."""
+    for name, why in unused.items():
+        if name in given:
+            raise UserError(f"{flag_name(name)} {why}")
 
 
 def positive_finite(value: float) -> bool:
@@ -147,7 +181,9 @@ def parse_value(tp: Any, raw: Any, name: str) -> Any:
                 raise ValueError
             return float(raw)
         if base is str:
-            return str(raw)
+            if not isinstance(raw, (str, os.PathLike)):  # a number or a list from a JSON file
+                raise ValueError
+            return os.fspath(raw)
         if typing.get_origin(base) is tuple:
             items = raw.split(",") if isinstance(raw, str) else list(raw)
             (elem,) = set(typing.get_args(base)) - {Ellipsis}
@@ -192,24 +228,49 @@ def build(cls: Type[C], overrides: Mapping[str, Any], *, source: str = "config")
     return config
 
 
+CONFIG_FILE_FIX = "pass the path of a JSON file such as a search's best_config.json"
+JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON config file (a dict of field -> value; optional 'task' and 'preset')."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(
-            f"config file {p} does not exist; pass the path of a JSON file such as a search's best_config.json"
-        )
+    p = Path(path).expanduser()
+    text = io.read_text(p, what="config file", fix=CONFIG_FILE_FIX)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(
             f"config file {p} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it"
         ) from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a JSON object of field names to values")
+        raise UserError(
+            f"config file {p} holds {JSON_KINDS.get(type(data), 'null')}, not a JSON object of field names to "
+            f"values; {CONFIG_FILE_FIX}"
+        )
     if isinstance(data.get("config"), dict):  # accept a results.json too: its 'config' section
         data = {**data["config"], **({"task": data["task"]} if "task" in data else {})}
+    for key, what in (("task", "a task such as 'ptb'"), ("preset", "a named config such as 'small'")):
+        if key in data and not isinstance(data[key], str):
+            raise UserError(f"config file {p}: {key!r} must be the name of {what} (got {data[key]!r}); fix the file")
     return data
+
+
+def check_file_values(cls: type, values: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """UserError naming the config file for a field ``cls`` lacks, or a value of the wrong type."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(
+            f"config file {path} has unknown field(s) {', '.join(unknown)} for {cls.__name__}; remove them, "
+            f"or pass the file to the job of its task (known fields: {', '.join(sorted(known))})"
+        )
+    for name, value in values.items():
+        try:
+            parse_value(_field_type(cls, name), value, name)
+        except UserError as e:
+            raise UserError(
+                f"config file {path}: {e}; fix the value in the file, or override it with {flag_name(name)}"
+            ) from None
 
 
 def resolve(
@@ -224,7 +285,7 @@ def resolve(
     """defaults <- preset <- config file <- overrides, validated."""
     values: dict[str, Any] = {}
     file_values: dict[str, Any] = {}
-    if config_file:
+    if config_file is not None:
         file_values = read_config_file(config_file)
         file_task = file_values.pop("task", None)
         if task_name and file_task and file_task != task_name:
@@ -233,6 +294,7 @@ def resolve(
             )
         preset = preset or file_values.pop("preset", None)
         file_values.pop("preset", None)
+        check_file_values(cls, file_values, config_file)
     if preset is not None:
         if preset not in presets:
             raise UserError(f"unknown config {preset!r}; choose one of: {', '.join(presets)}")
@@ -261,6 +323,7 @@ def add_config_flags(
     None = not given) so that precedence and validation happen in :func:`resolve`."""
     group = parser.add_argument_group(group_title or f"{cls.__name__} fields")
     defaults = {f.name: f.default for f in fields(cls)}
+    helps: Mapping[str, str] = getattr(cls, "flag_help", {})
     for f in fields(cls):
         if f.name in exclude:
             continue
@@ -268,13 +331,16 @@ def add_config_flags(
         kwargs: dict[str, Any] = dict(dest=f"{prefix}__{f.name}", default=None)
         if base is bool:
             group.add_argument(
-                flag_name(f.name), action=argparse.BooleanOptionalAction, help=f"(default {defaults[f.name]})", **kwargs
+                flag_name(f.name),
+                action=argparse.BooleanOptionalAction,
+                help=" ".join(filter(None, (helps.get(f.name), f"(default {defaults[f.name]})"))),
+                **kwargs,
             )
         else:
             group.add_argument(
                 flag_name(f.name),
                 metavar=getattr(base, "__name__", "VALUE").upper(),
-                help=f"(default {defaults[f.name]!r})",
+                help=" ".join(filter(None, (helps.get(f.name), f"(default {defaults[f.name]!r})"))),
                 **kwargs,
             )
 
@@ -283,3 +349,18 @@ def flags_given(args: argparse.Namespace, prefix: str = "cfg") -> dict[str, Any]
     """The ``--field`` values the user actually passed, keyed by field name."""
     head = f"{prefix}__"
     return {k[len(head) :]: v for k, v in vars(args).items() if k.startswith(head) and v is not None}
+
+
+def options_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The dests of the options ``argv`` names, however spelled (``--flag=v``, a prefix):
+    ``argv`` parsed again with every default suppressed. For parsers whose defaults are values
+    (``flags_given`` serves the config flags, whose default None means: not given)."""
+    actions = [a for a in parser._actions if a.default is not argparse.SUPPRESS]
+    saved = [a.default for a in actions]
+    for action in actions:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(list(argv), argparse.Namespace())))
+    finally:
+        for action, default in zip(actions, saved, strict=True):
+            action.default = default

@@ -1,6 +1,7 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, rename.
-
-A reader (or a restarted job) sees either the old file or the complete new one, never half.
+"""Files in and out. In: the files and folders a user names (a config file, a text to score,
+a corpus, a data folder), read with one-line errors. Out: atomic writes (a temporary file in
+the same folder, fsync, rename), so that a reader (or a restarted job) sees either the old file
+or the complete new one, never half.
 """
 
 from __future__ import annotations
@@ -10,6 +11,39 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from lstm.errors import UserError
+
+
+def read_text(path: str | os.PathLike, *, what: str, fix: str) -> str:
+    """The UTF-8 text of a file a user named (a leading byte-order mark dropped, line ends made
+    ``\\n``). A missing path, a folder, an unreadable file or one that is not UTF-8 raises a
+    one-line UserError ``<what> <path> <problem>; <fix>``, e.g. ``what="--text"``, ``fix="pass
+    the path of a text file"``."""
+    p = Path(path).expanduser()
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"{what} {p} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {p} is a folder, not a file; {fix}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{what} {p} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8, or {fix}"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {p} ({e.strerror or e}); check its permissions, or {fix}") from None
+
+
+def existing_folder(path: str | os.PathLike, *, what: str, fix: str) -> Path:
+    """``path`` as a Path if it is a folder; else a one-line UserError ``<what> <path> does not
+    exist`` or ``... is a file, not a folder``, then ``; <fix>``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{what} {p} does not exist; {fix}")
+    if not p.is_dir():
+        raise UserError(f"{what} {p} is a file, not a folder; {fix}")
+    return p
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:

@@ -228,7 +228,7 @@ def test_cli_prints_one_line_error(tmp_path):
 
 def test_resume_needs_an_existing_search(tmp_path, ray_session):
     with pytest.raises(UserError, match="no search at .*nothing"):
-        cli.main(["--task", "rectangle", "--storage-path", str(tmp_path), "--name", "nothing", "--resume"])
+        cli.main(["--storage-path", str(tmp_path), "--name", "nothing", "--resume"])
 
 
 # --------------------------------------------------------------------------- a search, interrupted and resumed

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Optional, Sequence
+import sys
+from typing import Any, Collection, Optional, Sequence
 
 from lstm import cluster, ray_private, storage, tracking
 from lstm import config as cfg
@@ -16,7 +17,7 @@ from lstm.errors import UserError
 from lstm.task import Task, get_task, task_names
 from tune import report, runner
 from tune.schedulers import SCHEDULERS, check_pbt_space
-from tune.space import parse_space
+from tune.space import SearchSpace, parse_space
 from tune.spec import SearchSpec, load_spec
 
 
@@ -57,13 +58,27 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
         help="asha (default): stop bad trials early; pbt: population based training (mutates the task's "
         "pbt fields: ptb keep_prob and learning_rate)",
     )
-    p.add_argument("--synch", action="store_true", help="PBT: synchronous (every trial reaches each interval first)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (default 1)")
     p.add_argument(
-        "--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung (default 2)"
+        "--synch",
+        action="store_true",
+        help="with --scheduler pbt: synchronous (every trial reaches each interval first)",
     )
-    p.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between exploits (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=1,
+        help="with --scheduler asha: epochs before a trial can be stopped (default 1)",
+    )
+    p.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=2.0,
+        help="with --scheduler asha: keep the best 1/N at each rung (default 2)",
+    )
+    p.add_argument(
+        "--perturbation-interval", type=int, default=1, help="with --scheduler pbt: epochs between exploits (default 1)"
+    )
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -100,7 +115,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "--gpus-per-worker",
         type=float,
         default=1.0,
-        help="with --gpu: GPUs per worker; 0.25 packs 4 one-worker trials on a GPU (default 1)",
+        help="needs --gpu: GPUs per worker; 0.25 packs 4 one-worker trials on a GPU (default 1)",
     )
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs per worker (default 1)")
     p.add_argument(
@@ -111,7 +126,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "user error is not trained again (default 3; -1: retry forever)",
     )
     p.add_argument(
-        "--data-dir", default="", help="the task's data folder (default: $LSTM_DATA_DIR or the download cache)"
+        "--data-dir",
+        default="",
+        help="the data folder of a task that reads data (default: $LSTM_DATA_DIR or the download cache)",
     )
     p.add_argument(
         "--storage-path",
@@ -123,12 +140,49 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         default="",
         help=f"the search's folder name in --storage-path: {storage.NAME_RULE} (default: tune-<task>-<timestamp>)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the interrupted search --name with its settings")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted search --name (with its --storage-path) with the settings it started "
+        "with; no other flag goes with it",
+    )
     p.add_argument(
         "--mlflow-tracking-uri",
         default="",
         help="log every trial to this MLflow server (default: $MLFLOW_TRACKING_URI, or no MLflow)",
     )
+
+
+SCHEDULER_FLAGS = {"asha": ("grace_period", "reduction_factor"), "pbt": ("synch", "perturbation_interval")}
+RESUME_FLAGS = {"resume", "name", "storage_path"}  # what --resume reads; the spec it finds has the rest
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, set[str]]:
+    """The parsed flags, and the dests of those the command line gives (defaults aside)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args(argv), cfg.options_given(parser, argv)
+
+
+def check_given(args: argparse.Namespace, given: Collection[str]) -> None:
+    """UserError for a flag given where it has no effect: any but --name and --storage-path
+    with --resume, another scheduler's setting, --gpus-per-worker without --gpu."""
+    if args.resume:
+        ignored = sorted(cfg.flag_name(dest) for dest in given if dest not in RESUME_FLAGS)
+        if ignored:
+            raise UserError(
+                f"--resume continues the search --name with the settings it was started with, so "
+                f"{', '.join(ignored)} would have no effect; drop {'them' if len(ignored) > 1 else 'it'} "
+                "(or start a new search without --resume)"
+            )
+    for scheduler, dests in SCHEDULER_FLAGS.items():
+        for dest in dests:
+            if dest in given and scheduler != args.scheduler:
+                raise UserError(
+                    f"{cfg.flag_name(dest)} is for --scheduler {scheduler} and has no effect with --scheduler "
+                    f"{args.scheduler}; add --scheduler {scheduler}, or drop {cfg.flag_name(dest)}"
+                )
+    cfg.refuse_unused(given, cfg.RunSettings(use_gpu=args.gpu).unused_flags())
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -168,8 +222,21 @@ def budget_of(args: argparse.Namespace, task: type[Task]) -> dict[str, Any]:
     return budget
 
 
-def spec_from_args(args: argparse.Namespace) -> SearchSpec:
-    """Check the flags and build the search spec (no Ray needed)."""
+def check_budget_space(budget: dict[str, Any], space: SearchSpace, task: type[Task]) -> None:
+    """UserError for a budget flag whose field --space sets to something else: the trials
+    would train the space's values, not the flag's."""
+    flags = {task.epochs_field: "--max-epochs", "train_fraction": "--train-fraction"}
+    for name, value in budget.items():
+        if name in space.params or space.fixed.get(name, value) != value:
+            raise UserError(
+                f"{flags[name]} has no effect on the trials: --space sets {name} too; drop {flags[name]}, "
+                f"or the --space entry of {name}"
+            )
+
+
+def spec_from_args(args: argparse.Namespace, given: Collection[str] = ()) -> SearchSpec:
+    """Check the flags (``given``: those the command line gives, see :func:`parse_args`) and
+    build the search spec (no Ray needed)."""
     task = get_task(args.task)
     base = args.base or task.default_preset
     if base is not None and base not in task.presets:
@@ -183,8 +250,11 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
     space = parse_space(
         task.config_class, args.space, base_values=base_values, task_name=task.name, defaults=task.search_space
     )
+    check_budget_space(budget, space, task)
     if args.scheduler == "pbt":
         check_pbt_space(space, task)
+    pinned = cfg.build(task.config_class, {**base_values, **space.fixed})
+    cfg.refuse_unused({"data_dir"} & set(given), pinned.unused_flags())
     where = storage.locate(args.storage_path, args.name, f"tune-{task.name}")
     return SearchSpec(
         task=task.name,
@@ -216,7 +286,7 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
 
 
 def resume_spec(args: argparse.Namespace) -> SearchSpec:
-    """The saved spec of the search ``--name`` (``--resume`` ignores the other search flags)."""
+    """The saved spec of the search ``--name`` (:func:`check_given` refuses other flags with ``--resume``)."""
     if not args.name:
         raise UserError("--resume needs the --name of the search to continue")
     return load_spec(storage.locate(args.storage_path, args.name, "").path)
@@ -235,8 +305,9 @@ def read_data(spec: SearchSpec) -> Any:
 def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = (), hooks: Sequence[Any] = ()) -> int:
     """Entry point of ``jobs/tune_ptb.py``. ``callbacks``: extra Tune callbacks; ``hooks``:
     worker hooks for every trial (tests)."""
-    args = build_parser().parse_args(argv)
-    spec = resume_spec(args) if args.resume else spec_from_args(args)
+    args, given = parse_args(argv)
+    check_given(args, given)
+    spec = resume_spec(args) if args.resume else spec_from_args(args, given)
     if not args.resume:
         storage.check_writable(spec.storage_path)
     tracking.check(spec.mlflow_tracking_uri)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lstm import io
 from lstm.errors import UserError
 
 CHUNK = 1 << 20
@@ -114,7 +115,11 @@ def locate(
         ds = dataclasses.replace(ds, url=mirror)
     explicit = data_dir or os.environ.get("LSTM_DATA_DIR")
     if explicit:
-        folder = Path(explicit).expanduser()
+        folder = io.existing_folder(
+            explicit,
+            what="--data-dir" if data_dir else "$LSTM_DATA_DIR",
+            fix=f"pass --data-dir with a folder that holds {', '.join(ds.files)}, or omit it to download {ds.url}",
+        )
         # Accept either the folder itself or a parent with a <dataset> or <kind> subfolder.
         for candidate in (folder, folder / ds.name, folder / "char", folder / "ptb"):
             if all((candidate / f).is_file() for f in ds.files):

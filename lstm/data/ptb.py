@@ -49,6 +49,7 @@ from typing import Iterator, TypeVar
 
 import numpy as np
 
+from lstm import io
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
 
@@ -68,23 +69,13 @@ def file_name(split: str) -> str:
 
 def read_text(path: str | os.PathLike, *, require_newline: bool = False) -> str:
     """The text of a data file, with one-line errors for a missing, empty or unreadable file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(
-            f"data file {p} does not exist; pass --data-dir with a folder holding "
-            f"{', '.join(file_name(s) for s in SPLITS)}"
-        )
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"data file {p} is not UTF-8 text (byte {e.start}); pass a folder of plain-text PTB files"
-        ) from None
+    fix = f"pass --data-dir with a folder holding plain-text {', '.join(file_name(s) for s in SPLITS)}"
+    text = io.read_text(path, what="data file", fix=fix)
     if not text.split():
-        raise UserError(f"data file {p} is empty; pass --data-dir with a folder of non-empty PTB files")
+        raise UserError(f"data file {path} is empty; pass --data-dir with a folder of non-empty PTB files")
     if require_newline and "\n" not in text:
         raise UserError(
-            f"training file {p} has no newline: the PTB format has one sentence per line "
+            f"training file {path} has no newline: the PTB format has one sentence per line "
             f"(each newline becomes {EOS}); split the text into lines"
         )
     return text

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from lstm import io
 from lstm.data.download import locate
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
@@ -50,26 +51,11 @@ def corpus_path(corpus: str, corpus_name: str, data_dir: Optional[str | os.PathL
 
 def read_corpus(path: str | os.PathLike) -> str:
     """The text of ``path`` (UTF-8, without a BOM). UserError if it is missing, unreadable or empty."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(
-            f"corpus file {p} does not exist; pass --corpus with a text file (or omit it to use the Nietzsche text)"
-        )
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"corpus file {p} is not UTF-8 text (bad byte at offset {e.start}); "
-            "convert it to UTF-8 or pass another --corpus"
-        ) from None
-    except OSError as e:
-        raise UserError(
-            f"cannot read corpus file {p} ({e.strerror}); check its permissions or pass another --corpus"
-        ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = io.read_text(
+        path, what="corpus file", fix="pass --corpus with a text file (or omit it to use the Nietzsche text)"
+    )
     if not text:
-        raise UserError(f"corpus file {p} is empty; pass --corpus with a file that holds some text")
+        raise UserError(f"corpus file {path} is empty; pass --corpus with a file that holds some text")
     return text
 
 

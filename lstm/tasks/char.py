@@ -59,6 +59,12 @@ class CharConfig(TaskConfig):
     diversities: tuple[float, ...] = (0.2, 0.5, 1.0, 1.2)
     eval_batch_size: int = 1024
 
+    flag_help = {
+        "corpus": "a UTF-8 text file to train on, instead of --corpus-name (and --data-dir)",
+        "corpus_name": "without --corpus: nietzsche or tinyshakespeare, from --data-dir or downloaded once",
+        "diversities": "the temperatures of the end-of-epoch samples; needs --sample-length > 0",
+    }
+
     def __post_init__(self) -> None:
         # Ray Train workers run in their own working directory: resolve a relative --corpus
         # here, where the config is first built.
@@ -86,6 +92,21 @@ class CharConfig(TaskConfig):
             raise UserError(
                 f"--diversities must be positive temperatures, e.g. 0.2,0.5,1.0,1.2 (got {self.diversities})"
             )
+
+    def unused_flags(self) -> dict[str, str]:
+        unused = {}
+        if self.corpus:
+            for name in ("corpus_name", "data_dir"):
+                unused[name] = (
+                    f"has no effect with --corpus {self.corpus} (the text is that file); drop "
+                    f"{cfg.flag_name(name)}, or --corpus to train on a downloaded corpus"
+                )
+        if self.sample_length == 0:
+            unused["diversities"] = (
+                "has no effect with --sample-length 0 (no samples are drawn); drop --diversities, "
+                "or pass a positive --sample-length"
+            )
+        return unused
 
 
 def corpus_of(config: CharConfig, text: str, source: str = "the corpus") -> textdata.CharCorpus:

@@ -100,6 +100,11 @@ class PTBConfig(TaskConfig):
     optimizer: str = "sgd"  # sgd | nt-asgd (lstm/optim.py)
     nonmono: int = 5  # nt-asgd: average once valid loss is worse than all but the last nonmono epochs'
 
+    flag_help = {
+        "lr_decay": "multiplies the learning rate every epoch after --max-epoch; needs --max-epoch < --max-max-epoch",
+        "nonmono": "needs --optimizer nt-asgd: average once the valid loss is worse than all but the last N epochs'",
+    }
+
     def validate(self) -> None:
         if not 0.0 < self.keep_prob <= 1.0:
             raise UserError(f"--keep-prob must be in (0, 1] (got {self.keep_prob}); 1 means no dropout")
@@ -132,6 +137,20 @@ class PTBConfig(TaskConfig):
                 "dropout) act at the same places; use one kind: --keep-prob 1, or set the locked rates to 0 "
                 "(in a search: --space keep_prob=base)"
             )
+
+    def unused_flags(self) -> dict[str, str]:
+        unused = {}
+        if self.optimizer != "nt-asgd":
+            unused["nonmono"] = (
+                f"is NT-ASGD's trigger and has no effect with --optimizer {self.optimizer}; add --optimizer "
+                "nt-asgd, or drop --nonmono"
+            )
+        if self.max_epoch >= self.max_max_epoch:
+            unused["lr_decay"] = (
+                f"has no effect when --max-epoch ({self.max_epoch}) >= --max-max-epoch ({self.max_max_epoch}): "
+                "the learning rate never decays; lower --max-epoch, or drop --lr-decay"
+            )
+        return unused
 
     @property
     def eval_shape(self) -> tuple[int, int]:

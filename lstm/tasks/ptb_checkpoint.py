@@ -22,7 +22,6 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,7 +30,7 @@ from torch import nn
 
 from lstm import checkpoint as ckpt
 from lstm import config as cfg
-from lstm import storage
+from lstm import io, storage
 from lstm.data import ptb
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
@@ -85,15 +84,12 @@ def one_thread() -> Iterator[None]:
 
 def read_words(path: str | os.PathLike) -> list[str]:
     """The PTB tokens of a text file (one-line errors for a missing, unreadable or empty file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--text {p} does not exist; pass the path of a text file")
-    try:
-        words = ptb.tokenize(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"--text {p} is not UTF-8 text (byte {e.start}); pass a plain-text file") from None
+    words = ptb.tokenize(io.read_text(path, what="--text", fix="pass the path of a UTF-8 text file to score"))
     if len(words) < 2:
-        raise UserError(f"--text {p} has {len(words)} word(s); scoring needs at least 2 (the first is context)")
+        raise UserError(
+            f"--text {path} has {len(words)} word(s); scoring needs at least 2 (the first is context): "
+            "pass a longer text"
+        )
     return words
 
 

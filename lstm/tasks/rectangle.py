@@ -53,6 +53,8 @@ class ShapeConfig(TaskConfig):
     snapshot_at: tuple[int, ...] = (100, 500, 1000, 5000, 10000)  # the chapter's figure series
     curve_every: int = 500  # examples between points of the consistency learning curve
 
+    flag_help = {"mixtures": "needs --head mdn: the mixture density head's components"}
+
     def validate(self) -> None:
         shapes.get_family(self.shape)
         if self.head not in ("dense", "mdn"):
@@ -82,6 +84,14 @@ class ShapeConfig(TaskConfig):
         check_fields(self, ("aux_weight",), lambda v: v >= 0, ">= 0")
         if self.aux_weight and (self.shape != "rectangle" or self.points_per_edge != 1):
             raise UserError("--aux-weight applies to corner-only rectangles (--shape rectangle --points-per-edge 1)")
+
+    def unused_flags(self) -> dict[str, str]:
+        unused = {"data_dir": "has no effect on the rectangle task, which generates its shapes; drop --data-dir"}
+        if self.head != "mdn":
+            unused["mixtures"] = (
+                f"needs --head mdn (the {self.head} head has no mixtures); add --head mdn, or drop --mixtures"
+            )
+        return unused
 
 
 @dataclass
