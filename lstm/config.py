@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar, Collection, Mapping, Optional, Seque
 
 from lstm import io
 from lstm.errors import UserError
+from lstm.storage import NAME_RULE
 
 C = TypeVar("C")
 
@@ -76,6 +77,7 @@ class RunSettings:
     flag_help: ClassVar[Mapping[str, str]] = {
         "gpus_per_worker": "needs --gpu: each worker's share of a GPU; below 1, several one-worker runs share one",
         "data_dir": "the data folder of a task that reads data; '' is $LSTM_DATA_DIR or the download cache",
+        "name": f"the run's folder name in the storage path: {NAME_RULE}; '' is <task>-<timestamp>",
     }
 
     def validate(self) -> None:

@@ -104,6 +104,7 @@ def plan_run(
     check_run_folder(where.path, where.name, resume)
     data = task.read_data(config, settings.data_dir or None)
     task.check(config, data, settings.num_workers)
+    storage.check_writable(where.root)
     phases.mark("checked")
     with importing(*AFTER_RAY_STARTS):
         own_ray = cluster.ensure_ray()
@@ -111,7 +112,6 @@ def plan_run(
         ray_private.start_train_actors()
     phases.mark("ray_started")
     cluster.check_shared_storage(where.root)
-    storage.check_writable(where.root)
     cpus = cluster.plan_workers(
         settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
     )
