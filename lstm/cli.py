@@ -12,8 +12,9 @@ from typing import Callable, Optional, Sequence
 
 from lstm import config as cfg
 from lstm import storage, timings
+from lstm.api import resolve_run
 from lstm.errors import UserError
-from lstm.outputs import RunResult
+from lstm.outputs import Run
 from lstm.task import Task, get_task
 from lstm.trainer import fit
 
@@ -53,35 +54,23 @@ def build_parser(task: type[Task], description: Optional[str] = None) -> argpars
 
 
 def resolve_configs(task: type[Task], args: argparse.Namespace) -> tuple[cfg.TaskConfig, cfg.RunSettings]:
-    """Task config (defaults <- preset <- file <- flags) and run settings from parsed args."""
+    """Task config (defaults <- preset <- file <- flags) and run settings from parsed args,
+    checked as :func:`lstm.train`'s keywords are (:func:`lstm.api.resolve_run`)."""
     preset = getattr(args, "config", None)
     if preset is None and not args.config_file:
         preset = task.default_preset
-    config = cfg.resolve(
-        task.config_class,
-        task.presets,
-        preset=preset,
-        config_file=args.config_file,
-        overrides=cfg.flags_given(args),
-        task_name=task.name,
-    )
-    settings = cfg.build(cfg.RunSettings, cfg.flags_given(args, prefix="run"), source="run setting")
-    check_flags(args, config, settings)
-    return config, settings
-
-
-def check_flags(args: argparse.Namespace, config: cfg.TaskConfig, settings: cfg.RunSettings) -> None:
-    """UserError for a flag given where it has no effect: one the config or the run settings
-    leave unused (their ``unused_flags``), ``--resume`` with ``--print-config`` or without
-    ``--name``."""
-    given = {*cfg.flags_given(args), *cfg.flags_given(args, prefix="run")}
-    cfg.refuse_unused(given, {**config.unused_flags(), **settings.unused_flags()})
     if args.resume and args.print_config:
         raise UserError(
             "--resume has no effect with --print-config, which prints the config and exits; drop one of them"
         )
-    if args.resume and not settings.name:
-        raise UserError("--resume needs the --name of the run to continue; add --name NAME")
+    return resolve_run(
+        task,
+        preset=preset,
+        config_file=args.config_file,
+        overrides=cfg.flags_given(args),
+        run_options=cfg.flags_given(args, prefix="run"),
+        resume=args.resume,
+    )
 
 
 def train_main(
@@ -103,8 +92,8 @@ def train_main(
     return 0
 
 
-def print_summary(result: RunResult) -> None:
-    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def print_summary(result: Run) -> None:
+    final = {k: v for k, v in result.final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     headline = ", ".join(
         f"{k} {v:.4g}" for k, v in final.items() if k.startswith(("valid_", "test_")) and not k.endswith("_loss")
     )
@@ -113,6 +102,6 @@ def print_summary(result: RunResult) -> None:
         print(f"  results:    {storage.display(result.results_path)}")
     for plot in result.plots:
         print(f"  plot:       {storage.display(plot)}")
-    print(f"  checkpoint: {storage.display(result.checkpoint_path)}")
+    print(f"  checkpoint: {storage.display(result.checkpoint)}")
     if result.timings:
         print(f"  time:       {timings.format_line(result.timings)}")

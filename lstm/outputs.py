@@ -26,14 +26,15 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
-class RunResult:
-    """What a finished run left behind."""
+class Run:
+    """A finished run: what :func:`lstm.train` returns (and a job prints). Locations are local
+    paths or URIs, as the storage path is."""
 
     task: str
     run_dir: str
-    metrics: dict[str, Any]  # the last epoch's metrics
+    final: dict[str, Any]  # the last epoch's metrics: run.final["test_ppl"]
     history: list[dict[str, Any]]  # one dict per epoch (plus "extras"/"steps" where the task keeps them)
-    checkpoint_path: Optional[str]
+    checkpoint: Optional[str]  # the final checkpoint's folder: lstm.load(run.checkpoint)
     results_path: Optional[str]
     plots: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # lstm.timings.breakdown
@@ -46,7 +47,7 @@ def collect(
     *,
     extra: Optional[dict[str, Any]] = None,
     timings: Optional[Callable[[], dict[str, float]]] = None,
-) -> RunResult:
+) -> Run:
     """Read the history from the final checkpoint (a folder or URI); write results.json and
     the plots into the run folder. ``timings`` gives the run's lstm.timings once the plots are
     written: results.json keeps them under "timings"."""
@@ -67,12 +68,12 @@ def collect(
     if timings:
         results["timings"] = timings()
     results_path = storage.write_json(storage.join(run_dir, RESULTS_FILE), results)
-    return RunResult(
+    return Run(
         task=task.name,
         run_dir=run_dir,
-        metrics=history[-1] if history else {},
+        final=history[-1] if history else {},
         history=history,
-        checkpoint_path=checkpoint_path,
+        checkpoint=checkpoint_path,
         results_path=results_path,
         plots=[storage.join(run_dir, name) for name in plots],
         timings=results.get("timings", {}),

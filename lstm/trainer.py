@@ -14,7 +14,7 @@ from lstm import claim, outputs, ray_private, storage, timings, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
 from lstm.loop import TIMINGS, WorkerHook, train_loop_per_worker
-from lstm.outputs import RunResult
+from lstm.outputs import Run
 from lstm.plan import RunPlan, plan_run
 from lstm.session import USER_ERROR
 
@@ -64,7 +64,7 @@ def fit(
     callbacks: Sequence[Any] = (),
     hooks: Sequence[WorkerHook] = (),
     phases: Optional[timings.Phases] = None,
-) -> RunResult:
+) -> Run:
     """Train ``config`` for task ``task_name`` on Ray Train workers; return the run's result
     (its ``timings``: where the time went, from ``phases``' start; lstm.timings).
 
@@ -78,7 +78,7 @@ def fit(
 
 def run_plan(
     plan: RunPlan, *, callbacks: Sequence[Any] = (), hooks: Sequence[WorkerHook] = (), phases: timings.Phases
-) -> RunResult:
+) -> Run:
     """Train a planned run on Ray Train workers; write its outputs; return its result."""
     task, run_dir, uri = plan.task, plan.run_dir, plan.settings.mlflow_tracking_uri
     print(f"[{task.name}] run folder: {storage.display(run_dir)}", flush=True)

@@ -115,7 +115,7 @@ def test_two_workers_on_two_nodes_reproduce_one_worker(cluster, lost, ptb_base):
     assert [e["samples_seen"] for e in result.history] == [e["samples_seen"] for e in one.history]
     for a, b in zip(losses(one.history), losses(result.history), strict=True):
         assert b == pytest.approx(a, rel=1e-4)
-    assert result.metrics["test_ppl"] == pytest.approx(one.metrics["test_ppl"], rel=1e-4)
+    assert result.final["test_ppl"] == pytest.approx(one.final["test_ppl"], rel=1e-4)
 
 
 def test_a_node_lost_mid_epoch_costs_at_most_the_epoch(lost):

@@ -30,5 +30,5 @@ def test_a_worker_killed_mid_epoch_costs_one_epoch_and_changes_nothing(ptb_base,
     # epoch 1 ran before the kill: the same seed gave the same losses; epoch 2 ran after the restart
     for a, b in zip(clean.history, killed.history, strict=True):
         assert [b[k] for k in KEYS] == [a[k] for k in KEYS]
-    assert killed.metrics["test_loss"] == clean.metrics["test_loss"]
-    assert killed.metrics["test_ppl"] == pytest.approx(clean.metrics["test_ppl"], rel=0)
+    assert killed.final["test_loss"] == clean.final["test_loss"]
+    assert killed.final["test_ppl"] == pytest.approx(clean.final["test_ppl"], rel=0)

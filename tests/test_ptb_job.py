@@ -39,7 +39,7 @@ def test_a_run_learns_and_writes_its_outputs(ptb_base):
     assert [Path(p).name for p in result.plots] == ["learning_curve.png"]
     assert Path(result.plots[0]).stat().st_size > 5000
     assert any((Path(result.run_dir) / "tensorboard").iterdir())
-    meta = read_state(result.checkpoint_path)["meta"]
+    meta = read_state(result.checkpoint)["meta"]
     assert meta["vocab_size"] == 10000 and meta["vocab"][:3] == ["the", "<unk>", "<eos>"]
 
 

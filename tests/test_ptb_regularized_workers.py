@@ -44,4 +44,4 @@ def test_a_regularized_run_on_two_workers_steps_in_lock_step(ray_session, ptb_di
     per_epoch = [sum(x.numel() for x, _ in task.train_batches(epoch)) for epoch in range(2)]
     assert [e["samples_seen"] for e in h] == [per_epoch[0], sum(per_epoch)]
     assert all(math.isfinite(e["valid_ppl"]) for e in h) and h[1]["valid_ppl"] < h[0]["valid_ppl"]
-    assert math.isfinite(result.metrics["test_ppl"])
+    assert math.isfinite(result.final["test_ppl"])

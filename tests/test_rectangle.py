@@ -40,7 +40,7 @@ def test_rectangle_model_learns(ray_session, tmp_path):
     )
     result = fit("rectangle", config, settings(tmp_path, "learns"))
     before = untrained_consistency()
-    after = result.metrics["valid_consistency"]
+    after = result.final["valid_consistency"]
     # Measured: untrained ~0.1, after 4,000 examples ~0.005; the bound leaves a wide margin.
     assert before > 0.05
     assert after < 0.02 and after < before / 5
@@ -66,7 +66,7 @@ def test_mdn_head_draws_diverse_shapes(ray_session, tmp_path):
         curve_every=3000,
         snapshot_at=(),
     )
-    m = fit("rectangle", config, settings(tmp_path, "mdn")).metrics
+    m = fit("rectangle", config, settings(tmp_path, "mdn")).final
     # A deterministic head has 0 spread; the MDN samples widths/heights with a real spread
     # (the data's is 0.29 = std of U[0, 1)).
     assert m["valid_width_std"] > 0.05 and m["valid_height_std"] > 0.05

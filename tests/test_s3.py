@@ -41,7 +41,7 @@ def settings(root: str, name: str, **kw) -> cfg.RunSettings:
 def test_a_job_on_s3_writes_everything_to_the_bucket_and_resumes(ray_session, s3):
     root = f"s3://{s3}/runs"
     first = fit("rectangle", RECT, settings(root, "rect"))
-    assert first.run_dir == f"{root}/rect" and first.checkpoint_path.startswith(f"{root}/rect/checkpoint_")
+    assert first.run_dir == f"{root}/rect" and first.checkpoint.startswith(f"{root}/rect/checkpoint_")
     files = keys(s3, "runs/rect")
     assert {"results.json", "learning_curve.png", "shapes_grid.png"} <= files
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in files)
@@ -51,7 +51,7 @@ def test_a_job_on_s3_writes_everything_to_the_bucket_and_resumes(ray_session, s3
     )
     results = read_json(s3, "runs/rect/results.json")
     assert [e["epoch"] for e in results["epochs"]] == [1, 2] and results["run_dir"] == f"{root}/rect"
-    assert results["final"]["valid_consistency"] == first.metrics["valid_consistency"]
+    assert results["final"]["valid_consistency"] == first.final["valid_consistency"]
 
     # the guards read the bucket: no accidental continuation, no resume of nothing
     with pytest.raises(UserError, match=rf"a run named 'rect' already exists at {root}/rect; pass --resume"):

@@ -63,7 +63,7 @@ def test_a_job_logs_one_run_with_params_metrics_and_results(mlflow_server, ray_s
     assert [s for s, _ in history(mlflow_server, run.info.run_id, "train_loss")] == epochs == [1, 2]
     assert "results.json" in artifacts(mlflow_server, run.info.run_id)
     local = client(mlflow_server).download_artifacts(run.info.run_id, "results.json", str(tmp_path / "back"))
-    assert json.loads(Path(local).read_text())["final"][METRIC] == pytest.approx(result.metrics[METRIC])
+    assert json.loads(Path(local).read_text())["final"][METRIC] == pytest.approx(result.final[METRIC])
 
 
 def check_search_runs(server, experiment: str, trials: dict[float, str], best_id: str, best_value: float) -> None:

@@ -603,9 +603,9 @@ def test_one_worker_trials_two_worker_trials_and_the_job_train_alike(tmp_path, r
     expected = [{k: e[k] for k in keys} for e in job.history]
     assert [e["epoch"] for e in job.history] == [r["epoch"] for r in trials[1]] == [r["epoch"] for r in trials[2]]
     assert [{k: r[k] for k in keys} for r in trials[1]] == expected
-    assert trials[1][-1]["test_ppl"] == job.metrics["test_ppl"]
+    assert trials[1][-1]["test_ppl"] == job.final["test_ppl"]
     assert [{k: pytest.approx(r[k], rel=1e-5) for k in keys} for r in trials[2]] == expected
-    assert trials[2][-1]["test_ppl"] == pytest.approx(job.metrics["test_ppl"], rel=1e-5)
+    assert trials[2][-1]["test_ppl"] == pytest.approx(job.final["test_ppl"], rel=1e-5)
     assert [r["workers"] for r in trials[2]] == [2, 2]
     # the epochs trained: a job that ignored the config would not match (its default preset is larger)
     assert job.history[0]["train_ppl"] != job.history[1]["train_ppl"]

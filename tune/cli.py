@@ -302,10 +302,12 @@ def read_data(spec: SearchSpec) -> Any:
     return data
 
 
-def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = (), hooks: Sequence[Any] = ()) -> int:
-    """Entry point of ``jobs/tune_ptb.py``. ``callbacks``: extra Tune callbacks; ``hooks``:
-    worker hooks for every trial (tests)."""
-    args, given = parse_args(argv)
+def search_from_args(
+    args: argparse.Namespace, given: Collection[str], *, callbacks: Sequence[Any] = (), hooks: Sequence[Any] = ()
+) -> runner.SearchOutcome:
+    """Check, plan and run the search of ``args`` (``given``: the flags or keywords the caller
+    gave, see :func:`parse_args`): what ``jobs/tune_ptb.py`` and :func:`tune.search` both do.
+    ``callbacks``: extra Tune callbacks; ``hooks``: worker hooks for every trial (tests)."""
     check_given(args, given)
     spec = resume_spec(args) if args.resume else spec_from_args(args, given)
     if not args.resume:
@@ -324,6 +326,12 @@ def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = (),
     for line in spec.space.describe():
         print(f"  {line}")
     print(f"  folder: {storage.display(spec.experiment_dir)}", flush=True)
-    outcome = runner.run_search(spec, data, resume=args.resume, callbacks=callbacks, hooks=hooks)
+    return runner.run_search(spec, data, resume=args.resume, callbacks=callbacks, hooks=hooks)
+
+
+def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = (), hooks: Sequence[Any] = ()) -> int:
+    """Entry point of ``jobs/tune_ptb.py``: the search of the flags, then its report."""
+    args, given = parse_args(argv)
+    outcome = search_from_args(args, given, callbacks=callbacks, hooks=hooks)
     report.print_report(outcome.report, outcome.wall_time_s)
     return 0

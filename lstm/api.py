@@ -1,0 +1,133 @@
+"""The Python API for notebooks and scripts: :func:`train` a task, :func:`load` a trained run.
+``tune.search`` is its search counterpart. docs/api.md shows them in use.
+
+The command lines are layers over the same functions: ``jobs/<task>.py`` turns its flags into
+the arguments of :func:`resolve_run` and then calls :func:`lstm.trainer.fit`, as :func:`train`
+does. So a keyword is checked as its flag is, and bad input raises :class:`lstm.UserError` with
+the line the command prints (``error: <what>; <what to do>``, exit status 2); nothing here
+calls ``sys.exit``.
+
+Ray: :func:`train` joins the Ray instance the caller initialised (``ray.init()``), or the
+cluster a plain ``ray.init()`` would join, or starts a local instance, as a job does, and
+leaves it running for the next call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Any, Mapping, Optional, Union
+
+from lstm import config as cfg
+from lstm.errors import UserError
+from lstm.outputs import Run
+from lstm.task import Task, get_task
+
+# What ``config=`` may be: a preset name, a dict of fields, a config object, or the path of a
+# JSON file of fields (a search's best_config.json); None is the task's default preset.
+ConfigLike = Union[None, str, "os.PathLike[str]", Mapping[str, Any], cfg.TaskConfig]
+
+# The run options, by keyword: RunSettings' fields, as the flags name them (--gpu: gpu=True).
+RUN_KEYWORDS = {"gpu": "use_gpu", **{f.name: f.name for f in fields(cfg.RunSettings) if f.name != "use_gpu"}}
+
+
+def config_source(task: type[Task], config: ConfigLike) -> tuple[Optional[str], Optional[str], dict[str, Any]]:
+    """``config`` as (preset, config file, field values), the parts :func:`resolve_run` merges."""
+    if config is None:
+        return task.default_preset, None, {}
+    if isinstance(config, cfg.TaskConfig):
+        if not isinstance(config, task.config_class):
+            raise UserError(
+                f"config is a {type(config).__name__}, not a {task.config_class.__name__} of task {task.name}; "
+                f"pass the task's own config, a preset name, a dict of fields or a JSON file"
+            )
+        return None, None, cfg.to_dict(config)
+    if isinstance(config, Mapping):  # as a config file holds it: fields, maybe "task" and "preset"
+        values = dict(config)
+        named_task = values.pop("task", task.name)
+        if named_task != task.name:
+            raise UserError(
+                f"config is for task {named_task!r}, not {task.name!r}; train it as lstm.train({named_task!r}, ...)"
+            )
+        return values.pop("preset", None) or task.default_preset, None, values
+    if isinstance(config, (str, os.PathLike)):
+        name = os.fspath(config)
+        if name in task.presets or not (name.endswith(".json") or os.path.sep in name or os.path.exists(name)):
+            return name, None, {}  # a preset (an unknown name is refused by cfg.resolve)
+        return None, name, {}
+    raise UserError(
+        f"config must be a preset name, a dict of fields, a {task.config_class.__name__} or a JSON file's path "
+        f"(got a {type(config).__name__})"
+    )
+
+
+def resolve_run(
+    task: type[Task],
+    *,
+    preset: Optional[str] = None,
+    config_file: Optional[str] = None,
+    values: Mapping[str, Any] = {},  # noqa: B006 - read only
+    overrides: Mapping[str, Any] = {},  # noqa: B006 - read only
+    run_options: Mapping[str, Any] = {},  # noqa: B006 - read only
+    resume: bool = False,
+) -> tuple[cfg.TaskConfig, cfg.RunSettings]:
+    """The task config (defaults <- preset <- file <- ``values`` <- ``overrides``) and the run
+    settings, checked: a given field or run option that has no effect with the others (its
+    ``unused_flags``) is refused, and so is ``resume`` without a name."""
+    config = cfg.resolve(
+        task.config_class,
+        task.presets,
+        preset=preset,
+        config_file=config_file,
+        overrides={**values, **overrides},
+        task_name=task.name,
+    )
+    settings = cfg.build(cfg.RunSettings, run_options, source="run setting")
+    cfg.refuse_unused({*overrides, *run_options}, {**config.unused_flags(), **settings.unused_flags()})
+    if resume and not settings.name:
+        raise UserError("--resume needs the --name of the run to continue; add --name NAME")
+    return config, settings
+
+
+def split_options(task: type[Task], options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keywords as (config field overrides, run settings); an unknown keyword is a UserError."""
+    fields_ = {f.name for f in fields(task.config_class)}
+    overrides = {k: v for k, v in options.items() if k in fields_}
+    run_options = {RUN_KEYWORDS[k]: v for k, v in options.items() if k in RUN_KEYWORDS and k not in fields_}
+    unknown = sorted(set(options) - set(overrides) - {k for k in options if k in RUN_KEYWORDS})
+    if unknown:
+        raise UserError(
+            f"unknown option(s) {', '.join(unknown)} for task {task.name}; pass a field of "
+            f"{task.config_class.__name__} ({', '.join(sorted(fields_))}) or a run option ({', '.join(RUN_KEYWORDS)})"
+        )
+    return overrides, run_options
+
+
+def train(task: str, config: ConfigLike = None, *, resume: bool = False, **options: Any) -> Run:
+    """Train ``task`` ("ptb", "char", "rectangle") on Ray Train workers and return the run.
+
+    ``config``: a preset name ("small"), a dict of fields, a config object, or the path of a
+    JSON file of fields (a search's best_config.json); None: the task's default preset.
+    ``options``: any config field (``hidden_size=650``, ``train_fraction=0.1``) and the run
+    options of the command line: ``num_workers``, ``cpus_per_worker``, ``gpu``,
+    ``gpus_per_worker``, ``precision``, ``storage_path``, ``name``, ``max_failures``,
+    ``checkpoints_to_keep``, ``data_dir``, ``wait_for_workers_s``, ``mlflow_tracking_uri``.
+    ``resume=True`` continues the run ``name`` from its newest checkpoint (after an interrupt).
+
+    Returns a :class:`Run`: ``run_dir``, ``history`` (per-epoch metrics), ``final`` (the last
+    epoch's: ``run.final["test_ppl"]``), ``checkpoint``, ``results_path``, ``plots``, ``timings``."""
+    from lstm.trainer import fit
+
+    task_class = get_task(task)
+    overrides, run_options = split_options(task_class, options)
+    preset, config_file, values = config_source(task_class, config)
+    config_obj, settings = resolve_run(
+        task_class,
+        preset=preset,
+        config_file=config_file,
+        values=values,
+        overrides=overrides,
+        run_options=run_options,
+        resume=resume,
+    )
+    return fit(task_class.name, config_obj, settings, resume=resume)

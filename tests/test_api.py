@@ -1,0 +1,122 @@
+"""The Python API (lstm.train, tune.search, lstm.load): docs/api.md's examples run as written,
+a call joins the caller's Ray and leaves it running, bad input is the command line's line, the
+loaded model scores as `jobs/ptb.py score` does, and a search returns what its results.md names."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import REPO
+
+import lstm
+import tune
+from lstm import api
+from lstm import config as cfg
+from lstm.cli import train_main
+from lstm.errors import UserError, run_cli
+from lstm.tasks.ptb import PRESETS, PTBConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def doc_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_the_docs_examples_run_as_written(ray_session, ptb_dir, tmp_path, monkeypatch, capsys):
+    """docs/api.md, block after block in one namespace, as a notebook runs them; the doc's
+    `ray.init()` finds the suite's instance already up."""
+    monkeypatch.setenv("LSTM_RAY_STORAGE", str(tmp_path))
+    monkeypatch.setenv("LSTM_DATA_DIR", str(ptb_dir))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    namespace: dict = {}
+    for block in doc_blocks(REPO / "docs" / "api.md"):
+        exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the doc's own code
+    out = capsys.readouterr().out
+    assert "--gpus-per-worker needs --gpu" in out
+    run, result, model = namespace["run"], namespace["result"], namespace["model"]
+    assert run.final == run.history[-1] and run.run_dir == str(tmp_path / "api-ptb")
+    assert result.best_config is not None and result.best_trial == result.rows[0]["trial"]
+    assert len(namespace["drawings"]) == 2 and namespace["drawings"][0][0] == [0.0, 0.0]
+    assert model.score("the company said it expects to report a loss")["tokens"] == 8
+
+
+def test_train_joins_the_callers_ray_and_leaves_it_running(ray_session, tmp_path):
+    address = ray.get_runtime_context().gcs_address
+    run = lstm.train("rectangle", "test", epochs=1, storage_path=str(tmp_path), name="joined")
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == address
+    assert isinstance(run, lstm.Run) and run.checkpoint.startswith(run.run_dir + "/checkpoint_")
+    assert json.loads(Path(run.results_path).read_text())["final"] == run.final
+
+
+def test_every_form_of_config_gives_the_same_config(tmp_path):
+    task = api.get_task("ptb")
+    file = tmp_path / "best_config.json"
+    file.write_text(json.dumps({"task": "ptb", **PRESETS["test"], "hidden_size": 7}))
+    forms = ["test", {**PRESETS["test"]}, {"preset": "test"}, cfg.build(PTBConfig, PRESETS["test"]), str(file), file]
+    configs = [
+        api.resolve_run(
+            task,
+            **dict(zip(("preset", "config_file", "values"), api.config_source(task, f), strict=True)),
+            overrides={"hidden_size": 7},
+        )[0]
+        for f in forms
+    ]
+    assert all(c == configs[0] for c in configs) and configs[0].hidden_size == 7
+
+
+def command_line_error(task: str, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        run_cli(lambda a: train_main(task, a), argv)
+    return capsys.readouterr().err.strip().removeprefix("error: ")
+
+
+@pytest.mark.parametrize(
+    "keywords, argv",
+    [
+        ({"gpus_per_worker": 0.5}, ["--gpus-per-worker", "0.5"]),
+        ({"hidden_size": -1}, ["--hidden-size", "-1"]),
+        ({"config": "nope"}, ["--config", "nope"]),
+        ({"name": "../x"}, ["--name", "../x"]),
+        ({"resume": True}, ["--resume"]),
+        ({"precision": "fp8"}, ["--precision", "fp8"]),
+    ],
+)
+def test_bad_input_raises_the_command_lines_line(keywords, argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTM_RAY_STORAGE", str(tmp_path))
+    with pytest.raises(UserError) as info:
+        lstm.train("rectangle", **keywords)
+    assert str(info.value) == command_line_error("rectangle", argv, capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_keyword_names_the_known_ones():
+    with pytest.raises(UserError, match=r"unknown option\(s\) colour for task rectangle; .*hidden_size.*num_workers"):
+        lstm.train("rectangle", colour="red")
+    with pytest.raises(UserError, match=r"unknown option\(s\) colour for tune.search"):
+        tune.search("rectangle", colour="red")
+
+
+def test_a_search_returns_the_best_config_its_results_md_names(ray_session, tmp_path):
+    from ray import tune as rtune
+
+    result = tune.search(
+        "rectangle",
+        base="test",
+        space={"hidden_size": rtune.grid_search([4, 8])},
+        num_samples=1,
+        max_epochs=1,
+        storage_path=str(tmp_path),
+        name="s",
+    )
+    markdown = Path(result.files["markdown"]).read_text()
+    best_row = next(line for line in markdown.splitlines() if line.startswith("| 1 |"))
+    assert f"| {result.best_trial} |" in best_row
+    assert result.best_config == json.loads(Path(result.files["best_config"]).read_text())
+    assert result.best_config["hidden_size"] == result.rows[0]["hidden_size"]
+    assert result.best_checkpoint.startswith(result.folder) and "checkpoint_" in result.best_checkpoint
+    assert list(result.dataframe()["trial"]) == [row["trial"] for row in result.rows]
