@@ -44,10 +44,11 @@ logger = logging.getLogger(__name__)
 #   narrows that window tenfold for a little more traffic to the GCS.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", STATE_TRACKING: "1", "RAY_task_events_report_interval_ms": "100"}
 # Set in this process unless the user set them; Ray Train passes them on to its controller and
-# workers. The controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's
+# workers, so they hold under the caller's own ray.init() too (the print patch: see WORKER_ENV).
+# The controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's
 # default 2 s) and sees a report, a finished run or a failure only at a poll: 0.5 s saves
 # seconds per run for a health check that costs one small remote call per worker.
-DRIVER_ENV = {STATE_TRACKING: "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+DRIVER_ENV = {STATE_TRACKING: "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # On a local instance the job starts (one node, a worker per core at most) the poll is 0.1 s:
 # a run's end is seen within 0.1 s of its last report. Nothing drains such a node either, so
 # Ray Train's preemption watcher (an actor per run) has nothing to watch.
@@ -110,12 +111,14 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 def ensure_ray() -> bool:
     """Join the cluster of :func:`ray_address` (the job's cluster under ``ray job submit``, or
     a ``ray start --head`` on this machine) or start a local instance; nothing if Ray is
-    already up. True when it started a local instance."""
+    already up. True when the instance is a local one of this process (started here, or by
+    the caller's own ``ray.init()``): it ends with the process."""
     import ray
 
-    if ray.is_initialized():
-        set_defaults(DRIVER_ENV)
-        return False
+    if ray.is_initialized():  # the caller's ray.init(), or an earlier run's
+        own = ray_private.runs_local_instance()
+        set_defaults({**DRIVER_ENV, **(LOCAL_DRIVER_ENV if own else {})})
+        return own
     address = ray_address()
     driver_env = {**DRIVER_ENV, **(LOCAL_DRIVER_ENV if address is None else {})}
     set_defaults(driver_env)

@@ -144,12 +144,30 @@ def latest_ray_start_address() -> Optional[str]:
 
 def reach_monitor_processes() -> list[Any]:
     """The autoscaler monitor processes of the instance this process started ([] if it joined one)."""
-    from ray._private import ray_constants, worker
+    from ray._private import ray_constants
 
-    node = worker._global_node
-    if node is None or not node.head:
+    node = reach_local_head()
+    if node is None:
         return []
     return [info.process for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, ())]
+
+
+def reach_local_head() -> Any:
+    """The head node this process started (by ``ray.init()`` without an address), or None."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return node if node is not None and node.head else None
+
+
+def runs_local_instance() -> bool:
+    """Whether this process started the Ray instance it is connected to (so the instance ends
+    with it): :func:`reach_local_head`, or False (with a warning) if it cannot be told."""
+    try:
+        return reach_local_head() is not None
+    except Exception as e:  # noqa: BLE001 - private Ray API; never fail a run over it
+        _warn_once("could not tell whether this process started its Ray instance", e)
+        return False
 
 
 def stop_autoscaler_monitor() -> None:

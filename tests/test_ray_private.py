@@ -38,6 +38,10 @@ def test_rays_address_lookup_reads_ray_address(monkeypatch):
     assert ray_private.reach_address_lookup()(None, None) == "10.1.2.3:6379"
 
 
+def test_the_instance_this_process_started_is_told_apart(ray_session):
+    assert ray_private.reach_local_head() is not None and ray_private.runs_local_instance()
+
+
 def test_the_monitor_of_the_instance_this_process_started_is_found(ray_session):
     (monitor,) = ray_private.reach_monitor_processes()  # the suite's instance, started here
     assert monitor.poll() is None and callable(monitor.kill)

@@ -173,6 +173,32 @@ class ReleaseOrphans(rtune.Callback):
             ray_private.release_orphans()
 
 
+class TrialLines(rtune.Callback):
+    """A line per trial start, epoch and end, in place of Tune's own tables (``verbose=0``):
+    a search's output stays a few lines per trial epoch, in a shell or a notebook cell."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        print(f"trial {trial.trial_id} started: {params}", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" in result and self.metric in result:
+            epochs = f"/{result['epochs']}" if "epochs" in result else ""
+            print(
+                f"trial {trial.trial_id} epoch {result['epoch']}{epochs}: {self.metric} {result[self.metric]:.4g}",
+                flush=True,
+            )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"trial {trial.trial_id} done", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"trial {trial.trial_id} ERROR (its reason is in the table at the end)", flush=True)
+
+
 @dataclass
 class SearchOutcome:
     """What :func:`run_search` returns."""
@@ -231,10 +257,11 @@ def make_tuner(
             callbacks=[
                 *([] if in_process else [ReleaseOrphans()]),
                 SearchBoard(spec),
+                TrialLines(spec.metric),
                 *mlflow_callbacks(spec),
                 *callbacks,
             ],
-            verbose=1,
+            verbose=0,
         ),
     )
 
