@@ -1,34 +1,74 @@
-"""A run's checkpoints: what one holds, writing and reading it, and finding the newest.
+"""A run's checkpoints: what one holds, writing it, and reading it back intact.
 
 A checkpoint is a folder (Ray Train's ``checkpoint_*``, local or in remote storage) with
 
 * ``model.pt`` -- the model's ``state_dict`` (never a DDP wrapper's),
 * ``optimizer.pt`` -- the optimizer's ``state_dict``,
 * ``state.json`` -- task, config, epoch, elapsed time, the task's ``meta`` (e.g. the
-  vocabulary) and the history of every epoch's metrics so far.
+  vocabulary) and the history of every epoch's metrics so far,
+* ``manifest.json`` -- ``{"format": 1, "epoch": N, "files": {name: {"size": bytes, "sha256":
+  hex}}}`` for each of the three files above.
 
-Each file is written atomically; Ray Train then copies the folder into the run folder.
+Each file is written atomically and the manifest last, so a checkpoint with a manifest was
+complete when it was written; Ray Train then copies the folder into the run folder, file by
+file (a reader during that copy may find a file missing: it skips the checkpoint as damaged). A
+checkpoint is *intact* when each file has the size and SHA-256 its manifest says and loads. A
+checkpoint without a manifest (written before manifests existed) counts as intact unless a file
+fails to load. Reading a damaged one raises :class:`Damaged`, whose message starts with the
+file at fault (``model.pt is 1234 bytes, the manifest says 5678``).
+
+Two readers, both local or remote, both skipping damaged checkpoints of a run folder with one
+line that names each one skipped and why:
+
+* :func:`resume_source` -- the loop's resume: the ``Checkpoint`` Ray gives, else the newest
+  intact checkpoint of the run folder; a one-line UserError when none is left.
+* :func:`load` -- a folder a user passes (``score``, ``generate``, ``sample``): a checkpoint
+  folder (one-line UserError if it is damaged) or a run folder (its newest intact checkpoint).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from lstm import storage
 from lstm.errors import UserError
-from lstm.io import atomic_torch_save, atomic_write_json
+from lstm.io import atomic_torch_save, atomic_write_json, sha256_file
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)  # what the manifest lists
+FORMAT = 1  # the manifest's format
 PREFIX = "checkpoint_"  # Ray Train's checkpoint folders: checkpoint_<timestamp>
+
+Skipped = list[tuple[str, str]]  # (checkpoint folder name, why it was skipped)
+
+
+class Damaged(Exception):
+    """A checkpoint that is incomplete or damaged; the message starts with the file at fault."""
+
+
+@dataclass
+class Contents:
+    """An intact checkpoint, read."""
+
+    location: str  # where it is, as a user reads it
+    state: dict[str, Any]
+    model: Mapping[str, Any]  # the model's state_dict
+    optimizer: Optional[dict[str, Any]]  # the optimizer's state_dict, if it was asked for
+
+    @property
+    def name(self) -> str:
+        return storage.parent_and_name(self.location)[1]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -36,40 +76,121 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+# --------------------------------------------------------------------------- writing
+
+
 def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    """Write model, optimizer and state into the local folder ``directory``."""
+    """Write model, optimizer and state into the local folder ``directory``, then the manifest."""
     atomic_torch_save(directory / MODEL_FILE, unwrap(model).state_dict())
     atomic_torch_save(directory / OPTIMIZER_FILE, optimizer.state_dict())
     atomic_write_json(directory / STATE_FILE, state)
+    write_manifest(directory, int(state["epoch"]))
+
+
+def write_manifest(directory: Path, epoch: int) -> None:
+    """The manifest of the files in ``directory`` as they are now (written atomically)."""
+    files = {
+        name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)} for name in FILES
+    }
+    atomic_write_json(directory / MANIFEST_FILE, {"format": FORMAT, "epoch": epoch, "files": files})
+
+
+# --------------------------------------------------------------------------- reading one folder
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise Damaged(f"{path.name} is missing")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise Damaged(f"{path.name} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise Damaged(f"{path.name} is not JSON ({e.msg}, line {e.lineno})") from None
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise Damaged(f"{path.name} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch fails on (zip, pickle, EOF), the file is at fault
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise Damaged(f"{path.name} is not a readable torch file ({reason})") from None
+
+
+def check(directory: Path) -> Optional[dict[str, Any]]:
+    """Compare the files of the local checkpoint folder ``directory`` with its manifest:
+    :class:`Damaged` naming the first that differs. Returns the manifest, or None for a
+    checkpoint written without one."""
+    if not (directory / MANIFEST_FILE).is_file():
+        return None
+    manifest = _read_json(directory / MANIFEST_FILE)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    for name in FILES:
+        entry = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(entry, dict) or not (
+            isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        ):
+            raise Damaged(f"{MANIFEST_FILE} gives no size and sha256 of {name}")
+        path = directory / name
+        if not path.is_file():
+            raise Damaged(f"{name} is missing (the manifest lists it)")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise Damaged(f"{name} is {size} bytes, the manifest says {entry['size']}")
+        if sha256_file(path) != entry["sha256"]:
+            raise Damaged(f"{name} does not match the manifest's sha256 (same size, other bytes)")
+    return manifest
+
+
+def read(directory: Path, location: str = "", *, optimizer: bool = True) -> Contents:
+    """The checkpoint in the local folder ``directory`` (``location``: where it is, for
+    messages), checked against its manifest and loaded; :class:`Damaged` if it is not intact."""
+    check(directory)
+    state = _read_json(directory / STATE_FILE)
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("task"), str)
+        and isinstance(state.get("epoch"), int)
+        and isinstance(state.get("config"), dict)
+        and isinstance(state.get("meta", {}), dict)
+    ):
+        raise Damaged(f"{STATE_FILE} is not a checkpoint's state (task, epoch, config and meta)")
+    model = _torch_load(directory / MODEL_FILE)
+    if not isinstance(model, Mapping):
+        raise Damaged(f"{MODEL_FILE} holds no state_dict")
+    return Contents(
+        location or str(directory), state, model, _torch_load(directory / OPTIMIZER_FILE) if optimizer else None
+    )
 
 
 def read_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The JSON state of a local checkpoint folder."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise UserError(
-            f"{directory} is not an lstm-ray checkpoint (no {STATE_FILE}); "
-            "pass a run folder or one of its checkpoint_* folders"
-        )
-    return json.loads(path.read_text())
-
-
-def load_model(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Load weights, turning a shape/key mismatch into a one-line UserError."""
-    state_dict = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+    """The JSON state of a local checkpoint folder (one-line UserError if it cannot be read)."""
     try:
-        model.load_state_dict(state_dict)
+        state = _read_json(Path(directory) / STATE_FILE)
+    except Damaged as e:
+        raise UserError(
+            f"{directory} is not a readable lstm-ray checkpoint ({e}); pass a run folder or one of its "
+            "checkpoint_* folders"
+        ) from None
+    return state
+
+
+def load_model(model: nn.Module, contents: Contents) -> None:
+    """Load the checkpoint's weights, turning a shape/key mismatch into a one-line UserError."""
+    try:
+        model.load_state_dict(contents.model)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
         raise UserError(
-            f"checkpoint {directory} does not match this model's architecture ({detail}); "
+            f"checkpoint {contents.location} does not match this model's architecture ({detail}); "
             "resume with the config it was trained with, or start a new run with another --name"
         ) from None
 
 
-def load_optimizer_state(directory: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+# --------------------------------------------------------------------------- a run folder
 
 
 def is_checkpoint_name(name: str) -> bool:
@@ -80,6 +201,23 @@ def is_checkpoint_name(name: str) -> bool:
 def has_checkpoints(run_dir: str) -> bool:
     """Whether the run folder (local or remote) holds any checkpoint folder."""
     return any(is_checkpoint_name(name) for name in storage.list_dir(run_dir))
+
+
+def _epoch(location: str) -> int:
+    """A checkpoint's epoch, from its manifest or its state; -1 if neither can be read."""
+    for name in (MANIFEST_FILE, STATE_FILE):
+        try:
+            return int(storage.read_json(storage.join(location, name))["epoch"])
+        except (FileNotFoundError, KeyError, ValueError, TypeError):  # JSON and UTF-8 errors are ValueErrors
+            continue
+    return -1
+
+
+def candidates(run_dir: str) -> list[str]:
+    """The names of the checkpoint folders of ``run_dir``, newest first: by epoch, then by
+    name (Ray Train's names are timestamps, Tune's are counters); unknown epochs last."""
+    names = [name for name in storage.list_dir(run_dir) if is_checkpoint_name(name)]
+    return sorted(names, key=lambda name: (_epoch(storage.join(run_dir, name)), name), reverse=True)
 
 
 def latest(location: str) -> str:
@@ -102,8 +240,105 @@ def latest(location: str) -> str:
     return storage.join(location, max(found)[1])
 
 
-@contextlib.contextmanager
-def opened(location: str) -> Iterator[Path]:
-    """The newest checkpoint of ``location`` (see :func:`latest`) as a local folder."""
-    with storage.local_dir(latest(location)) as directory:
-        yield directory
+def read_location(location: str, *, optimizer: bool = True) -> Contents:
+    """:func:`read` of the checkpoint folder ``location``, local or remote."""
+    with storage.local_dir(location) as directory:
+        return read(directory, storage.display(location), optimizer=optimizer)
+
+
+def newest_intact(
+    run_dir: str, *, tried: Sequence[str] = (), optimizer: bool = True
+) -> tuple[Optional[Contents], Skipped]:
+    """The newest intact checkpoint of ``run_dir`` but those named in ``tried`` (None if there
+    is none), and each newer one skipped."""
+    skipped: Skipped = []
+    for name in candidates(run_dir):
+        if name in tried:
+            continue
+        try:
+            return read_location(storage.join(run_dir, name), optimizer=optimizer), skipped
+        except Damaged as e:
+            skipped.append((name, str(e)))
+    return None, skipped
+
+
+def describe(skipped: Skipped, sep: str = ": ") -> str:
+    """``checkpoint_b: model.pt is ...; checkpoint_a: ...`` (``sep="/"``: the file's path)."""
+    return "; ".join(f"{name}{sep}{reason}" for name, reason in skipped)
+
+
+# --------------------------------------------------------------------------- the readers
+
+
+def _in_folder(checkpoint: Any, run_dir: str) -> bool:
+    """Whether the Ray ``Checkpoint`` is one of the run folder ``run_dir``'s checkpoints (a
+    PBT clone starts from another trial's)."""
+    if not run_dir:
+        return False
+    _, path = storage.filesystem(run_dir)
+    parent = str(checkpoint.path).rstrip("/").rpartition("/")[0]
+    if storage.is_remote(run_dir):
+        return parent.rstrip("/") == path.rstrip("/")
+    return os.path.realpath(parent) == os.path.realpath(path)
+
+
+def resume_source(checkpoint: Any, run_dir: str = "") -> tuple[Contents, Skipped]:
+    """What a run resumes from: the Ray ``Checkpoint`` it is given if that is intact, else,
+    when that is one of the run folder ``run_dir``'s, the newest intact checkpoint there; and
+    each checkpoint skipped. One-line UserError when none is intact."""
+    name = str(checkpoint.path).rstrip("/").rpartition("/")[2]
+    ours = _in_folder(checkpoint, run_dir)
+    where = storage.display(storage.join(run_dir, name)) if ours else str(checkpoint.path)
+    try:
+        with checkpoint.as_directory() as directory:
+            return read(Path(directory), where), []
+    except Damaged as e:
+        first = (name, str(e))
+    if not ours:
+        raise UserError(
+            f"cannot resume: checkpoint {where} is damaged: {first[1]}; start a new run with another --name"
+        )
+    contents, skipped = newest_intact(run_dir, tried=[name])
+    skipped = [first, *skipped]
+    if contents is None:
+        raise UserError(
+            f"cannot resume: no intact checkpoint left in {storage.display(run_dir)} ({describe(skipped, '/')}); "
+            "start a new run with another --name"
+        )
+    return contents, skipped
+
+
+def _is_checkpoint_folder(location: str) -> bool:
+    return is_checkpoint_name(storage.parent_and_name(location)[1]) or any(
+        storage.exists(storage.join(location, name)) for name in (STATE_FILE, MANIFEST_FILE)
+    )
+
+
+def load(location: str | os.PathLike, *, label: str, optimizer: bool = False) -> Contents:
+    """The checkpoint a user passes, local or remote: a checkpoint folder (one-line UserError
+    naming the file if it is damaged), or a run folder: its newest intact checkpoint, with one
+    line on stderr naming each newer one skipped (``[label] skipped ...``)."""
+    location = str(location)
+    shown = storage.display(location)
+    if not storage.exists(location):
+        raise UserError(f"{shown} does not exist; pass a run folder or one of its checkpoint_* folders")
+    if not storage.is_remote(location) and not Path(location).is_dir():
+        raise UserError(f"{shown} is a file, not a folder; pass a run folder or one of its checkpoint_* folders")
+    if _is_checkpoint_folder(location):
+        try:
+            return read_location(location, optimizer=optimizer)
+        except Damaged as e:
+            raise UserError(
+                f"checkpoint {shown} is damaged: {e}; pass another of the run's checkpoint_* folders, "
+                "or the run folder to use its newest intact checkpoint"
+            ) from None
+    contents, skipped = newest_intact(location, optimizer=optimizer)
+    if contents is None and not skipped:
+        raise UserError(f"{shown} holds no checkpoint; pass a run folder or one of its checkpoint_* folders")
+    if contents is None:
+        raise UserError(
+            f"{shown} holds no intact checkpoint ({describe(skipped, '/')}); pass another run folder or checkpoint"
+        )
+    if skipped:
+        print(f"[{label}] skipped {describe(skipped)}; using {contents.name}", file=sys.stderr, flush=True)
+    return contents

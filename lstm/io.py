@@ -1,11 +1,13 @@
 """Files in and out. In: the files and folders a user names (a config file, a text to score,
 a corpus, a data folder), read with one-line errors. Out: atomic writes (a temporary file in
 the same folder, fsync, rename), so that a reader (or a restarted job) sees either the old file
-or the complete new one, never half.
+or the complete new one, never half; :func:`sha256_file` is the checksum a checkpoint's
+manifest records of each file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -76,6 +78,12 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def jsonable(obj: Any) -> Any:

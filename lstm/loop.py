@@ -2,7 +2,8 @@
 
 For every task it does the same things, in this order::
 
-    restore()                 # model, optimizer, epoch and history from get_checkpoint(), or fresh
+    restore()                 # model, optimizer, epoch and history from get_checkpoint() (if it is
+                              # damaged, the run's newest intact checkpoint), or fresh
     for each remaining epoch:
         train_epoch()         # this rank's batches: forward (in DDP), backward, clip, step
         evaluate_and_reduce() # the task's sums on each split (under task.evaluation_weights),
@@ -83,23 +84,28 @@ def all_reduce_sums(sums: Mapping[str, float], device: torch.device) -> dict[str
 # --------------------------------------------------------------------------- the parts
 
 
-def restore(task: Task, model: nn.Module, checkpoint: Any) -> tuple[History, Optional[dict[str, Any]]]:
-    """Load a checkpoint into ``model``; return the history and the optimizer's state."""
+def restore(
+    task: Task, model: nn.Module, checkpoint: Any, run_dir: str = ""
+) -> tuple[History, Optional[dict[str, Any]]]:
+    """Load a checkpoint into ``model``; return the history and the optimizer's state. A
+    damaged ``checkpoint`` of the run folder ``run_dir`` gives way to the newest intact one
+    there (the chief prints one line naming each one skipped); none left is a UserError."""
     if checkpoint is None:
         return History(), None
-    with checkpoint.as_directory() as directory:
-        state = ckpt.read_state(directory)
-        if state.get("task") != task.name:
-            raise UserError(
-                f"checkpoint {directory} is from task {state.get('task')!r}, not {task.name!r}; use another --name"
-            )
-        task.check_checkpoint(state.get("meta", {}))
-        ckpt.load_model(model, directory)
-        optimizer_state = ckpt.load_optimizer_state(directory)
+    contents, skipped = ckpt.resume_source(checkpoint, run_dir)
+    state = contents.state
+    if state["task"] != task.name:
+        raise UserError(
+            f"checkpoint {contents.location} is from task {state['task']!r}, not {task.name!r}; use another --name"
+        )
+    task.check_checkpoint(state.get("meta", {}))
+    ckpt.load_model(model, contents)
     history = History(int(state["epoch"]), list(state.get("history", [])), float(state.get("elapsed_s", 0.0)))
     if task.worker.is_chief:
+        if skipped:
+            print(f"[{task.name}] skipped {ckpt.describe(skipped)}; resuming from {contents.name}", flush=True)
         print(f"[{task.name}] resumed from checkpoint after epoch {history.start_epoch}", flush=True)
-    return history, optimizer_state
+    return history, contents.optimizer
 
 
 class Loop:
@@ -237,7 +243,7 @@ def run_training(
     loop = Loop(task, settings, run_dir, hooks)
     torch.manual_seed(task.config.seed)
     model = task.build_model()
-    history, optimizer_state = restore(task, model, session.get_checkpoint())
+    history, optimizer_state = restore(task, model, session.get_checkpoint(), run_dir)
     loop.prepare(model, optimizer_state)
     run_start = time.perf_counter()
     marks.update(training_at=time.time(), train_s=0.0, eval_s=0.0)

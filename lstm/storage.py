@@ -5,7 +5,13 @@ Every read and write of a run's files goes through :mod:`pyarrow.fs`, the filesy
 Ray Train and Tune use for their own ``storage_path``, so a path that Ray accepts works here
 too, including a URI that carries its options in the query string
 (``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``): :func:`join` puts the
-run name into the path, before the query.
+run name into the path, before the query. A location is printed with its query
+(:func:`display`), so a printed folder can be passed back as it is (``--checkpoint``).
+Credentials are never part of a location: a URI carrying them is refused (:func:`filesystem`),
+and :func:`display` masks them.
+
+An S3 error with a known cause (credentials refused, no such bucket, endpoint unreachable)
+becomes a one-line :class:`UserError` naming the cause and the fix (:func:`_named_errors`).
 
 Local writes go to a temporary file that is renamed into place; an S3 object appears whole
 when its upload completes. Either way a reader sees the old file or the new one, never half.
@@ -28,8 +34,10 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+from urllib.parse import parse_qsl, urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lstm.errors import UserError
@@ -105,19 +113,53 @@ def locate(storage_path: str, name: str, default_prefix: str) -> Location:
     return Location(resolve_root(storage_path), name)
 
 
+CREDENTIAL_OPTIONS = ("access_key", "secret_key", "session_token")
+MASK = "***"
+
+
 def display(location: str) -> str:
-    """A location as a user reads it: a URI without its query options."""
-    return location.partition("?")[0]
+    """A location as a user reads it and passes it back: the URI with its query options, any
+    credentials in it (``user:password@``, ``secret_key=...``) masked."""
+    if not is_remote(location) or not _credentials_in(location):
+        return location
+    parts = urlsplit(location)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{MASK}@{host}" if "@" in parts.netloc else host
+    query = "&".join(
+        f"{k}={MASK if k in CREDENTIAL_OPTIONS else v}" for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _credentials_in(location: str) -> bool:
+    """Whether a URI carries credentials: a user (other than GCS's ``anonymous``) before the
+    host, or a credential option in its query."""
+    try:
+        parts = urlsplit(location)
+    except ValueError:  # not a URI; pyarrow refuses it too
+        return False
+    user = parts.netloc.rpartition("@")[0]
+    options = {k for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    return bool(user and user != "anonymous") or bool(options & set(CREDENTIAL_OPTIONS))
 
 
 # --------------------------------------------------------------------------- filesystem
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of ``location`` and the path inside it."""
+    """The pyarrow filesystem of ``location`` and the path inside it. A URI that carries
+    credentials is refused: the folder is printed, saved in results.json and shown with the
+    job's command on the dashboard, and the secret would go with it."""
+    remote = is_remote(location)
+    if remote and _credentials_in(location):
+        raise UserError(
+            f"{display(location)}: credentials in a storage URI are refused (they would be printed and saved "
+            "with the folder); remove them and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead"
+        )
     try:
-        return pafs.FileSystem.from_uri(location if is_remote(location) else os.path.abspath(location))
-    except (pafs.ArrowInvalid, ValueError, OSError) as e:  # type: ignore[attr-defined]
+        with _named_errors(location):  # from_uri asks S3 for the bucket's region when no endpoint is set
+            return pafs.FileSystem.from_uri(location if remote else os.path.abspath(location))
+    except (pa.ArrowInvalid, ValueError, OSError) as e:
         raise UserError(
             f"storage path {display(location)} is not usable ({_reason(e)}); pass --storage-path "
             "with a local folder or a URI such as s3://bucket/prefix"
@@ -128,26 +170,107 @@ def _reason(error: BaseException) -> str:
     return " ".join(str(error).split())[:200] or type(error).__name__
 
 
+# pyarrow reports an S3 failure as an OSError whose message has "AWS Error <CODE> during <Op>".
+AWS_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (\d+)\))? during (\w+)")
+CREDENTIALS_UNKNOWN = {
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "INVALID_CLIENT_TOKEN_ID",
+    "UNRECOGNIZED_CLIENT",
+    "EXPIRED_TOKEN",
+    "MISSING_AUTHENTICATION_TOKEN",
+}
+CREDENTIALS_FIX = (
+    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to keys that may read, write and delete there; "
+    "a job under `ray job submit` gets them as docs/cluster.md says"
+)
+
+
+@contextlib.contextmanager
+def _named_errors(location: str, fallback: Optional[str] = None) -> Iterator[None]:
+    """Turn an error whose cause :func:`_cause` names into a one-line UserError; any other
+    error becomes ``fallback`` (with the error's text) if given, else propagates unchanged
+    (a FileNotFoundError, which callers read as "no such file", among them)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - named, or re-raised as it is
+        cause = _cause(location, e) if isinstance(e, OSError) else None
+        if cause:
+            raise UserError(cause) from None
+        if fallback is None:
+            raise
+        raise UserError(fallback.format(reason=_reason(e))) from None
+
+
+def _cause(location: str, error: OSError) -> Optional[str]:
+    """The one-line message for an S3 error with a known cause, else None."""
+    text = " ".join(str(error).split())
+    found = AWS_ERROR.search(text)
+    if not found:
+        return None
+    code, status, operation = found.groups()
+    what = f"{code}{f' {status}' if status else ''} during {operation}"
+    where = display(location)
+    if code in CREDENTIALS_UNKNOWN:
+        return f"{where}: the S3 server does not accept the credentials ({what}); {CREDENTIALS_FIX}"
+    if code == "ACCESS_DENIED" or status == "403":
+        if not _credentials_configured():
+            return (
+                f"{where}: access denied ({what}) and no S3 credentials are set (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+                f"~/.aws/credentials); {CREDENTIALS_FIX}, or give the node an instance profile with access to it"
+            )
+        return (
+            f"{where}: access denied ({what}): wrong credentials, or keys without access to this bucket or "
+            f"prefix; {CREDENTIALS_FIX}"
+        )
+    if code == "NO_SUCH_BUCKET" or (code == "RESOURCE_NOT_FOUND" and operation == "HeadBucket"):
+        bucket = urlsplit(location).netloc.rpartition("@")[2]
+        return f"{where}: the bucket {bucket!r} does not exist ({what}); create it or correct the bucket name"
+    if code == "NETWORK_CONNECTION":
+        detail = text.partition("Details: ")[2] or text[found.end() :].strip(" :")
+        return (
+            f"{where}: cannot reach the S3 endpoint ({what}: {detail[:120]}); check endpoint_override in the "
+            "URI or $AWS_ENDPOINT_URL, and that the server is up"
+        )
+    return None
+
+
+def _credentials_configured() -> bool:
+    """Whether S3 credentials are set where the AWS SDK reads them first: the environment or
+    the shared files (an instance profile cannot be seen from here)."""
+    env = os.environ
+    names = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if any(env.get(name) for name in (*names, "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")):
+        return True
+    files = (env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), env.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    return any(os.path.isfile(os.path.expanduser(f)) for f in files)
+
+
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _named_errors(location):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_dir(location: str) -> list[str]:
     """Names of the entries of the folder ``location`` ([] if it does not exist)."""
     fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path)))
+    with _named_errors(location):
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path)))
 
 
 def read_bytes(location: str) -> bytes:
     """The bytes of a file; FileNotFoundError if it does not exist."""
     fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(display(location))
-    with fs.open_input_stream(path) as f:
-        return f.readall()
+    with _named_errors(location):
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(display(location))
+        with fs.open_input_stream(path) as f:
+            return f.readall()
 
 
 def read_text(location: str) -> str:
@@ -164,9 +287,10 @@ def write_bytes(location: str, data: bytes) -> str:
         atomic_write(location, lambda f: f.write(data))
         return location
     fs, path = filesystem(location)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    with _named_errors(location):
+        fs.create_dir(path.rpartition("/")[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
     return location
 
 
@@ -209,7 +333,8 @@ def local_dir(location: str) -> Iterator[Path]:
     fs, path = filesystem(location)
     tmp = Path(tempfile.mkdtemp(prefix="lstm-ray-"))
     try:
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        with _named_errors(location):
+            pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,23 +356,57 @@ def staging(location: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PROBE_PREFIX = ".lstm-ray-write-test-"
+
+
 def check_writable(root: str) -> None:
-    """Create ``root`` if needed and write, read back and delete a small file there; a
-    one-line UserError if any of that fails (before anything is trained)."""
-    probe = join(root, f".lstm-ray-write-test-{uuid.uuid4().hex[:8]}")
-    fs, path = filesystem(probe)
-    try:
-        fs.create_dir(path.rpartition("/")[0], recursive=True)
-        with fs.open_output_stream(path) as f:
-            f.write(b"ok")
-        with fs.open_input_stream(path) as f:
-            if f.readall() != b"ok":
-                raise OSError("a file written there read back different")
+    """Write, read back and delete a small file in ``root`` before anything is trained; a
+    one-line UserError naming the cause if any of that fails.
+
+    The file is deleted whether or not reading it back worked. A local ``root`` is created
+    (the run needs it anyway). On S3, pyarrow's delete writes the emptied folder back as a
+    zero-byte ``prefix/`` object: a folder the probe brought into being is removed again
+    (:func:`_remove_probe`), so a new prefix is left as it was. An existing folder may keep
+    such an object (Ray Train's own folder creation writes one too)."""
+    fs, folder = filesystem(root)
+    path = f"{folder.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
+    remote = is_remote(root)
+    fallback = (
+        f"cannot write to storage path {display(root)} ({{reason}}); pass --storage-path with a folder you can "
+        "write to, or an s3:// URI with credentials that allow writing"
+    )
+    with _named_errors(root, fallback):
+        made = _missing_folder(fs, folder) if remote else None
+        try:
+            if not remote:
+                fs.create_dir(folder, recursive=True)
+            with fs.open_output_stream(path) as f:
+                f.write(b"ok")
+            with fs.open_input_stream(path) as f:
+                if f.readall() != b"ok":
+                    raise OSError("a file written there read back different")
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                _remove_probe(fs, path, made)
+            raise
+        _remove_probe(fs, path, made)
+
+
+def _missing_folder(fs: pafs.FileSystem, folder: str) -> Optional[str]:
+    """The outermost folder of ``folder`` (``bucket/a/b``) that does not exist yet, the bucket
+    itself aside; None if ``folder`` exists."""
+    missing = None
+    while "/" in folder and fs.get_file_info(folder).type == pafs.FileType.NotFound:
+        missing, folder = folder, folder.rpartition("/")[0]
+    return missing
+
+
+def _remove_probe(fs: pafs.FileSystem, path: str, made: Optional[str]) -> None:
+    """Delete the probe file (if it was written), then the folder ``made`` that it brought
+    into being, provided it holds nothing but the empty folder objects pyarrow leaves."""
+    with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any filesystem error is the same problem to the user
-        raise UserError(
-            f"cannot write to storage path {display(root)} ({_reason(e)}); pass --storage-path with "
-            "a folder you can write to, or an s3:// URI with credentials that allow writing"
-        ) from None
+    if made and all(
+        info.type == pafs.FileType.Directory for info in fs.get_file_info(pafs.FileSelector(made, recursive=True))
+    ):
+        fs.delete_dir(made)

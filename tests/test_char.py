@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -295,6 +296,21 @@ def test_vocabulary_round_trips_through_the_checkpoint(trained):
     with pytest.raises(UserError, match="vocabulary"):
         task.check_checkpoint(state["meta"])
     task.check_checkpoint(task.checkpoint_meta())  # its own vocabulary is fine
+
+
+def test_sampling_skips_a_damaged_newest_checkpoint_with_one_line(trained, tmp_path, capsys):
+    _, result = trained
+    run = shutil.copytree(result.run_dir, tmp_path / "run")
+    newest, older = sorted((p for p in run.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    size = (newest / "model.pt").stat().st_size
+    (newest / "model.pt").write_bytes((newest / "model.pt").read_bytes()[:100])
+    text = sample_from_checkpoint(run, "the meaning of", temperature=0.5, length=30, seed=3)
+    assert text == sample_from_checkpoint(older, "the meaning of", temperature=0.5, length=30, seed=3)
+    assert capsys.readouterr().err.splitlines() == [
+        f"[char] skipped {newest.name}: model.pt is 100 bytes, the manifest says {size}; using {older.name}"
+    ]
+    with pytest.raises(UserError, match=rf"^checkpoint \S+/{newest.name} is damaged: model\.pt is 100 bytes, the "):
+        sample_from_checkpoint(newest, "the")
 
 
 def test_sample_command_prints_seed_and_continuation(trained, capsys):

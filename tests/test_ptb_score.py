@@ -1,6 +1,7 @@
 """``jobs/ptb.py score`` and ``generate``: the score of ptb.test.txt equals the job's own batch-1
 test evaluation; unknown words become <unk> and are counted; generation is reproducible with
---seed; both read checkpoints in S3; bad input is one line and exit status 2."""
+--seed; both read checkpoints in S3; a run folder's damaged newest checkpoint is skipped with one
+line; bad input, a damaged or unreadable checkpoint included, is one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import ray.train
 import torch
 from conftest import REPO, own_lines, run_settings
 from test_ptb_errors import train
 
+from lstm import checkpoint as ckpt
 from lstm import config as cfg
 from lstm import storage
 from lstm.errors import run_cli
@@ -109,7 +112,7 @@ def test_generate_is_reproducible_with_a_seed_and_shows_eos_as_a_line_break(chec
     assert status == 0 and out == render(["the", "company", *words]) + "\n"
 
 
-def test_both_commands_read_a_checkpoint_in_s3(checkpoint, ptb_dir, tmp_path, monkeypatch):
+def test_both_commands_read_a_checkpoint_in_s3(checkpoint, ptb_dir, tmp_path, monkeypatch, capsys):
     from moto.server import ThreadedMotoServer
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -122,13 +125,55 @@ def test_both_commands_read_a_checkpoint_in_s3(checkpoint, ptb_dir, tmp_path, mo
         fs, _ = storage.filesystem("s3://runs" + query)
         fs.create_dir("runs")
         storage.upload_dir(checkpoint, f"s3://runs/ptb-run/checkpoint_000000{query}")
+        # a newer checkpoint whose model.pt is cut short: the readers use the one before it
+        damaged = shutil.copytree(checkpoint, tmp_path / "damaged")
+        (damaged / "model.pt").write_bytes((checkpoint / "model.pt").read_bytes()[:1000])
+        storage.upload_dir(damaged, f"s3://runs/ptb-run/checkpoint_000001{query}")
         run = f"s3://runs/ptb-run{query}"
         text = tmp_path / "valid-head.txt"
         text.write_text("\n".join((ptb_dir / "ptb.valid.txt").read_text().splitlines()[:100]) + "\n")
         assert score_text(run, text)["ppl"] == score_text(checkpoint, text)["ppl"]
         assert generate_text(run, "the", length=10, seed=1) == generate_text(checkpoint, "the", length=10, seed=1)
+        # a resume in that folder, as the loop's restore makes it, gives way to the same checkpoint
+        fs, path = storage.filesystem(f"s3://runs/ptb-run/checkpoint_000001{query}")
+        contents, skipped = ckpt.resume_source(ray.train.Checkpoint(path, filesystem=fs), run)
+        assert contents.name == "checkpoint_000000" and [name for name, _ in skipped] == ["checkpoint_000001"]
+        skips = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[ptb] skipped")]
+        assert (
+            skips
+            == [
+                "[ptb] skipped checkpoint_000001: model.pt is 1000 bytes, the manifest says "
+                f"{(checkpoint / 'model.pt').stat().st_size}; using checkpoint_000000"
+            ]
+            * 2
+        )
     finally:
         server.stop()
+
+
+def damaged_copies(checkpoint: Path, root: Path) -> dict[str, Path]:
+    """Copies of ``checkpoint`` under ``root``, each wrong in one way: "char" (a checkpoint of
+    the char task, its manifest rewritten), "truncated" (model.pt cut short), "nottorch" (a
+    model.pt that is no torch file), "notjson" and "notutf8" (state.json; no manifest, as
+    before manifests), "run" (a run folder of one truncated checkpoint)."""
+    copies = {name: root / name for name in ("char", "truncated", "nottorch", "notjson", "notutf8")}
+    copies["run"] = root / "run" / "checkpoint_000000"
+    for copy in copies.values():
+        shutil.copytree(checkpoint, copy)
+    state = json.loads((copies["char"] / "state.json").read_text())
+    (copies["char"] / "state.json").write_text(json.dumps({**state, "task": "char"}))
+    ckpt.write_manifest(copies["char"], state["epoch"])
+    for name in ("truncated", "run"):
+        model = copies[name] / "model.pt"
+        model.write_bytes(model.read_bytes()[:1000])
+    (copies["nottorch"] / "model.pt").write_text("weights\n")
+    ckpt.write_manifest(copies["nottorch"], state["epoch"])
+    (copies["notjson"] / "state.json").write_text('{"task": "ptb",')
+    (copies["notutf8"] / "state.json").write_bytes(b"\xff\xfe")
+    for name in ("notjson", "notutf8"):
+        (copies[name] / "manifest.json").unlink()
+    copies["run"] = copies["run"].parent
+    return copies
 
 
 @pytest.mark.parametrize(
@@ -136,6 +181,13 @@ def test_both_commands_read_a_checkpoint_in_s3(checkpoint, ptb_dir, tmp_path, mo
     [
         (["score", "--text", "{text}", "--checkpoint", "{missing}"], r"does not exist; pass a run folder"),
         (["score", "--text", "{text}", "--checkpoint", "{char}"], r"is a checkpoint of task 'char', not 'ptb'"),
+        (["score", "--text", "{text}", "--checkpoint", "{truncated}"], r"/truncated is damaged: model\.pt is 1000 "),
+        (["score", "--text", "{text}", "--checkpoint", "{nottorch}"], r"model\.pt is not a readable torch file"),
+        (["score", "--text", "{text}", "--checkpoint", "{notjson}"], r"/notjson is damaged: state\.json is not JSON"),
+        (["generate", "--checkpoint", "{notutf8}", "--prompt", "the"], r"state\.json is not UTF-8 text \(byte 0\)"),
+        (["score", "--text", "{text}", "--checkpoint", "{run}"], r"no intact checkpoint \(checkpoint_000000/model\.pt"),
+        (["score", "--text", "{text}", "--checkpoint", "{model}"], r"model\.pt is a file, not a folder; pass a run"),
+        (["score", "--text", "{text}", "--checkpoint", "{emptydir}"], r"holds no checkpoint; pass a run folder"),
         (["score", "--text", "{missing}", "--checkpoint", "{ckpt}"], r"^error: --text \S+ does not exist"),
         (["score", "--text", "{empty}", "--checkpoint", "{ckpt}"], r"^error: --text \S+ has 0 word\(s\)"),
         (["score", "--text", "{text}", "--checkpoint", "{ckpt}", "--batch-size", "0"], r"--batch-size must be >= 1"),
@@ -148,18 +200,33 @@ def test_both_commands_read_a_checkpoint_in_s3(checkpoint, ptb_dir, tmp_path, mo
 def test_bad_input_is_one_line_and_exit_status_2(checkpoint, tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text(" ")
     (tmp_path / "text.txt").write_text("the company said \n")
-    char = tmp_path / "char-checkpoint"
-    shutil.copytree(checkpoint, char)
-    state = json.loads((char / "state.json").read_text())
-    (char / "state.json").write_text(json.dumps({**state, "task": "char"}))
+    (tmp_path / "emptydir").mkdir()
     paths = {
+        **damaged_copies(checkpoint, tmp_path),
         "text": tmp_path / "text.txt",
         "missing": tmp_path / "nope",
-        "char": char,
         "empty": tmp_path / "empty.txt",
+        "emptydir": tmp_path / "emptydir",
+        "model": checkpoint / "model.pt",
         "ckpt": checkpoint,
     }
     status, out, err = run_job([a.format(**paths) for a in args], capsys)
     assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert re.search(message, err.strip()), err
+
+
+def test_score_of_a_run_folder_skips_its_damaged_newest_checkpoint_with_one_line(checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    for name in ("checkpoint_000000", "checkpoint_000001"):  # the same epoch: the later name is the newer
+        shutil.copytree(checkpoint, run / name)
+    model = run / "checkpoint_000001" / "model.pt"
+    size = model.stat().st_size
+    model.write_bytes(model.read_bytes()[:1000])
+    text = tmp_path / "text.txt"
+    text.write_text("the company said \n the shares rose \n")
+    status, out, err = run_job(["score", "--checkpoint", str(run), "--text", str(text)], capsys)
+    assert status == 0 and json.loads(out.strip().splitlines()[-1])["ppl"] == score_text(checkpoint, text)["ppl"]
+    assert err.strip().splitlines() == [
+        f"[ptb] skipped checkpoint_000001: model.pt is 1000 bytes, the manifest says {size}; using checkpoint_000000"
+    ]

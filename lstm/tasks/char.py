@@ -299,7 +299,8 @@ def sample_from_checkpoint(
     location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
 ) -> str:
     """Generate ``length`` characters continuing ``seed_text`` from a saved run (a run folder,
-    whose newest checkpoint is used, or a ``checkpoint_*`` folder; local or remote). Returns
+    whose newest intact checkpoint is used, or a ``checkpoint_*`` folder; local or remote;
+    :func:`lstm.checkpoint.load` says how damaged checkpoints are reported). Returns
     the continuation. UserError for a checkpoint of another task, a bad temperature/length,
     or a seed text with characters the checkpoint's vocabulary lacks."""
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -308,19 +309,18 @@ def sample_from_checkpoint(
         raise UserError(f"--length must be positive (got {length})")
     if not seed_text:
         raise UserError("--seed-text is empty; pass some text for the model to continue")
-    with ckpt.opened(str(location)) as directory:
-        state = ckpt.read_state(directory)
-        if state.get("task") != CharTask.name:
-            raise UserError(
-                f"{directory} is a checkpoint of task {state.get('task')!r}, not 'char'; "
-                f"use jobs/{state.get('task')}.py"
-            )
-        config = cfg.build(CharConfig, state["config"])
-        vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
-        if not len(vocab):
-            raise UserError(f"checkpoint {directory} carries no vocabulary; it was not written by the char task")
-        model = CharLSTM(len(vocab), config.hidden_size)
-        ckpt.load_model(model, directory)
+    contents = ckpt.load(location, label=CharTask.name)
+    state = contents.state
+    if state["task"] != CharTask.name:
+        raise UserError(
+            f"{contents.location} is a checkpoint of task {state['task']!r}, not 'char'; use jobs/{state['task']}.py"
+        )
+    config = cfg.build(CharConfig, state["config"])
+    vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
+    if not len(vocab):
+        raise UserError(f"checkpoint {contents.location} carries no vocabulary; it was not written by the char task")
+    model = CharLSTM(len(vocab), config.hidden_size)
+    ckpt.load_model(model, contents)
     text = seed_text.lower() if config.lowercase else seed_text
     codes = torch.from_numpy(vocab.encode(list(text), what="--seed-text", unit="character"))
     gen = torch.Generator().manual_seed(seed)

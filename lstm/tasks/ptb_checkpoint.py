@@ -1,7 +1,7 @@
 """A trained PTB run, used: ``jobs/ptb.py score`` and ``jobs/ptb.py generate``.
 
-:func:`load_trained` reads a run folder (its newest checkpoint) or a ``checkpoint_*`` folder,
-local or remote (``s3://...``, through :func:`lstm.checkpoint.opened`): the config and the
+:func:`load_trained` reads a run folder (its newest intact checkpoint) or a ``checkpoint_*``
+folder, local or remote (``s3://...``, through :func:`lstm.checkpoint.load`): the config and the
 vocabulary it carries rebuild the model, tutorial or regularized, and a run trained with
 NT-ASGD gets its averaged weights, the ones the job evaluates with.
 
@@ -51,22 +51,21 @@ class TrainedLM:
 
 
 def load_trained(location: str | os.PathLike) -> TrainedLM:
-    """The model of a PTB checkpoint; one-line UserError for anything else."""
-    with ckpt.opened(str(location)) as directory:
-        state = ckpt.read_state(directory)
-        if state.get("task") != PTBTask.name:
-            raise UserError(
-                f"{directory} is a checkpoint of task {state.get('task')!r}, not 'ptb'; use jobs/{state.get('task')}.py"
-            )
-        config = cfg.build(PTBConfig, state["config"])
-        vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
-        if not len(vocab):
-            raise UserError(f"checkpoint {directory} carries no vocabulary; it was not written by the ptb task")
-        model = PTBTask(config).build_model()
-        ckpt.load_model(model, directory)
-        averaged = config.optimizer == "nt-asgd" and load_averages(
-            model.parameters(), ckpt.load_optimizer_state(directory)
+    """The model of a PTB checkpoint (a run folder's newest intact one, see
+    :func:`lstm.checkpoint.load`); one-line UserError for anything else."""
+    contents = ckpt.load(location, label=PTBTask.name, optimizer=True)
+    state = contents.state
+    if state["task"] != PTBTask.name:
+        raise UserError(
+            f"{contents.location} is a checkpoint of task {state['task']!r}, not 'ptb'; use jobs/{state['task']}.py"
         )
+    config = cfg.build(PTBConfig, state["config"])
+    vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
+    if not len(vocab):
+        raise UserError(f"checkpoint {contents.location} carries no vocabulary; it was not written by the ptb task")
+    model = PTBTask(config).build_model()
+    ckpt.load_model(model, contents)
+    averaged = config.optimizer == "nt-asgd" and load_averages(model.parameters(), contents.optimizer)
     return TrainedLM(model.eval(), vocab, config, averaged)
 
 
