@@ -131,3 +131,78 @@ def train(task: str, config: ConfigLike = None, *, resume: bool = False, **optio
         resume=resume,
     )
     return fit(task_class.name, config_obj, settings, resume=resume)
+
+
+# --------------------------------------------------------------------------- a trained run, loaded
+
+
+class Model:
+    """A trained run's model in this process (no Ray needed): what :func:`load` returns. Each
+    task's model has its own uses (:class:`WordModel`, :class:`CharModel`, :class:`ShapeModel`)."""
+
+    task: str
+
+    def __init__(self, trained: Any):
+        self.trained = trained
+
+    @property
+    def config(self) -> cfg.TaskConfig:
+        return self.trained.config
+
+
+class WordModel(Model):
+    """A PTB run: ``score`` a text, ``generate`` from a prompt (``jobs/ptb.py score|generate``)."""
+
+    task = "ptb"
+
+    def score(self, text: str, batch_size: int = 1) -> dict[str, Any]:
+        """The figures of ``jobs/ptb.py score`` for ``text`` (the text itself, not a path)."""
+        from lstm.data import ptb
+        from lstm.tasks import ptb_checkpoint
+
+        words = ptb_checkpoint.enough_words(ptb.tokenize(text), "the text")
+        return ptb_checkpoint.score_words(self.trained, words, batch_size, text="")
+
+    def generate(self, prompt: str, length: int = 50, temperature: float = 1.0, seed: int = 0) -> str:
+        """``length`` words after ``prompt``, each ``<eos>`` a line break (``jobs/ptb.py generate``)."""
+        from lstm.tasks import ptb_checkpoint
+
+        words = ptb_checkpoint.generate_words(self.trained, prompt, length=length, temperature=temperature, seed=seed)
+        return ptb_checkpoint.render(words)
+
+
+class CharModel(Model):
+    """A char run: ``sample`` a continuation (``jobs/char.py sample``)."""
+
+    task = "char"
+
+    def sample(self, seed_text: str, temperature: float = 0.5, length: int = 400, seed: int = 0) -> str:
+        from lstm.tasks import char
+
+        return char.sample(self.trained, seed_text, temperature=temperature, length=length, seed=seed)
+
+
+class ShapeModel(Model):
+    """A rectangle run: ``draw`` shapes point by point."""
+
+    task = "rectangle"
+
+    def draw(self, n: int = 6, sample: bool = True, seed: int = 0) -> list[list[list[float]]]:
+        from lstm.tasks import rectangle
+
+        return rectangle.draw(self.trained, n, sample=sample, seed=seed)
+
+
+def load(checkpoint: Union[str, "os.PathLike[str]"]) -> Model:
+    """The model of a trained run: ``checkpoint`` is a run folder (its newest intact
+    checkpoint), a ``checkpoint_*`` folder, or an s3:// URI of either."""
+    from lstm import checkpoint as ckpt
+    from lstm.tasks import char, ptb_checkpoint, rectangle
+
+    contents = ckpt.load(checkpoint, label="load", optimizer=True)  # PTB's NT-ASGD averages are in the optimizer
+    task = contents.state["task"]
+    loaders = {"ptb": (ptb_checkpoint, WordModel), "char": (char, CharModel), "rectangle": (rectangle, ShapeModel)}
+    if task not in loaders:
+        raise UserError(f"{contents.location} is a checkpoint of task {task!r}, which lstm.load does not know")
+    module, model_class = loaders[task]
+    return model_class(module.trained_from(contents))

@@ -4,6 +4,8 @@ loaded model scores as `jobs/ptb.py score` does, and a search returns what its r
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from pathlib import Path
@@ -20,26 +22,33 @@ from lstm.cli import train_main
 from lstm.errors import UserError, run_cli
 from lstm.tasks.ptb import PRESETS, PTBConfig
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def doc_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-def test_the_docs_examples_run_as_written(ray_session, ptb_dir, tmp_path, monkeypatch, capsys):
-    """docs/api.md, block after block in one namespace, as a notebook runs them; the doc's
-    `ray.init()` finds the suite's instance already up."""
-    monkeypatch.setenv("LSTM_RAY_STORAGE", str(tmp_path))
-    monkeypatch.setenv("LSTM_DATA_DIR", str(ptb_dir))
-    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
-    namespace: dict = {}
-    for block in doc_blocks(REPO / "docs" / "api.md"):
-        exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the doc's own code
-    out = capsys.readouterr().out
-    assert "--gpus-per-worker needs --gpu" in out
+@pytest.fixture(scope="module")
+def docs_run(ray_session, ptb_dir, tmp_path_factory, one_torch_thread) -> tuple[dict, str, Path]:
+    """docs/api.md, block after block in one namespace, as a notebook runs them (the doc's
+    `ray.init()` finds the suite's instance already up): (the namespace, what it printed,
+    the storage folder)."""
+    storage = tmp_path_factory.mktemp("api-docs")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("LSTM_RAY_STORAGE", str(storage))
+        mp.setenv("LSTM_DATA_DIR", str(ptb_dir))
+        mp.setattr(ray, "init", lambda *a, **k: None)
+        namespace: dict = {}
+        for block in doc_blocks(REPO / "docs" / "api.md"):
+            exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the doc's own code
+    return namespace, printed.getvalue(), storage
+
+
+def test_the_docs_examples_run_as_written(docs_run):
+    namespace, printed, storage = docs_run
+    assert "--gpus-per-worker needs --gpu" in printed
     run, result, model = namespace["run"], namespace["result"], namespace["model"]
-    assert run.final == run.history[-1] and run.run_dir == str(tmp_path / "api-ptb")
+    assert run.final == run.history[-1] and run.run_dir == str(storage / "api-ptb")
     assert result.best_config is not None and result.best_trial == result.rows[0]["trial"]
     assert len(namespace["drawings"]) == 2 and namespace["drawings"][0][0] == [0.0, 0.0]
     assert model.score("the company said it expects to report a loss")["tokens"] == 8
@@ -120,3 +129,30 @@ def test_a_search_returns_the_best_config_its_results_md_names(ray_session, tmp_
     assert result.best_config["hidden_size"] == result.rows[0]["hidden_size"]
     assert result.best_checkpoint.startswith(result.folder) and "checkpoint_" in result.best_checkpoint
     assert list(result.dataframe()["trial"]) == [row["trial"] for row in result.rows]
+
+
+def test_a_loaded_model_scores_and_generates_as_the_command_line_does(docs_run, tmp_path, capsys):
+    from test_ptb_score import run_job
+
+    result = docs_run[0]["run"]
+    text = "the company said it expects to report a loss for the third quarter\nshares fell"
+    (tmp_path / "text.txt").write_text(text)
+    status, out, _ = run_job(["score", "--checkpoint", result.run_dir, "--text", str(tmp_path / "text.txt")], capsys)
+    assert status == 0
+    command = json.loads(out.strip().splitlines()[-1])
+    model = lstm.load(result.run_dir)
+    assert isinstance(model, lstm.Model) and model.task == "ptb"
+    scored = model.score(text)
+    assert {k: scored[k] for k in ("ppl", "loss", "tokens", "words", "unk")} == {
+        k: command[k] for k in ("ppl", "loss", "tokens", "words", "unk")
+    }
+    argv = ["generate", "--checkpoint", result.checkpoint, "--prompt", "the company", "--length", "12", "--seed", "3"]
+    status, out, _ = run_job(argv, capsys)
+    assert status == 0 and model.generate("the company", length=12, seed=3) in out
+
+
+def test_load_refuses_what_is_not_a_run_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist; pass a run folder or one of its checkpoint_\\* folders"):
+        lstm.load(tmp_path / "nothing")
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        lstm.load(tmp_path)

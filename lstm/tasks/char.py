@@ -295,21 +295,23 @@ class CharTask(Task):
 # --------------------------------------------------------------------------- sampling a saved run
 
 
-def sample_from_checkpoint(
-    location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
-) -> str:
-    """Generate ``length`` characters continuing ``seed_text`` from a saved run (a run folder,
-    whose newest intact checkpoint is used, or a ``checkpoint_*`` folder; local or remote;
-    :func:`lstm.checkpoint.load` says how damaged checkpoints are reported). Returns
-    the continuation. UserError for a checkpoint of another task, a bad temperature/length,
-    or a seed text with characters the checkpoint's vocabulary lacks."""
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise UserError(f"--temperature must be positive (got {temperature})")
-    if length <= 0:
-        raise UserError(f"--length must be positive (got {length})")
-    if not seed_text:
-        raise UserError("--seed-text is empty; pass some text for the model to continue")
-    contents = ckpt.load(location, label=CharTask.name)
+@dataclass
+class TrainedCharLM:
+    """A char run's model, loaded to sample from."""
+
+    model: CharLSTM
+    vocab: Vocabulary
+    config: CharConfig
+
+
+def load_trained(location: str | os.PathLike) -> TrainedCharLM:
+    """The model of a char checkpoint (a run folder's newest intact one, see
+    :func:`lstm.checkpoint.load`); one-line UserError for anything else."""
+    return trained_from(ckpt.load(location, label=CharTask.name))
+
+
+def trained_from(contents: ckpt.Contents) -> TrainedCharLM:
+    """:func:`load_trained` of a checkpoint already read."""
     state = contents.state
     if state["task"] != CharTask.name:
         raise UserError(
@@ -321,13 +323,43 @@ def sample_from_checkpoint(
         raise UserError(f"checkpoint {contents.location} carries no vocabulary; it was not written by the char task")
     model = CharLSTM(len(vocab), config.hidden_size)
     ckpt.load_model(model, contents)
+    return TrainedCharLM(model.eval(), vocab, config)
+
+
+def check_sampling(seed_text: str, temperature: float, length: int) -> None:
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UserError(f"--temperature must be positive (got {temperature})")
+    if length <= 0:
+        raise UserError(f"--length must be positive (got {length})")
+    if not seed_text:
+        raise UserError("--seed-text is empty; pass some text for the model to continue")
+
+
+def sample_from_checkpoint(
+    location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
+) -> str:
+    """Generate ``length`` characters continuing ``seed_text`` from a saved run (a run folder,
+    whose newest intact checkpoint is used, or a ``checkpoint_*`` folder; local or remote;
+    :func:`lstm.checkpoint.load` says how damaged checkpoints are reported). Returns
+    the continuation. UserError for a checkpoint of another task, a bad temperature/length,
+    or a seed text with characters the checkpoint's vocabulary lacks."""
+    check_sampling(seed_text, temperature, length)
+    return sample(load_trained(location), seed_text, temperature=temperature, length=length, seed=seed)
+
+
+def sample(
+    trained: TrainedCharLM, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
+) -> str:
+    """:func:`sample_from_checkpoint` with a model already loaded."""
+    check_sampling(seed_text, temperature, length)
+    config, vocab = trained.config, trained.vocab
     text = seed_text.lower() if config.lowercase else seed_text
     codes = torch.from_numpy(vocab.encode(list(text), what="--seed-text", unit="character"))
     gen = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one window at a time: extra threads only contend (100x slower on a busy CPU)
     try:
-        out = model.generate(codes[None], [temperature], length, window=config.window, generator=gen)
+        out = trained.model.generate(codes[None], [temperature], length, window=config.window, generator=gen)
     finally:
         torch.set_num_threads(threads)
     return "".join(vocab.decode(out[0].tolist()))

@@ -48,12 +48,17 @@ class TrainedLM:
     vocab: Vocabulary
     config: PTBConfig
     averaged: bool  # NT-ASGD's averages are in the model
+    location: str  # the checkpoint it came from, as a user reads it
 
 
 def load_trained(location: str | os.PathLike) -> TrainedLM:
     """The model of a PTB checkpoint (a run folder's newest intact one, see
     :func:`lstm.checkpoint.load`); one-line UserError for anything else."""
-    contents = ckpt.load(location, label=PTBTask.name, optimizer=True)
+    return trained_from(ckpt.load(location, label=PTBTask.name, optimizer=True))
+
+
+def trained_from(contents: ckpt.Contents) -> TrainedLM:
+    """:func:`load_trained` of a checkpoint already read (its optimizer state included)."""
     state = contents.state
     if state["task"] != PTBTask.name:
         raise UserError(
@@ -66,7 +71,7 @@ def load_trained(location: str | os.PathLike) -> TrainedLM:
     model = PTBTask(config).build_model()
     ckpt.load_model(model, contents)
     averaged = config.optimizer == "nt-asgd" and load_averages(model.parameters(), contents.optimizer)
-    return TrainedLM(model.eval(), vocab, config, averaged)
+    return TrainedLM(model.eval(), vocab, config, averaged, contents.location)
 
 
 @contextlib.contextmanager
@@ -83,11 +88,14 @@ def one_thread() -> Iterator[None]:
 
 def read_words(path: str | os.PathLike) -> list[str]:
     """The PTB tokens of a text file (one-line errors for a missing, unreadable or empty file)."""
-    words = ptb.tokenize(io.read_text(path, what="--text", fix="pass the path of a UTF-8 text file to score"))
+    text = io.read_text(path, what="--text", fix="pass the path of a UTF-8 text file to score")
+    return enough_words(ptb.tokenize(text), f"--text {path}")
+
+
+def enough_words(words: list[str], what: str) -> list[str]:
     if len(words) < 2:
         raise UserError(
-            f"--text {path} has {len(words)} word(s); scoring needs at least 2 (the first is context): "
-            "pass a longer text"
+            f"{what} has {len(words)} word(s); scoring needs at least 2 (the first is context): pass a longer text"
         )
     return words
 
@@ -113,16 +121,23 @@ def score_ids(model: nn.Module, ids: np.ndarray, batch_size: int, num_steps: int
 
 
 def score_text(location: str | os.PathLike, text_path: str | os.PathLike, batch_size: int = 1) -> dict[str, Any]:
-    """Perplexity of a text file under a checkpoint: a JSON-able dict with ``ppl``, ``loss``
-    (nats per token), ``tokens`` (predicted), ``unk`` (words mapped to ``<unk>``) and where
-    they came from."""
+    """Perplexity of a text file under a checkpoint (see :func:`score_words`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     words = read_words(text_path)
-    trained = load_trained(location)
+    scored = score_words(load_trained(location), words, batch_size, text=str(text_path))
+    return {**scored, "checkpoint": storage.display(str(location))}  # as the user named it
+
+
+def score_words(trained: TrainedLM, words: list[str], batch_size: int = 1, *, text: str = "") -> dict[str, Any]:
+    """Perplexity of ``words`` (a text's PTB tokens) under a trained model: a JSON-able dict with
+    ``ppl``, ``loss`` (nats per token), ``tokens`` (predicted), ``unk`` (words mapped to
+    ``<unk>``) and where they came from (``text``: the file's path)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     ids, unk = encode_with_unk(trained.vocab, words)
     if len(ids) // batch_size < 2:
-        raise UserError(f"--text {text_path} has {len(ids)} words, too few for --batch-size {batch_size}; lower it")
+        raise UserError(f"--text {text} has {len(ids)} words, too few for --batch-size {batch_size}; lower it")
     with one_thread() if batch_size == 1 else contextlib.nullcontext():
         loss_sum, tokens = score_ids(trained.model, ids, batch_size, trained.config.eval_shape[1])
     return {
@@ -133,15 +148,13 @@ def score_text(location: str | os.PathLike, text_path: str | os.PathLike, batch_
         "unk": unk,
         "batch_size": batch_size,
         "averaged_weights": trained.averaged,
-        "text": str(text_path),
-        "checkpoint": storage.display(str(location)),
+        "text": text,
+        "checkpoint": trained.location,
     }
 
 
-def generate_text(
-    location: str | os.PathLike, prompt: str, *, length: int, temperature: float = 1.0, seed: int = 0
-) -> list[str]:
-    """``length`` words sampled after ``prompt`` at ``temperature`` (a generator seeded by ``seed``)."""
+def check_generation(prompt: str, length: int, temperature: float) -> list[str]:
+    """The prompt's words, once the generation's settings are checked."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UserError(f"--temperature must be positive (got {temperature})")
     if length <= 0:
@@ -149,7 +162,22 @@ def generate_text(
     words = ptb.tokenize(prompt)
     if not words:
         raise UserError("--prompt is empty; pass some words for the model to continue, e.g. --prompt 'the company'")
-    trained = load_trained(location)
+    return words
+
+
+def generate_text(
+    location: str | os.PathLike, prompt: str, *, length: int, temperature: float = 1.0, seed: int = 0
+) -> list[str]:
+    """``length`` words sampled after ``prompt`` at ``temperature`` (a generator seeded by ``seed``)."""
+    check_generation(prompt, length, temperature)
+    return generate_words(load_trained(location), prompt, length=length, temperature=temperature, seed=seed)
+
+
+def generate_words(
+    trained: TrainedLM, prompt: str, *, length: int, temperature: float = 1.0, seed: int = 0
+) -> list[str]:
+    """:func:`generate_text` with a model already loaded."""
+    words = check_generation(prompt, length, temperature)
     ids = trained.vocab.encode([ptb.EOS, *words], what="--prompt", unit="word")
     generator = torch.Generator().manual_seed(seed)
     inputs, state, drawn = torch.from_numpy(ids)[None], None, []

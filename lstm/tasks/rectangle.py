@@ -18,6 +18,7 @@ can resume several times over its 25,000 examples. Metrics:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lstm import checkpoint as ckpt
+from lstm import config as cfg
 from lstm.config import TaskConfig, check_fields, positive_finite
 from lstm.data import shapes
 from lstm.errors import UserError
@@ -155,7 +158,7 @@ class RectangleTask(Task):
         config, worker = self.config, self.worker
         self.check(config, data, worker.world_size)
         family = shapes.get_family(config.shape)
-        length = len(family.outline(family.sample_params(np.random.default_rng(0), 1), config.points_per_edge)[0])
+        length = points_per_shape(config)
         rng = np.random.default_rng([config.seed, VALID_SEED_OFFSET])
         valid = family.outline(family.sample_params(rng, config.valid_examples), config.points_per_edge)
         share = np.array_split(valid, worker.world_size)[worker.rank]
@@ -316,3 +319,47 @@ def shape_limits(shape: str) -> tuple[float, float, float, float]:
     if shape == "cross":
         return (-0.6, 0.9, -0.1, 1.3)
     return (-0.6, 0.6, -0.1, 1.1)
+
+
+def points_per_shape(config: ShapeConfig) -> int:
+    """How many points one shape of ``config`` has (its outline, from [0, 0] back to it)."""
+    family = shapes.get_family(config.shape)
+    return len(family.outline(family.sample_params(np.random.default_rng(0), 1), config.points_per_edge)[0])
+
+
+# --------------------------------------------------------------------------- drawing from a saved run
+
+
+@dataclass
+class TrainedShapes:
+    """A rectangle run's model, loaded to draw with."""
+
+    model: ShapeLSTM
+    config: ShapeConfig
+
+
+def load_trained(location: str | os.PathLike) -> TrainedShapes:
+    """The model of a rectangle checkpoint (a run folder's newest intact one, see
+    :func:`lstm.checkpoint.load`); one-line UserError for anything else."""
+    return trained_from(ckpt.load(location, label=RectangleTask.name))
+
+
+def trained_from(contents: ckpt.Contents) -> TrainedShapes:
+    """:func:`load_trained` of a checkpoint already read."""
+    task = contents.state["task"]
+    if task != RectangleTask.name:
+        raise UserError(f"{contents.location} is a checkpoint of task {task!r}, not 'rectangle'; use jobs/{task}.py")
+    config = cfg.build(ShapeConfig, contents.state["config"])
+    model = RectangleTask(config).build_model()
+    ckpt.load_model(model, contents)
+    return TrainedShapes(model.eval(), config)
+
+
+def draw(trained: TrainedShapes, n: int = 6, *, sample: bool = True, seed: int = 0) -> list[list[list[float]]]:
+    """``n`` shapes drawn point by point from [0, 0] (``sample=False``: the head's mean, the
+    same every time): each a list of [x, y] points."""
+    if n < 1:
+        raise UserError(f"n must be >= 1 (got {n})")
+    generator = torch.Generator().manual_seed(seed)
+    points = trained.model.generate(n, points_per_shape(trained.config), sample=sample, generator=generator)
+    return np.round(points.numpy(), 6).tolist()
