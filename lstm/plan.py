@@ -104,14 +104,14 @@ def plan_run(
     check_run_folder(where.path, where.name, resume)
     data = task.read_data(config, settings.data_dir or None)
     task.check(config, data, settings.num_workers)
-    storage.check_writable(where.root)
     phases.mark("checked")
     with importing(*AFTER_RAY_STARTS):
         own_ray = cluster.ensure_ray()
     if own_ray:
         ray_private.start_train_actors()
     phases.mark("ray_started")
-    cluster.check_shared_storage(where.root)
+    cluster.check_shared_storage(where.root)  # before the write check: a refused path stays unwritten
+    storage.check_writable(where.root)
     cpus = cluster.plan_workers(
         settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
     )

@@ -144,10 +144,10 @@ def latest_ray_start_address() -> Optional[str]:
 
 def reach_monitor_processes() -> list[Any]:
     """The autoscaler monitor processes of the instance this process started ([] if it joined one)."""
-    from ray._private import ray_constants
+    from ray._private import ray_constants, worker
 
-    node = reach_local_head()
-    if node is None:
+    node = worker._global_node
+    if node is None or not node.head:
         return []
     return [info.process for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, ())]
 

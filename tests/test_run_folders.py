@@ -47,10 +47,10 @@ def test_a_job_name_that_is_not_one_folder_name_is_refused_before_anything_is_wr
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden"])
 def test_a_search_name_that_is_not_one_folder_name_is_refused_before_anything_is_written(name, tmp_path):
-    argv = ["--task", "rectangle", "--storage-path", str(tmp_path / "s"), "--name", name]
-    for extra in ([], ["--resume"]):
+    where = ["--storage-path", str(tmp_path / "s"), "--name", name]
+    for argv in (["--task", "rectangle", *where], [*where, "--resume"]):
         with pytest.raises(UserError, match="is not a folder name"):
-            tune_cli.main(argv + extra)
+            tune_cli.main(argv)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -35,7 +35,7 @@ class SearchResult:
     files: dict[str, str] = field(default_factory=dict)  # results.md, best_config.json, plots, ...
 
     def dataframe(self) -> Any:
-        """:attr:`rows` as a pandas DataFrame (pandas is installed with Ray Tune)."""
+        """:attr:`rows` as a pandas DataFrame."""
         import pandas as pd
 
         return pd.DataFrame(self.rows)
