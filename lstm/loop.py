@@ -36,7 +36,7 @@ from torch import nn
 
 from lstm import checkpoint as ckpt
 from lstm import config as cfg
-from lstm import ray_private
+from lstm import ray_private, timings
 from lstm.errors import UserError
 from lstm.progress import Progress
 from lstm.session import Session, TrainSession
@@ -235,10 +235,12 @@ def run_training(
     run_dir: str = "",
     hooks: Sequence[WorkerHook] = (),
     marks: Optional[dict[str, float]] = None,
+    attempt_log: str = "",
 ) -> None:
     """One worker's run, separated from Ray's context so that its parts stay testable.
     ``marks`` gets when training started and ended (``time.time()``) and the seconds spent
-    training and evaluating (lstm.timings)."""
+    training and evaluating (lstm.timings); rank 0 records them at ``attempt_log`` too, when
+    training starts (:func:`lstm.timings.record_attempt`)."""
     marks = {} if marks is None else marks
     loop = Loop(task, settings, run_dir, hooks)
     torch.manual_seed(task.config.seed)
@@ -247,6 +249,8 @@ def run_training(
     loop.prepare(model, optimizer_state)
     run_start = time.perf_counter()
     marks.update(training_at=time.time(), train_s=0.0, eval_s=0.0)
+    if attempt_log and task.worker.is_chief:
+        timings.record_attempt(attempt_log, marks, history.start_epoch)
     if history.start_epoch >= loop.n_epochs and task.worker.is_chief:
         print(f"[{task.name}] nothing to do: the run already finished its {loop.n_epochs} epochs", flush=True)
     for epoch in range(history.start_epoch, loop.n_epochs):
@@ -277,6 +281,13 @@ def set_threads(settings: cfg.RunSettings, task_class: type[Task], device: torch
         torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1, cap)))
 
 
+def attempt_log(loop_config: dict[str, Any], started_at: float) -> str:
+    """Where this attempt records its start: a job's run only (its ``loop_config`` names the
+    command, which collects the records at its end); '' for a search's trials."""
+    command = loop_config.get("command")
+    return timings.attempt_location(loop_config["run_dir"], command, started_at) if command else ""
+
+
 def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
     """One worker's whole run in ``session``'s process. ``loop_config`` (built once, by
     :meth:`lstm.plan.RunPlan.loop_config`): {"task", "config", "run", "run_dir", "data", "hooks"}.
@@ -298,6 +309,7 @@ def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
             run_dir=loop_config.get("run_dir", ""),
             hooks=loop_config.get("hooks", ()),
             marks=marks,
+            attempt_log=attempt_log(loop_config, marks["started_at"]),
         )
     except UserError as e:
         return session.user_error(e)

@@ -46,11 +46,12 @@ def collect(
     checkpoint_path: str,
     *,
     extra: Optional[dict[str, Any]] = None,
-    timings: Optional[Callable[[], dict[str, float]]] = None,
+    timings: Optional[Callable[[list[dict[str, Any]]], dict[str, float]]] = None,
 ) -> Run:
     """Read the history from the final checkpoint (a folder or URI); write results.json and
-    the plots into the run folder. ``timings`` gives the run's lstm.timings once the plots are
-    written: results.json keeps them under "timings"."""
+    the plots into the run folder. ``timings(history)`` gives the run's lstm.timings once the
+    plots are written: results.json keeps them under "timings", and its ``wall_time_s`` is then
+    their ``total_s``, the whole command's (else the training's own elapsed time)."""
     state = storage.read_json(storage.join(checkpoint_path, ckpt.STATE_FILE))
     history = state.get("history", [])
     results = {
@@ -66,7 +67,8 @@ def collect(
     with storage.staging(run_dir) as out:
         plots = [p.name for p in task.plot(results, out)]
     if timings:
-        results["timings"] = timings()
+        results["timings"] = timings(history)
+        results["wall_time_s"] = results["timings"]["total_s"]
     results_path = storage.write_json(storage.join(run_dir, RESULTS_FILE), results)
     return Run(
         task=task.name,

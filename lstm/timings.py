@@ -13,8 +13,14 @@ results.json is written and is not in it.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Mapping
+from typing import Any, Mapping, Sequence
+
+from lstm import storage
+from lstm.errors import UserError
+
+ATTEMPTS_DIR = ".attempts"
 
 # The phases in the order they happen: key -> the words the job prints.
 PHASES = {
@@ -26,6 +32,7 @@ PHASES = {
     "worker_setup_s": "worker setup",
     "train_s": "train",
     "eval_s": "eval",
+    "recovery_s": "recovery",
     "reports_s": "checkpoints and reports",
     "workers_down_s": "worker group shutdown",
     "outputs_s": "plots and results",
@@ -48,34 +55,80 @@ class Phases:
         self.marks[name] = time.time()
 
 
-def breakdown(driver: Mapping[str, float], worker: Mapping[str, float]) -> dict[str, float]:
+def breakdown(
+    driver: Mapping[str, float],
+    worker: Mapping[str, float],
+    attempts: Sequence[Mapping[str, Any]] = (),
+    history: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, float]:
     """Seconds per phase of :data:`PHASES` (those whose marks exist), plus ``total_s``.
 
     ``driver``: the marks of :class:`Phases` (imported, fit_called, checked,
     ray_started, fit_started, fit_returned, outputs_written). ``worker``: rank 0's
-    started_at, training_at, finished_at, and the train_s and eval_s of the epochs it ran."""
+    started_at, training_at, finished_at, and the train_s and eval_s of the epochs it ran.
+    ``attempts``: the records of every attempt (:func:`collect_attempts`) and ``history`` the
+    run's epochs, for a run whose worker group was restarted."""
     marks = dict(driver)
     marks.update({f"worker_{k}": v for k, v in worker.items() if k.endswith("_at")})
+    train, evaluation, recovery = float(worker.get("train_s", 0.0)), float(worker.get("eval_s", 0.0)), None
+    if len(attempts) > 1:
+        first, last = min(attempts, key=lambda a: a["started_at"]), max(attempts, key=lambda a: a["started_at"])
+        kept = [e for e in history[int(first["start_epoch"]) : int(last["start_epoch"])]]
+        earlier_train, earlier_eval = (sum(float(e.get(k, 0.0)) for e in kept) for k in ("train_s", "eval_s"))
+        recovery = last["training_at"] - first["training_at"] - earlier_train - earlier_eval
+        train, evaluation = train + earlier_train, evaluation + earlier_eval
+        marks.update(worker_started_at=first["started_at"], worker_first_training_at=first["training_at"])
     spans = {
         "imports_s": ("imported", "fit_called"),
         "checks_s": ("fit_called", "checked"),
         "ray_start_s": ("checked", "ray_started"),
         "cluster_checks_s": ("ray_started", "fit_started"),
         "workers_up_s": ("fit_started", "worker_started_at"),
-        "worker_setup_s": ("worker_started_at", "worker_training_at"),
-        "reports_s": ("worker_training_at", "worker_finished_at"),  # minus train and eval, below
+        "worker_setup_s": (
+            "worker_started_at",
+            "worker_first_training_at" if recovery is not None else "worker_training_at",
+        ),
+        "reports_s": ("worker_training_at", "worker_finished_at"),  # minus this attempt's train and eval, below
         "workers_down_s": ("worker_finished_at", "fit_returned"),
         "outputs_s": ("fit_returned", "outputs_written"),
     }
     out = {key: marks[b] - marks[a] for key, (a, b) in spans.items() if a in marks and b in marks}
-    for key in ("train_s", "eval_s"):
-        if key in worker:
-            out[key] = float(worker[key])
-            if "reports_s" in out:
-                out["reports_s"] -= out[key]
-    first = marks.get("imported", marks["fit_called"])
-    out["total_s"] = max(marks.values()) - first
+    if "train_s" in worker:
+        out.update(train_s=train, eval_s=evaluation)
+        if "reports_s" in out:
+            out["reports_s"] -= float(worker["train_s"]) + float(worker.get("eval_s", 0.0))
+    if recovery is not None:
+        out["recovery_s"] = recovery
+    first_mark = marks.get("imported", marks["fit_called"])
+    out["total_s"] = max(marks.values()) - first_mark
     return {key: round(out[key], 3) for key in [*PHASES, "total_s"] if key in out}
+
+
+def attempt_location(run_dir: str, command: str, started_at: float) -> str:
+    """Where an attempt of the command ``command`` records its start."""
+    return storage.join(run_dir, ATTEMPTS_DIR, f"{command}-{started_at:.6f}.json")
+
+
+def record_attempt(location: str, marks: Mapping[str, float], start_epoch: int) -> None:
+    storage.write_json(
+        location, {"started_at": marks["started_at"], "training_at": marks["training_at"], "start_epoch": start_epoch}
+    )
+
+
+def collect_attempts(run_dir: str, command: str) -> list[dict[str, Any]]:
+    """The records of the attempts of the command ``command``, deleted once read ([] if they
+    cannot be read: the time line then shows no recovery, and nothing else changes)."""
+    folder = storage.join(run_dir, ATTEMPTS_DIR)
+    found: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError, ValueError, UserError):
+        for name in storage.list_dir(folder):
+            if name.startswith(f"{command}-") and not name.startswith("."):
+                location = storage.join(folder, name)
+                found.append(storage.read_json(location))
+                storage.delete(location)
+        if not storage.list_dir(folder):
+            storage.delete_dir(folder)
+    return found
 
 
 def format_line(timings: Mapping[str, float]) -> str:

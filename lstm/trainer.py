@@ -7,7 +7,10 @@ workers build theirs with :func:`make_trainer` too.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+import uuid
 from typing import Any, Optional, Sequence
 
 from lstm import claim, outputs, ray_private, storage, timings, tracking
@@ -22,11 +25,17 @@ logger = logging.getLogger(__name__)
 
 
 def make_trainer(
-    plan: RunPlan, *, callbacks: Sequence[Any] = (), hooks: Sequence[WorkerHook] = (), init_checkpoint: Any = None
+    plan: RunPlan,
+    *,
+    callbacks: Sequence[Any] = (),
+    hooks: Sequence[WorkerHook] = (),
+    init_checkpoint: Any = None,
+    command: str = "",
 ) -> Any:
     """The TorchTrainer of ``plan``. ``init_checkpoint`` (a ``Checkpoint``) is where a *new*
     run starts (PBT's clone of another trial); a run with checkpoints of its own resumes from
-    those instead."""
+    those instead. ``command`` names the job's command, whose workers record each attempt's
+    start (lstm.timings)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -45,7 +54,10 @@ def make_trainer(
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.checkpoints_to_keep),
         callbacks=[*callbacks, TensorBoardCallback(plan.run_dir)],
     )
-    extra = {"init_checkpoint": init_checkpoint} if init_checkpoint else {}
+    extra = {
+        **({"init_checkpoint": init_checkpoint} if init_checkpoint else {}),
+        **({"command": command} if command else {}),
+    }
     return ray_private.slim_trainer(TorchTrainer, pg_cleaner=plan.pg_cleaner)(
         train_loop_per_worker,
         train_loop_config=plan.loop_config(hooks, **extra),
@@ -87,10 +99,14 @@ def run_plan(
         from lstm.callbacks import MetricsCallback
 
         callbacks = [*callbacks, MetricsCallback(uri, run_id)]
-    trainer = make_trainer(plan, callbacks=callbacks, hooks=hooks)
+    command = uuid.uuid4().hex[:12]
+    trainer = make_trainer(plan, callbacks=callbacks, hooks=hooks, command=command)
     try:
         phases.mark("fit_started")
-        result = trainer.fit()
+        try:
+            result = fit_interruptibly(trainer)
+        finally:
+            attempts = timings.collect_attempts(run_dir, command)
         phases.mark("fit_returned")
         error = returned_user_error(result)
         if error:
@@ -100,7 +116,9 @@ def run_plan(
             task,
             run_dir,
             outputs.checkpoint_location(result.checkpoint, run_dir),
-            timings=lambda: timings.breakdown({**phases.marks, "outputs_written": time.time()}, worker_marks),
+            timings=lambda history: timings.breakdown(
+                {**phases.marks, "outputs_written": time.time()}, worker_marks, attempts, history
+            ),
         )
     except BaseException:
         if run_id:
@@ -110,6 +128,23 @@ def run_plan(
         tracking.end_job_run(uri, run_id, out.results_path)
         print(f"[{task.name}] MLflow run {run_id} at {uri}", flush=True)
     return out
+
+
+def fit_interruptibly(trainer: Any) -> Any:
+    """``trainer.fit()``, where Ctrl-C (a notebook's stop button) stops the run as Ray Train's
+    own SIGINT handler does -- it aborts the controller; the checkpoints stay -- and then raises
+    KeyboardInterrupt, not the ``SystemExit`` that handler ends with. The handler Ray Train
+    installs for the call is removed after it, so a later Ctrl-C in the same process (a
+    notebook's next cell) is Python's own again."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit:  # Ray Train's SIGINT handler: the run was stopped
+        raise KeyboardInterrupt("the run was stopped; its checkpoints stay: resume it with --resume") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def returned_user_error(result: Any) -> Optional[str]:

@@ -7,7 +7,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +160,33 @@ def test_load_refuses_what_is_not_a_run_in_one_line(tmp_path):
         lstm.load(tmp_path / "nothing")
     with pytest.raises(UserError, match="holds no checkpoint"):
         lstm.load(tmp_path)
+
+
+def test_the_stop_button_ends_the_run_and_it_resumes(ray_session, tmp_path):
+    """Ctrl-C (a notebook's stop button sends SIGINT) while the worker waits at epoch 2: the run
+    stops with KeyboardInterrupt, releases its folder and leaves Python's own SIGINT handler in
+    place; `resume=True` continues it from epoch 1's checkpoint."""
+    from hooks import PauseOnce
+
+    from lstm.trainer import fit
+
+    marker = str(tmp_path / "paused")
+    settings = cfg.RunSettings(storage_path=str(tmp_path), name="stopped", max_failures=0)
+    config = cfg.build(
+        api.get_task("rectangle").config_class, {**api.get_task("rectangle").presets["test"], "epochs": 3}
+    )
+
+    def press_stop() -> None:
+        deadline = time.monotonic() + 300
+        while not Path(marker + ".ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    threading.Thread(target=press_stop, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        fit("rectangle", config, settings, hooks=[PauseOnce(epoch=2, step=1, marker=marker, rank=0)])
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not (tmp_path / "stopped" / ".writers").exists()
+    run = lstm.train("rectangle", "test", epochs=3, storage_path=str(tmp_path), name="stopped", resume=True)
+    assert [e["epoch"] for e in run.history] == [1, 2, 3]

@@ -43,6 +43,12 @@ def test_a_worker_killed_mid_epoch_costs_one_epoch_and_changes_nothing(ptb_base,
     for a, b in zip(clean.history, killed.history, strict=True):
         assert [b[k] for k in KEYS] == [a[k] for k in KEYS]
     assert killed.final["test_loss"] == clean.final["test_loss"]
+    # the time line shows what the failure cost as a phase of its own, and covers the whole command
+    t = killed.timings
+    assert t["recovery_s"] > 0 and t["train_s"] == pytest.approx(sum(e["train_s"] for e in killed.history), abs=1e-3)
+    assert sum(v for k, v in t.items() if k != "total_s") == pytest.approx(t["total_s"], abs=0.02)
+    assert json.loads((tmp_path / "killed" / "results.json").read_text())["wall_time_s"] == t["total_s"]
+    assert not (tmp_path / "killed" / ".attempts").exists()
     assert killed.final["test_ppl"] == pytest.approx(clean.final["test_ppl"], rel=0)
 
 

@@ -40,8 +40,23 @@ def test_the_phases_follow_each_other_and_add_up_to_the_total():
         "outputs_s": 1.0,
         "total_s": 31.0,
     }
-    assert list(t) == [*PHASES, "total_s"]
+    assert list(t) == [*(p for p in PHASES if p != "recovery_s"), "total_s"]  # no restart, no recovery
     assert sum(v for k, v in t.items() if k != "total_s") == t["total_s"]
+
+
+def test_a_restarted_worker_group_shows_its_recovery_as_a_phase():
+    """The first attempt starts training at 112, trains epoch 1 (3 s train, 1 s eval, kept in
+    the history) and dies; the last attempt, restored after epoch 1, starts training at 120 and
+    returns its own marks (epoch 2: 3 s train, 2 s eval)."""
+    first = {"started_at": 111.0, "training_at": 112.0, "start_epoch": 0}
+    last = {"started_at": 119.0, "training_at": 120.0, "start_epoch": 1}
+    worker = {"started_at": 119.0, "training_at": 120.0, "train_s": 3.0, "eval_s": 2.0, "finished_at": 126.0}
+    history = [{"train_s": 3.0, "eval_s": 1.0}, {"train_s": 3.0, "eval_s": 2.0}]
+    t = breakdown(DRIVER, worker, [last, first], history)
+    assert (t["workers_up_s"], t["worker_setup_s"], t["recovery_s"]) == (3.0, 1.0, 4.0)  # 8 s, less epoch 1's 4
+    assert (t["train_s"], t["eval_s"], t["reports_s"]) == (6.0, 3.0, 1.0)
+    assert sum(v for k, v in t.items() if k != "total_s") == t["total_s"] == 31.0
+    assert "recovery 4.0s" in format_line(t)
 
 
 def test_a_run_without_worker_marks_keeps_the_drivers_phases():
