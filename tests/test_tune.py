@@ -417,6 +417,30 @@ def test_resumable_asha_replays_results(tmp_path):
     assert sched._trial_info["b"]._rungs[-1][1] == {"a": -0.5}
 
 
+def test_asha_lets_a_trial_finish_its_last_epoch_and_still_cuts_before_it():
+    """A rung at the last epoch does not stop the trials below its cut (they finish by
+    themselves, so Tune never stops their actor mid-call); a rung before it still does."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    def trials(grace: int) -> tuple[ResumableASHA, list]:
+        sched = ResumableASHA(
+            time_attr="epoch", metric="m", mode="min", max_t=3, grace_period=grace, reduction_factor=2, last_epoch=2
+        )
+        made = [SimpleNamespace(trial_id=i, storage=SimpleNamespace(trial_dir_name=None)) for i in "ab"]
+        for t in made:
+            sched.on_trial_add(None, t)
+        return sched, made
+
+    sched, (a, b) = trials(grace=2)
+    assert sched.on_trial_result(None, a, {"epoch": 2, "m": 0.1}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, b, {"epoch": 2, "m": 0.9}) == TrialScheduler.CONTINUE  # below the cut, but done
+    sched, (a, b) = trials(grace=1)
+    assert sched.on_trial_result(None, a, {"epoch": 1, "m": 0.1}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, b, {"epoch": 1, "m": 0.9}) == TrialScheduler.STOP  # cut at epoch 1
+
+
 # --------------------------------------------------------------------------- PTB
 
 

@@ -35,12 +35,28 @@ RESULT_FILE = "result.json"  # Tune's per-trial JSON lines of reported results
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    """ASHA that rebuilds its rungs from storage for trials restored by ``Tuner.restore``.
-    ``experiment_dir`` is the search's folder (local or a URI)."""
+    """ASHA that rebuilds its rungs from storage for trials restored by ``Tuner.restore``
+    (``experiment_dir``: the search's folder, local or a URI), and that lets a trial finish by
+    itself after its last epoch (``last_epoch``) instead of stopping it there.
 
-    def __init__(self, *args: Any, experiment_dir: str = "", **kwargs: Any):
+    A rung at the last epoch (``--grace-period`` equal to ``--max-epochs``, or a power of the
+    reduction factor that lands on it) would stop the trials below its cut as they report that
+    epoch, while their function is still returning: Tune then stops the trial's actor with its
+    next ``train`` call in flight, which the job's page counts as a failed task. Those trials
+    have nothing left to train, so they continue to their end; their result still counts at
+    the rung for the trials after them."""
+
+    def __init__(self, *args: Any, experiment_dir: str = "", last_epoch: Optional[int] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.experiment_dir = experiment_dir
+        self.experiment_dir, self.last_epoch = experiment_dir, last_epoch
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        at_end = self.last_epoch is not None and result.get(self._time_attr, 0) >= self.last_epoch
+        if action == TrialScheduler.STOP and at_end:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -88,6 +104,7 @@ def make_scheduler(spec: Any) -> TrialScheduler:
             grace_period=min(spec.grace_period, epochs),
             reduction_factor=spec.reduction_factor,
             experiment_dir=spec.experiment_dir,
+            last_epoch=epochs,
         )
     if spec.scheduler == "pbt":
         mutations, clip = pbt_mutations(spec.space, task.pbt_mutations)
