@@ -8,6 +8,7 @@ data; :meth:`RunPlan.loop_config` is what reaches the loop (:func:`lstm.loop.run
   settings, the run folder (exists without ``--resume``, missing with it), the data (read once,
   here), the config against the data and the worker count, shared storage on a multi-node
   cluster, that the storage path can be written, and that the worker group can be placed.
+  :func:`lstm.trainer.fit` then claims the run folder for its one writer (:mod:`lstm.claim`).
 * A search checks the same things once for all its trials (``tune.cli``), and each trial
   makes its ``RunPlan`` from the search's checked parts (``tune.runner.run_trial``).
 
@@ -121,7 +122,7 @@ def plan_run(
 
 # What a job's driver imports only once Ray is up: Ray Train (the trainer, its callbacks) and
 # matplotlib (the plots at the end). Ray's start is mostly a wait for its processes, so these
-# are imported meanwhile: about 1.5 s of a job's fixed cost (bench/README.md).
+# are imported meanwhile (bench/README.md has what that saves).
 AFTER_RAY_STARTS = ("ray.train.torch", "lstm.callbacks", "matplotlib.pyplot")
 
 

@@ -1,7 +1,8 @@
-"""``fit()``: plan a run (:func:`lstm.plan.plan_run`: every up-front check), then train it on
-Ray Train workers. The only place that builds Ray Train's driver objects (TorchTrainer,
-ScalingConfig, RunConfig, FailureConfig, CheckpointConfig): a search's trials of two or more
-workers build theirs with :func:`make_trainer` too.
+"""``fit()``: plan a run (:func:`lstm.plan.plan_run`: every up-front check), claim its folder
+(:mod:`lstm.claim`), then train it on Ray Train workers (:func:`run_plan`). The only place
+that builds Ray Train's driver objects (TorchTrainer, ScalingConfig, RunConfig, FailureConfig,
+CheckpointConfig): a search's trials of two or more workers build theirs with
+:func:`make_trainer` too.
 """
 
 from __future__ import annotations
