@@ -23,6 +23,7 @@ from lstm.errors import UserError, run_cli
 from lstm.models.char import CharLSTM, sample_with_temperature
 from lstm.task import WorkerInfo
 from lstm.tasks.char import CharConfig, CharTask, sample_from_checkpoint
+from lstm.tasks.char import corpus_of as char_corpus_of
 from lstm.trainer import fit
 
 # As conftest's char_dir fixture (which is per test; the trained run is shared by a module).
@@ -326,3 +327,23 @@ def test_sample_command_prints_seed_and_continuation(trained, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --seed-text has 1 character(s)") and "\U0001f600" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_corpus_flags_choose_the_text_and_its_case(char_dir, capsys):
+    """`--corpus-name` picks the corpus from `--data-dir`; `--no-lowercase` keeps its capitals
+    in the vocabulary (the default lower-cases, as the Keras example does). The flags reach the
+    task's data as the command line resolves them."""
+    from lstm.cli import build_parser, resolve_configs
+
+    def corpus(*flags: str) -> textdata.CharCorpus:
+        config, settings = resolve_configs(
+            CharTask, build_parser(CharTask).parse_args(["--data-dir", str(char_dir), *flags])
+        )
+        return char_corpus_of(config, CharTask.read_data(config, settings.data_dir))
+
+    shakespeare = (char_dir / "tinyshakespeare.txt").read_text()
+    lowered = corpus("--corpus-name", "tinyshakespeare")
+    assert lowered.text == shakespeare.lower()[: len(lowered.text)] and "F" not in lowered.vocab.ids
+    kept = corpus("--corpus-name", "tinyshakespeare", "--no-lowercase")
+    assert kept.text.startswith("First Citizen") and {"F", "C"} <= set(kept.vocab.ids)
+    assert corpus().text.startswith((char_dir / "nietzsche.txt").read_text().lower()[:100])

@@ -191,6 +191,10 @@ def damaged_copies(checkpoint: Path, root: Path) -> dict[str, Path]:
         (["score", "--text", "{missing}", "--checkpoint", "{ckpt}"], r"^error: --text \S+ does not exist"),
         (["score", "--text", "{empty}", "--checkpoint", "{ckpt}"], r"^error: --text \S+ has 0 word\(s\)"),
         (["score", "--text", "{text}", "--checkpoint", "{ckpt}", "--batch-size", "0"], r"--batch-size must be >= 1"),
+        (
+            ["score", "--text", "{text}", "--checkpoint", "{ckpt}", "--batch-size", "3"],
+            r"--text \S+text\.txt has 4 words, too few for --batch-size 3; lower it",
+        ),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "the zorblax qwerty"], r"'qwerty' 'zorblax'; remove"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "the", "--temperature", "0"], r"--temperature must be"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "the", "--length", "0"], r"--length must be positive"),

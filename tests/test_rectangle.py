@@ -12,7 +12,7 @@ from lstm import config as cfg
 from lstm.data import shapes
 from lstm.errors import UserError
 from lstm.models.shape import ShapeLSTM
-from lstm.tasks.rectangle import ShapeConfig
+from lstm.tasks.rectangle import RectangleTask, ShapeConfig
 from lstm.trainer import fit
 
 
@@ -96,3 +96,12 @@ def test_two_workers_report_every_epoch_and_resume_the_same_architecture_only(ra
     wider = dataclasses.replace(longer, epochs=4, hidden_size=20)
     with pytest.raises(UserError, match="does not match this model's architecture"):
         fit("rectangle", wider, run, resume=True)
+
+
+def test_checkpoints_to_keep_prunes_the_older_checkpoints(ray_session, tmp_path):
+    """Three epochs, one checkpoint each, one kept: the last epoch's, which results.json names."""
+    config = cfg.build(ShapeConfig, {**RectangleTask.presets["test"], "epochs": 3})
+    result = fit("rectangle", config, settings(tmp_path, "kept", checkpoints_to_keep=1))
+    kept = [p for p in (tmp_path / "kept").glob("checkpoint_*") if p.is_dir()]
+    assert [p.name for p in kept] == [Path(result.checkpoint).name]
+    assert json.loads((kept[0] / "state.json").read_text())["epoch"] == 3 == len(result.history)

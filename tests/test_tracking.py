@@ -91,6 +91,23 @@ def check_search_runs(server, experiment: str, trials: dict[float, str], best_id
 # --------------------------------------------------------------------------- errors, before anything starts
 
 
+def test_a_run_that_fails_is_marked_failed(mlflow_server, ray_session, ptb_dir, tmp_path):
+    """A loss that diverges stops the run with its one-line error; its MLflow run ends FAILED."""
+    settings = cfg.RunSettings(
+        storage_path=str(tmp_path),
+        name="diverged",
+        max_failures=0,
+        data_dir=str(ptb_dir),
+        mlflow_tracking_uri=mlflow_server.uri,
+    )
+    ptb = get_task("ptb")
+    config = cfg.build(ptb.config_class, {**ptb.presets["test"], "learning_rate": 1e30, "train_fraction": 0.005})
+    with pytest.raises(UserError, match="the loss became"):
+        fit("ptb", config, settings)
+    (run,) = [r for r in runs_of(mlflow_server, "lstm-ray-ptb") if r.info.run_name == "diverged"]
+    assert run.info.status == "FAILED"
+
+
 def test_an_unreachable_server_is_a_one_line_error_before_anything_starts(tmp_path, monkeypatch):
     from conftest import free_port
 

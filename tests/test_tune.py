@@ -226,6 +226,23 @@ def test_cli_prints_one_line_error(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--time-budget-s", "0"], "--time-budget-s must be positive (got 0.0)"),
+        (["--time-budget-s", "-5"], "--time-budget-s must be positive (got -5.0)"),
+        (["--reduction-factor", "1"], "--reduction-factor must be > 1 (got 1.0)"),
+        (["--grace-period", "0"], "--grace-period must be >= 1 (got 0)"),
+        (["--scheduler", "pbt", "--perturbation-interval", "0"], "--perturbation-interval must be >= 1 (got 0)"),
+    ],
+)
+def test_a_budget_or_scheduler_value_that_cannot_work_is_one_line(argv, message, tmp_path):
+    with pytest.raises(UserError) as info:
+        cli.main(["--task", "rectangle", "--storage-path", str(tmp_path), *argv])
+    assert str(info.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_needs_an_existing_search(tmp_path, ray_session):
     with pytest.raises(UserError, match="no search at .*nothing"):
         cli.main(["--storage-path", str(tmp_path), "--name", "nothing", "--resume"])
