@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import REPO
+from conftest import REPO, own_lines
 
 import lstm
 import tune
@@ -85,7 +85,8 @@ def test_every_form_of_config_gives_the_same_config(tmp_path):
 def command_line_error(task: str, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         run_cli(lambda a: train_main(task, a), argv)
-    return capsys.readouterr().err.strip().removeprefix("error: ")
+    (line,) = own_lines(capsys.readouterr().err)  # Ray's forwarded lines of other runs' actors aside
+    return line.removeprefix("error: ")
 
 
 @pytest.mark.parametrize(
