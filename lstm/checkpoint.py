@@ -38,7 +38,9 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lstm import config as cfg
 from lstm import storage
+from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
 from lstm.io import atomic_torch_save, atomic_write_json, sha256_file
 
@@ -175,6 +177,27 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
             "checkpoint_* folders"
         ) from None
     return state
+
+
+def task_config(contents: Contents, task: Any) -> Any:
+    """The config a checkpoint of ``task`` (a Task class) was trained with, built and checked;
+    a one-line UserError for a checkpoint of another task."""
+    found = contents.state["task"]
+    if found != task.name:
+        raise UserError(
+            f"{contents.location} is a checkpoint of task {found!r}, not {task.name!r}; use jobs/{found}.py"
+        )
+    return cfg.build(task.config_class, contents.state["config"])
+
+
+def vocabulary(contents: Contents, task_name: str) -> Vocabulary:
+    """The vocabulary a checkpoint carries in its ``meta`` (a one-line UserError if none)."""
+    vocab = Vocabulary(tuple(contents.state.get("meta", {}).get("vocab") or ()))
+    if not len(vocab):
+        raise UserError(
+            f"checkpoint {contents.location} carries no vocabulary; it was not written by the {task_name} task"
+        )
+    return vocab
 
 
 def load_model(model: nn.Module, contents: Contents) -> None:

@@ -312,15 +312,8 @@ def load_trained(location: str | os.PathLike) -> TrainedCharLM:
 
 def trained_from(contents: ckpt.Contents) -> TrainedCharLM:
     """:func:`load_trained` of a checkpoint already read."""
-    state = contents.state
-    if state["task"] != CharTask.name:
-        raise UserError(
-            f"{contents.location} is a checkpoint of task {state['task']!r}, not 'char'; use jobs/{state['task']}.py"
-        )
-    config = cfg.build(CharConfig, state["config"])
-    vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
-    if not len(vocab):
-        raise UserError(f"checkpoint {contents.location} carries no vocabulary; it was not written by the char task")
+    config = ckpt.task_config(contents, CharTask)
+    vocab = ckpt.vocabulary(contents, CharTask.name)
     model = CharLSTM(len(vocab), config.hidden_size)
     ckpt.load_model(model, contents)
     return TrainedCharLM(model.eval(), vocab, config)

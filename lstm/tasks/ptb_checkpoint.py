@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from lstm import checkpoint as ckpt
-from lstm import config as cfg
 from lstm import io, storage
 from lstm.data import ptb
 from lstm.data.vocab import Vocabulary
@@ -59,15 +58,8 @@ def load_trained(location: str | os.PathLike) -> TrainedLM:
 
 def trained_from(contents: ckpt.Contents) -> TrainedLM:
     """:func:`load_trained` of a checkpoint already read (its optimizer state included)."""
-    state = contents.state
-    if state["task"] != PTBTask.name:
-        raise UserError(
-            f"{contents.location} is a checkpoint of task {state['task']!r}, not 'ptb'; use jobs/{state['task']}.py"
-        )
-    config = cfg.build(PTBConfig, state["config"])
-    vocab = Vocabulary(tuple(state.get("meta", {}).get("vocab") or ()))
-    if not len(vocab):
-        raise UserError(f"checkpoint {contents.location} carries no vocabulary; it was not written by the ptb task")
+    config = ckpt.task_config(contents, PTBTask)
+    vocab = ckpt.vocabulary(contents, PTBTask.name)
     model = PTBTask(config).build_model()
     ckpt.load_model(model, contents)
     averaged = config.optimizer == "nt-asgd" and load_averages(model.parameters(), contents.optimizer)

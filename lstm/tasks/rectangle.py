@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from lstm import checkpoint as ckpt
-from lstm import config as cfg
 from lstm.config import TaskConfig, check_fields, positive_finite
 from lstm.data import shapes
 from lstm.errors import UserError
@@ -346,10 +345,7 @@ def load_trained(location: str | os.PathLike) -> TrainedShapes:
 
 def trained_from(contents: ckpt.Contents) -> TrainedShapes:
     """:func:`load_trained` of a checkpoint already read."""
-    task = contents.state["task"]
-    if task != RectangleTask.name:
-        raise UserError(f"{contents.location} is a checkpoint of task {task!r}, not 'rectangle'; use jobs/{task}.py")
-    config = cfg.build(ShapeConfig, contents.state["config"])
+    config = ckpt.task_config(contents, RectangleTask)
     model = RectangleTask(config).build_model()
     ckpt.load_model(model, contents)
     return TrainedShapes(model.eval(), config)
