@@ -1,23 +1,13 @@
-"""One optimizer step, written once for the loop and the benchmark (``bench/ptb_speed.py``).
+"""One optimizer step (forward inside DDP, backward, clip, divergence check, optimizer step),
+written once for the loop and ``bench/ptb_speed.py``.
 
-:class:`Stepper` does, per batch: the task's forward (inside DDP when there are several
-workers), backward, global-norm clipping, the divergence check and the optimizer step.
+A step has diverged when its loss or gradient norm is not finite, or its mean loss exceeds the
+task's ``loss_limit`` (a saturated softmax keeps an exploding loss finite). The guard keeps the
+first bad step on the device and reads it every step on a CPU, every 50 on a GPU (a read stalls
+the host); the ranks all-reduce it, so all stop at the same step with the same line.
 
-Divergence. A step has diverged when its loss or its gradient norm is not finite, or when its
-mean loss per unit exceeds the task's :meth:`~lstm.task.Task.loss_limit`, a value no training
-model reaches (a loss can stay finite while it explodes: once the softmax saturates, the
-gradient ``p - onehot(y)`` stays bounded). :class:`DivergenceGuard` keeps the first such step
-on the device and looks at it every ``check_every`` steps -- every step on a CPU, where
-looking is free, every 50 on a GPU, where it would stall the host. With several workers the
-ranks agree on the earliest bad step (an all-reduce of one integer), so every rank stops at
-the same step with the same one-line error, and no checkpoint of a diverged model is written.
-
-Captured step. On a GPU the step is bound by kernel launches and host work, not arithmetic.
-:func:`make_stepper` (what :meth:`lstm.loop.Loop.prepare` calls) therefore returns a
-:class:`CapturedStepper` where it can: the whole step -- forward with the carried state, loss,
-backward, clipping, the divergence check, the optimizer step and the step's metric sums -- is
-captured once in a CUDA graph and replayed. Elsewhere it returns the eager :class:`Stepper`
-and logs one line saying why (:func:`capture_refusal`).
+On a GPU the step is bound by launches, not arithmetic, so :func:`make_stepper` captures the
+whole step in a CUDA graph where it can (:class:`CapturedStepper`), else says why in one line.
 """
 
 from __future__ import annotations
@@ -71,9 +61,8 @@ KINDS = ("NaN", "infinite", "too large")  # what a diverged step's loss became, 
 
 
 class DivergenceGuard:
-    """The first step whose loss or gradient diverged (see the module docstring). It is kept
-    on the device as ``step * len(KINDS) + kind``, so the minimum over steps and ranks is the
-    earliest bad step and what went wrong there."""
+    """The first diverged step, kept on the device as ``step * len(KINDS) + kind``: the minimum
+    over steps and ranks is the earliest bad step and what went wrong there."""
 
     def __init__(
         self,
@@ -122,12 +111,9 @@ def diverged_error(epoch: int, step: int, kind: str, limit: float) -> UserError:
 
 
 def clip_cpu_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_(params, max_norm)``, bit for bit, less its pass over
-    the gradients when the norm is within ``max_norm``. torch scales every gradient by
-    ``min(1, max_norm / (norm + 1e-6))`` even when that is 1, so as not to read the norm on the
-    host: a stall on a GPU, free on a CPU. There the pass is memory traffic the size of the
-    model (18.6 MB for small: up to 5% of its step), and on small most steps of its first
-    epochs clip nothing (``bench/README.md``)."""
+    """``clip_grad_norm_`` bit for bit, less its pass over the gradients when the norm is within
+    ``max_norm``. torch always scales so as not to read the norm on the host (a stall on a GPU);
+    on a CPU the read is free and most steps clip nothing, so the pass is skipped."""
     if not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -217,12 +203,9 @@ def graph_safe_optimizer(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def make_graph_safe(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-    """Switch SGD to its fused kernel reading the learning rate from a device tensor, shared
-    by all groups and returned: a replay then reads no host value, and setting the epoch's
-    lr is a ``fill_`` on that tensor, not a recapture. (SGD has no ``capturable`` flag: its
-    fused kernel with a tensor lr is its graph-safe form; the foreach and per-tensor forms
-    turn a tensor lr into a host scalar.) Checkpoints still get the plain float lr and the
-    group's own ``fused``/``foreach`` (a ``state_dict`` hook), so they load anywhere."""
+    """Switch SGD to its fused kernel reading the lr from a device tensor (returned), its only
+    graph-safe form: a replay reads no host value and a new lr is a ``fill_``. Checkpoints still
+    hold the float lr and the group's own ``fused``/``foreach``, so they load anywhere."""
     lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
     before = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
     for group in optimizer.param_groups:
@@ -248,9 +231,8 @@ def capture_refusal(
     if precision == "fp16":
         return "fp16's GradScaler decides on the host whether each step is applied"
     if world_size > 1:
-        # PyTorch's recipe for DDP in a graph (NCCL >= 2.9.6): async NCCL error handling off
-        # before init_process_group (Ray Train turns it on), DDP built on a side stream, and
-        # 11 eager DDP warm-up steps. The loop does not set that up, so it does not capture.
+        # PyTorch's recipe for DDP in a graph needs async NCCL error handling off (Ray Train
+        # turns it on), DDP built on a side stream and 11 eager warm-up steps.
         return f"{world_size} workers (DDP): capturing DDP's all-reduce is not set up under Ray Train"
     if not task.static_step():
         return f"task {task.name}'s step changes shapes or learning-rate scale from step to step"
@@ -265,40 +247,18 @@ def _tensors(values: Any, what: str) -> tuple[torch.Tensor, ...]:
     return tuple(values)
 
 
-class CapturedStepper:
-    """:class:`Stepper`'s interface, with the step captured in a CUDA graph (PyTorch's
-    whole-network recipe, "CUDA Graphs" in its CUDA semantics notes):
+class CapturedStepper(Stepper):
+    """The step captured in a CUDA graph (PyTorch's whole-network recipe): :data:`WARMUP_STEPS`
+    eager steps on a side stream (they allocate workspaces and momentum buffers), then one
+    capture of :meth:`_body` on static batch, state and index buffers, then a copy into those
+    buffers and a replay per step. The returned :class:`StepOutput` is the graph's static
+    output: read it before the next step. ``graph=False`` runs the same body eagerly (the CPU
+    tests). An op or shape the graph cannot take falls back to the eager step with one warning.
 
-    * the first :data:`WARMUP_STEPS` steps are eager :class:`Stepper` steps on a side stream
-      (real training steps: they allocate cuBLAS/cuDNN workspaces and SGD's momentum buffers);
-    * the next step allocates static batch, state and index buffers, sets the gradients to
-      None (so that the graph's backward allocates them in its pool) and captures the body
-      (:meth:`_body`) on that stream; capturing runs nothing, so it then loads and replays;
-    * every later step copies its batch, state (zeros for a None state: an epoch start) and
-      index into the static buffers and replays the graph. The body copies the new state into
-      the state buffers, so the state handed back is that buffer and needs no copy next step.
-
-    The returned :class:`StepOutput` holds the graph's static outputs: read or sum them before
-    the next step, as the loop does. The divergence guard runs inside the graph (with the step
-    index as a device tensor) and is read outside it every ``check_every`` steps, as in the
-    eager step. ``graph=False`` runs the same static-buffer body eagerly at every step instead
-    of replaying a graph: what the CPU tests check.
-
-    Differences from the eager step: SGD runs as its fused kernel (the same update up to
-    rounding); dropout masks come from the graph's RNG offsets (nn.Dropout, still seeded by
-    each epoch's ``torch.manual_seed``) and cuDNN's own dropout state, which the graph keeps
-    advancing rather than re-seeding each epoch, so with ``keep_prob < 1`` an epoch re-run
-    after a worker failure draws other inter-layer masks than the first run did.
-
-    The alternative, ``torch.compile(mode="reduce-overhead")``, also replays CUDA graphs (its
-    cudagraph trees) but per compiled region: forward and backward of the module, with the
-    clipping and the optimizer step compiled separately or left eager; its static outputs are
-    overwritten by the next replay, which the carried LSTM state is (a clone per step, or
-    ``torch.compiler.cudagraph_mark_step_begin()``); and ``aten.lstm`` has a registered
-    decomposition (``torch/_decomp/decompositions.py``, ``lstm_impl``) that unrolls each layer
-    over the time steps instead of calling cuDNN's RNN kernel, so compile time grows with
-    ``num_steps`` x layers in every trial worker. How fast this class runs on a GPU, beside the
-    eager step and that compiled loop, is measured in ``bench/README.md`` (GPU).
+    Unlike the eager step, SGD runs fused (equal up to rounding), and dropout masks come from
+    the graph's RNG offsets and cuDNN's dropout state, so an epoch re-run after a failure draws
+    other masks. ``torch.compile(mode="reduce-overhead")`` is not used: it graphs per region,
+    overwrites the carried state at the next replay, and unrolls ``aten.lstm`` over time steps.
     """
 
     def __init__(
@@ -307,38 +267,29 @@ class CapturedStepper:
         optimizer: torch.optim.Optimizer,
         params: list[torch.Tensor],
         *,
-        max_grad_norm: Optional[float],
-        guard: DivergenceGuard,
-        precision: str = "fp32",
-        device: torch.device = CPU,
         graph: bool = True,
+        **kwargs: Any,
     ):
-        self.eager = Stepper(
-            forward, optimizer, params, max_grad_norm=max_grad_norm, guard=guard, precision=precision, device=device
-        )
-        self.forward, self.optimizer, self.params, self.guard = forward, optimizer, params, guard
-        self.precision, self.device, self.graph = precision, device, graph
-        self.lr, self.lr_tensor = 0.0, make_graph_safe(optimizer, device)
+        super().__init__(forward, optimizer, params, **kwargs)
+        self.graph = graph
+        self.lr_tensor = make_graph_safe(optimizer, self.device)
         self.warmed, self.ready, self.failed = 0, False, False
-        self.stream = torch.cuda.Stream(device) if graph else None
+        self.stream = torch.cuda.Stream(self.device) if graph else None
         self.cuda_graph: Optional[Any] = None  # a torch.cuda.CUDAGraph once captured
         self.static_out: Optional[StepOutput] = None
         self.static_batch: tuple[torch.Tensor, ...] = ()
         self.static_state: Optional[tuple[torch.Tensor, ...]] = None
-        self.static_index = torch.zeros((), dtype=torch.long, device=device)
+        self.static_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.state_like: Any = None
 
     def set_lr(self, lr: float) -> None:
-        self.lr = self.eager.lr = lr
+        self.lr = lr
         self.lr_tensor.fill_(lr)
-
-    def raise_if_diverged(self, epoch: int) -> None:
-        self.eager.raise_if_diverged(epoch)
 
     def step(self, batch: Any, state: Any, index: int, epoch: int) -> StepOutput:
         """One training step on ``batch``; UserError when the run has diverged."""
         if self.failed:
-            return self.eager.step(batch, state, index, epoch)
+            return super().step(batch, state, index, epoch)
         if self.warmed < WARMUP_STEPS:
             return self._warmup(batch, state, index, epoch)
         try:
@@ -347,7 +298,7 @@ class CapturedStepper:
             self._load(batch, state, index)
         except RuntimeError as e:  # an op that cannot be captured, or a shape that changed
             self._give_up(e)
-            return self.eager.step(batch, state, index, epoch)
+            return super().step(batch, state, index, epoch)
         if self.cuda_graph is not None:
             self.cuda_graph.replay()
         else:
@@ -366,7 +317,7 @@ class CapturedStepper:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            out = self.eager.step(batch, state, index, epoch)
+            out = super().step(batch, state, index, epoch)
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.warmed += 1
@@ -384,8 +335,7 @@ class CapturedStepper:
         self.optimizer.zero_grad(set_to_none=True)  # so that the graph's backward allocates the gradients
         if self.graph:
             cuda_graph = torch.cuda.CUDAGraph()
-            # The recipe's default "global" capture mode: backward runs in autograd's own thread.
-            # Should another thread of a Ray worker invalidate the capture, step() falls back.
+            # The default "global" capture mode: backward runs in autograd's own thread.
             with torch.cuda.graph(cuda_graph, stream=self.stream):
                 out = self._body()
             if out.lr_scale != 1.0:
@@ -399,7 +349,7 @@ class CapturedStepper:
         with autocast(self.precision, self.device, cache=not self.graph):
             out = self.forward(self.static_batch, self.static_state)
         out.loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.eager.max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         self.guard.observe(self.static_index, out.mean_loss, norm)
         self.optimizer.step()  # reads lr_tensor on the device
         if self.static_state is not None:
