@@ -1,30 +1,11 @@
-"""The PTB word language model (Zaremba et al. 2014; the TensorFlow PTB tutorial's configs).
+"""The PTB word language model as the TensorFlow tutorial trains it (Zaremba et al. 2014):
+truncated BPTT over ``num_steps`` words of ``batch_size`` contiguous rows, the state carried
+between batches, loss summed over time and averaged over rows, clipped SGD with the tutorial's
+decay. ``batch_size`` is global: rank k of N trains rows [k*B/N, (k+1)*B/N), so any worker
+count takes the same steps (docs/ptb.md).
 
-What a run does, as the tutorial does it: truncated BPTT over ``num_steps`` words on
-``batch_size`` contiguous rows of the training stream (see :mod:`lstm.data.ptb`), the hidden
-state carried from batch to batch and zeroed at each epoch start; loss = cross entropy summed
-over the time steps and averaged over the batch; plain SGD with gradients clipped to the global
-norm ``max_grad_norm``; lr of 0-based epoch i = ``learning_rate * lr_decay ** max(i + 1 -
-max_epoch, 0)``; perplexity = exp(total loss / total words). Validation perplexity every
-epoch, test perplexity after the last.
-
-``batch_size`` is the global batch: with N workers rank k trains rows [k*B/N, (k+1)*B/N) and
-averages its loss over them, and DDP averages the gradients, so 1, 2 or 4 workers take the same
-steps. Validation and test rows are split the same way when ``eval_batch_size`` is a multiple
-of N (else rank 0 evaluates them all), and the sums are all-reduced. What this means for a
-user (more workers vs a larger batch, the evaluation batch) is in docs/ptb.md.
-``eval_batch_size``/``eval_num_steps`` shape the evaluation (0 = the training values) and
-``test_batch_size`` gives the test its own rows (``--test-batch-size 1``: the tutorial's test,
-with the state carried through the split).
-
-Regularization
---------------
-Fields beyond the tutorial's add AWD-LSTM's toolkit: weight tying, a separate embedding size,
-locked, embedding and weight dropout, AR/TAR (:mod:`lstm.models.awd`), weight decay, a per-token
-loss, variable-length BPTT and NT-ASGD (:mod:`lstm.optim`). Every default is neutral: with all of
-them off the task trains the tutorial's ``WordLM`` exactly as before. ``awd`` is AWD-LSTM's PTB
-command and ``small-reg`` a CPU-sized regularized 2 x 200 model; docs/ptb-regularized.md has the
-fields, the presets, an example search and the ``score``/``generate`` commands.
+The fields after the tutorial's add AWD-LSTM's regularizers and NT-ASGD (docs/ptb-regularized.md);
+each defaults to off, which trains the tutorial's ``WordLM``.
 """
 
 from __future__ import annotations
@@ -63,8 +44,8 @@ LOSS_LIMIT_TIMES_UNIFORM = 10  # a mean loss this many times a uniform guess's (
 
 @dataclass(frozen=True)
 class PTBConfig(TaskConfig):
-    """The tutorial's config fields (defaults = ``small``), plus a training prefix and the
-    evaluation batch shape."""
+    """The tutorial's fields (the defaults are its ``small`` config), the evaluation shape and
+    the regularizers."""
 
     init_scale: float = 0.1
     learning_rate: float = 1.0
@@ -163,28 +144,16 @@ class PTBConfig(TaskConfig):
         return (self.test_batch_size or batch, steps) if split == "test" else (batch, steps)
 
 
-# small-reg: the small config's 2 x 200 LSTM with the regularizers that help a small model most
-# (docs/ptb-regularized.md): tied weights; locked dropout, weight drop and embedding dropout
-# lighter than AWD-LSTM's 1150-unit rates, for a 200-unit model trained ~20 epochs; AR/TAR at
-# AWD's values (per token, so the loss scale does not change them); AWD's weight decay at its
-# lr of 30, i.e. x30 for the summed loss at lr 1; variable-length BPTT around Zaremba's medium
-# 35 steps; Zaremba's SGD schedule (lr 1, then decayed every epoch after `max_epoch`), here 5
-# epochs at lr 1 and x0.75 an epoch to lr 0.02 at epoch 19 (NT-ASGD's trigger would come too
-# late to average long). 19 epochs: the regularized step runs at ~4.5k words/sec on 2 CPU cores,
-# about 3.5 minutes an epoch, and the whole run must fit in 75 minutes there.
+# small-reg: small's 2 x 200 LSTM with the regularizers that help a small model most. Dropout is
+# lighter than AWD-LSTM's 1150-unit rates; AR/TAR are AWD's (per token, so the loss scale leaves
+# them alone); weight decay is AWD's at its lr 30, i.e. x30 at lr 1; BPTT varies around medium's
+# 35 steps; small's SGD schedule decays x0.75 an epoch after 5 to lr 0.02 by epoch 19 (NT-ASGD
+# would start averaging too late); 19 epochs fit a 75-minute run on 2 CPU cores.
 SMALL_REG: dict[str, Any] = dict(
-    init_scale=0.1,
-    learning_rate=1.0,
-    max_grad_norm=5,
-    num_layers=2,
     num_steps=35,
-    hidden_size=200,
     max_epoch=5,
     max_max_epoch=19,
-    keep_prob=1.0,
     lr_decay=0.75,
-    batch_size=20,
-    vocab_size=10000,
     tied=True,
     locked_dropout_input=0.3,
     locked_dropout_hidden=0.2,
@@ -199,20 +168,7 @@ SMALL_REG: dict[str, Any] = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(
-        init_scale=0.1,
-        learning_rate=1.0,
-        max_grad_norm=5,
-        num_layers=2,
-        num_steps=20,
-        hidden_size=200,
-        max_epoch=4,
-        max_max_epoch=13,
-        keep_prob=1.0,
-        lr_decay=0.5,
-        batch_size=20,
-        vocab_size=10000,
-    ),
+    "small": {},  # PTBConfig's defaults
     "medium": dict(
         init_scale=0.05,
         learning_rate=1.0,
@@ -455,7 +411,6 @@ class PTBTask(Task):
         return torch.optim.SGD(model.parameters(), lr=self.learning_rate(0), weight_decay=c.weight_decay)
 
     def static_step(self) -> bool:
-        # the tutorial's model: every step is batch_size/N x num_steps words at the epoch's lr.
         # Variable lengths change shapes; the regularized model's capture is unverified on a GPU.
         return not self.config.vary_num_steps and Regularization.of(self.config).is_neutral()
 
@@ -467,11 +422,9 @@ class PTBTask(Task):
         return LOSS_LIMIT_TIMES_UNIFORM * math.log(self.config.vocab_size)
 
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: Any) -> StepOutput:
-        """Loss summed over time, averaged over this rank's rows (or, with ``loss_per_token``,
-        averaged over its tokens); DDP's gradient average over ranks then makes it the average
-        over the global batch. A per-token loss weighs a window of T steps as much as one of
-        num_steps, so its lr is scaled by T / num_steps (AWD-LSTM); a summed loss already grows
-        with T."""
+        """Loss summed over time and averaged over this rank's rows (or over its tokens with
+        ``loss_per_token``, whose lr is then scaled by T / num_steps for a window of T steps, as
+        AWD-LSTM does); DDP's average over ranks makes it the global batch's."""
         inputs, targets = batch
         words = inputs.numel()
         per_token = self.config.loss_per_token
