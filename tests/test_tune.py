@@ -407,6 +407,33 @@ def test_a_resumed_run_with_nothing_left_relays_its_last_epoch():
     assert already_finished(SimpleNamespace(metrics=None, checkpoint=None)) is None
 
 
+def test_a_trials_latest_train_run_is_found_by_the_name_its_runs_are_given(tmp_path):
+    """A trial of two workers has a Train run per start (its own, then PBT clones named after
+    their checkpoint): the report finds the one with the latest epoch among that trial's runs
+    alone, not those of a trial whose id it prefixes."""
+    from tune.spec import SearchSpec, train_run_name
+
+    spec = SearchSpec("ptb", "test", {}, {}, SearchSpace({}, {}), str(tmp_path), "s", workers_per_trial=2)
+    runs = {
+        train_run_name("t_00001"): 2,
+        train_run_name("t_00001", "/x/checkpoint_a"): 3,
+        train_run_name("t_000010"): 9,  # another trial
+        train_run_name("t_00002", "/x/checkpoint_b"): 7,
+    }
+    for run, epoch in runs.items():
+        folder = Path(spec.train_runs_dir) / run / "checkpoint_2026-01-01_00-00-00"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"epoch": epoch}))
+    assert report.trial_run_dir(spec, "t_00001") == str(Path(spec.train_runs_dir) / runs_named(runs, 3))
+    assert report.trial_run_dir(spec, "t_00002") == str(Path(spec.train_runs_dir) / runs_named(runs, 7))
+    assert report.trial_run_dir(spec, "t_00003") is None
+
+
+def runs_named(runs: dict[str, int], epoch: int) -> str:
+    [name] = [run for run, e in runs.items() if e == epoch]
+    return name
+
+
 def test_resumable_asha_replays_results(tmp_path):
     """The scheduler rebuilds its rungs from a restored trial's result.json."""
     from types import SimpleNamespace

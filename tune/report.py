@@ -32,7 +32,7 @@ from lstm import config as cfg
 from lstm import outputs, plots, storage
 from lstm.errors import UserError, run_cli
 from tune.schedulers import read_trial_results
-from tune.spec import SearchSpec, load_spec
+from tune.spec import SearchSpec, is_train_run_of, load_spec
 
 STATUS_DONE = "TERMINATED"
 STATUS_ERROR = "ERROR"
@@ -389,7 +389,7 @@ def trial_run_dir(spec: SearchSpec, trial_id: str) -> Optional[str]:
         return own
     best: Optional[tuple[int, str, str]] = None
     for run in storage.list_dir(spec.train_runs_dir):
-        if run != f"trial-{trial_id}" and not run.startswith(f"trial-{trial_id}-from-"):
+        if not is_train_run_of(run, trial_id):
             continue
         run_dir = storage.join(spec.train_runs_dir, run)
         try:

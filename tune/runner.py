@@ -31,7 +31,6 @@ read once, by the search's driver, and reaches every trial through Ray's object 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from tune import report
 from tune.board import SearchBoard
 from tune.bridge import Mailbox, relay_reports
 from tune.schedulers import make_scheduler
-from tune.spec import SearchSpec, save_spec, trial_folder_name
+from tune.spec import SearchSpec, save_spec, train_run_name, trial_folder_name
 
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes reserved per trial driver (it holds no CPU)
 PBT_CHECKPOINTS_TO_KEEP = 4
@@ -96,14 +95,6 @@ def check_resources(spec: SearchSpec, nodes: Optional[Sequence[cluster.Node]] = 
 # --------------------------------------------------------------------------- the trial
 
 
-def train_run_name(trial_id: str, start: Any) -> str:
-    """The Ray Train run of a trial. A trial that starts from a Tune checkpoint (PBT's clone
-    of another trial, or its own after a restore) starts a new run named after it."""
-    if start is None:
-        return f"trial-{trial_id}"
-    return f"trial-{trial_id}-from-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}"
-
-
 def trial_settings(spec: SearchSpec, *, storage_path: str, name: str) -> cfg.RunSettings:
     """The run settings of every trial of ``spec``: complete, as the search checked them."""
     return cfg.RunSettings(
@@ -134,7 +125,7 @@ def run_trial(
         run_worker(plan.loop_config(hooks), TuneSession(plan.run_dir))
         return
     start = rtune.get_checkpoint()
-    name = train_run_name(trial_id, start)
+    name = train_run_name(trial_id, start.path if start is not None else None)
     settings = trial_settings(spec, storage_path=spec.train_runs_dir, name=name)
     plan = RunPlan(spec.task_class, config, settings, data[0], pg_cleaner=False)
     result = relay_reports(

@@ -4,6 +4,7 @@ that ``--resume`` and ``python -m tune.report`` can rebuild it, and the trials' 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,6 +21,19 @@ TRAIN_RUNS = "train_runs"
 def trial_folder_name(trial_id: str) -> str:
     """A trial's folder in its search: short (Tune's default spells out every hyperparameter)."""
     return f"trial_{trial_id}"
+
+
+def train_run_name(trial_id: str, start_path: Optional[str] = None) -> str:
+    """The Ray Train run of a trial of several workers; one that starts from a Tune checkpoint
+    at ``start_path`` (PBT's clone, or a restore) starts a new run named after it."""
+    if start_path is None:
+        return f"trial-{trial_id}"
+    return f"trial-{trial_id}-from-{hashlib.sha1(start_path.encode()).hexdigest()[:8]}"
+
+
+def is_train_run_of(run: str, trial_id: str) -> bool:
+    """Whether the Train run folder ``run`` is one of the trial's (:func:`train_run_name`)."""
+    return run == train_run_name(trial_id) or run.startswith(f"{train_run_name(trial_id)}-from-")
 
 
 @dataclass(frozen=True)
