@@ -82,8 +82,11 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def jsonable(obj: Any) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import os
 import shutil
 import tarfile
@@ -72,14 +71,6 @@ DATASETS: dict[str, Dataset] = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LSTM_CACHE_DIR") or Path.home() / ".cache" / "lstm-ray")
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def normalise_text(raw: bytes) -> bytes:
@@ -149,13 +140,13 @@ def fetch(ds: Dataset, target: Path, *, timeout: float = 60.0) -> None:
         out = staging / "files"
         out.mkdir()
         if ds.archive_members:
-            if ds.archive_sha256 and sha256_of(blob) != ds.archive_sha256:
+            if ds.archive_sha256 and io.sha256_file(blob) != ds.archive_sha256:
                 raise UserError(f"the download of {ds.url} is corrupt (sha256 mismatch); try again or pass --data-dir")
             _extract(blob, ds, out)
         else:
             (out / next(iter(ds.files))).write_bytes(normalise_text(blob.read_bytes()))
         for name, digest in ds.files.items():
-            got = sha256_of(out / name)
+            got = io.sha256_file(out / name)
             if got != digest:
                 raise UserError(
                     f"the download of {ds.url} is corrupt: {name} has sha256 {got[:12]}..., "
