@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from lstm import config as cfg
 from lstm import storage, timings
@@ -73,12 +73,7 @@ def resolve_configs(task: type[Task], args: argparse.Namespace) -> tuple[cfg.Tas
     )
 
 
-def train_main(
-    task_name: str,
-    argv: Optional[Sequence[str]] = None,
-    *,
-    add_commands: Optional[Callable[[argparse.ArgumentParser], None]] = None,
-) -> int:
+def train_main(task_name: str, argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, train, print where the outputs are. Returns the exit status."""
     task = get_task(task_name)
     parser = build_parser(task)

@@ -217,17 +217,19 @@ def flag_name(field_name: str) -> str:
 
 def build(cls: Type[C], overrides: Mapping[str, Any], *, source: str = "config") -> C:
     """Instantiate ``cls`` from defaults + ``overrides`` (raw values), then validate."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - known)
+    unknown, known = unknown_fields(cls, overrides)
     if unknown:
-        raise UserError(
-            f"unknown {source} field(s) {', '.join(unknown)} for {cls.__name__}; "
-            f"known fields: {', '.join(sorted(known))}"
-        )
+        raise UserError(f"unknown {source} field(s) {unknown} for {cls.__name__}; known fields: {known}")
     values = {k: parse_value(_field_type(cls, k), v, k) for k, v in overrides.items()}
     config = cls(**values)
     config.validate()  # type: ignore[attr-defined]
     return config
+
+
+def unknown_fields(cls: type, values: Mapping[str, Any]) -> tuple[str, str]:
+    """The names in ``values`` that are no field of ``cls``, and its fields, each as a list in a message."""
+    known = {f.name for f in fields(cls)}
+    return ", ".join(sorted(set(values) - known)), ", ".join(sorted(known))
 
 
 CONFIG_FILE_FIX = "pass the path of a JSON file such as a search's best_config.json"
@@ -259,12 +261,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_file_values(cls: type, values: Mapping[str, Any], path: str | os.PathLike) -> None:
     """UserError naming the config file for a field ``cls`` lacks, or a value of the wrong type."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown, known = unknown_fields(cls, values)
     if unknown:
         raise UserError(
-            f"config file {path} has unknown field(s) {', '.join(unknown)} for {cls.__name__}; remove them, "
-            f"or pass the file to the job of its task (known fields: {', '.join(sorted(known))})"
+            f"config file {path} has unknown field(s) {unknown} for {cls.__name__}; remove them, "
+            f"or pass the file to the job of its task (known fields: {known})"
         )
     for name, value in values.items():
         try:

@@ -38,13 +38,8 @@ def learning_curves(
             pts = [(e["epoch"], e[key]) for e in epochs if isinstance(e.get(key), (int, float))]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=key)
-        ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_ylabel(ylabel)
-        if ylabel in log_y:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        label_axes(ax, "epoch", ylabel, log_y=ylabel in log_y)
     if title:
         fig.suptitle(title)
     return save(fig, path)
@@ -129,6 +124,13 @@ def xy_curve(
     for label, pts in series.items():
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=".", label=label)
+    label_axes(ax, xlabel, ylabel, log_x=log_x, log_y=log_y)
+    if title:
+        ax.set_title(title)
+    return save(fig, path)
+
+
+def label_axes(ax: Any, xlabel: str, ylabel: str, *, log_x: bool = False, log_y: bool = False) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_x:
@@ -137,6 +139,3 @@ def xy_curve(
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return save(fig, path)
