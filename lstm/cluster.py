@@ -1,17 +1,7 @@
-"""Connecting to Ray, and what a run may ask of the cluster, checked before any worker starts.
-
-* :func:`ensure_ray` joins the cluster a plain ``ray.init()`` joins (``$RAY_ADDRESS``, set by
-  ``ray job submit``, else the latest ``ray start`` on this machine) or starts a local instance;
-  an address where no cluster answers, or a cluster that wants a token this shell does not
-  send, stops the job with one line. A local instance's autoscaler monitor is killed at exit,
-  before Ray's shutdown would wait a second for it (:mod:`lstm.ray_private`).
-* :func:`plan_workers` fills in ``--cpus-per-worker 0`` (a fair share) and refuses a worker
-  group that can never be placed: "64 workers x 1 CPU requested, the cluster has 2 CPUs".
-  Ray Train itself would wait for it forever. On a cluster whose autoscaler can add nodes it
-  waits instead, printing a line every 15 s, for ``--wait-for-workers-s`` seconds at most.
-* :func:`check_shared_storage` refuses a local storage path on a multi-node cluster: since
-  Ray 2.7 checkpoints are not copied to the head, so they would be scattered over the nodes.
-"""
+"""Joining Ray, and what a run may ask of the cluster, checked before any worker starts: an
+address that does not answer or wants a token, a worker group that can never be placed (Ray
+Train would wait forever; with an autoscaler it waits ``--wait-for-workers-s``), local storage
+on several nodes (checkpoints would be scattered over them)."""
 
 from __future__ import annotations
 
@@ -31,31 +21,18 @@ from lstm.ray_private import STATE_TRACKING, stop_autoscaler_monitor
 
 logger = logging.getLogger(__name__)
 
-# What the job's actors (Tune's trial actors, Ray Train's controllers and workers) run with.
-# * Ray Train V2 patches print() on workers to also go through its logger, which shows every
-#   line twice in the driver's output; the loop's own lines are enough.
-# * State tracking: every Ray Train run registers with Ray Train's state actor (a detached
-#   actor on the head), which the dashboard's /api/train/v2/runs/v1 reads. TorchTrainer.fit()
-#   reads the variable in the process that calls it: the job's driver, and for a search each
-#   trial's actor. The dashboard itself needs nothing (see docs/dashboards.md).
-# * Task events: a worker sends its finished tasks to the GCS in batches, every second by
-#   default. Tune ends a one-worker trial's actor right after its last call, and a call whose
-#   batch had not left when the actor ended counts as FAILED on the job's page; every 0.1 s
-#   narrows that window tenfold for a little more traffic to the GCS.
+# The job's actors run with: no print patch (Ray Train V2 would show every worker line twice);
+# state tracking (the dashboard's Train page reads Ray Train's state actor); task events sent
+# every 0.1 s instead of 1 s, so that a one-worker trial's last call reaches the GCS before
+# Tune ends its actor (else the job's page counts it FAILED).
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", STATE_TRACKING: "1", "RAY_task_events_report_interval_ms": "100"}
 # Set in this process unless the user set them; Ray Train passes them on to its controller and
-# workers, so they hold under the caller's own ray.init() too (the print patch: see WORKER_ENV).
-# The controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's
-# default 2 s) and sees a report, a finished run or a failure only at a poll: 0.5 s saves
-# seconds per run for a health check that costs one small remote call per worker.
+# workers. The controller sees a report or an end only when it polls its workers: every 0.5 s
+# instead of Ray's 2 s saves seconds per run for one small remote call per worker.
 DRIVER_ENV = {STATE_TRACKING: "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-# On a local instance the job starts (one node, a worker per core at most) the poll is 0.1 s:
-# a run's end is seen within 0.1 s of its last report. Nothing drains such a node either, so
-# Ray Train's preemption watcher (an actor per run) has nothing to watch.
+# On the job's own local instance: a poll every 0.1 s, and no preemption watcher (nothing drains it).
 LOCAL_DRIVER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-# A local instance starts idle worker processes for its first driver, as many as it has CPUs,
-# for the driver's tasks. A run has none: Ray Train starts its controller and workers as actors
-# in processes of their own, so the idle ones only take CPU while the run starts.
+# No idle workers prestarted for the first driver: a run's actors get processes of their own.
 LOCAL_RAY_CONFIG = {"RAY_prestart_worker_first_driver": "0"}
 AUTOSCALER_WAIT_S = 600.0  # --wait-for-workers-s -1 (auto) on a cluster with an autoscaler
 PROGRESS_EVERY_S = 15.0
@@ -78,11 +55,8 @@ def is_gcs_address(address: str) -> bool:
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> None:
-    """Refuse, with one line, an address ``ray.init()`` cannot use: an HTTP one (the
-    dashboard's, which `ray job submit` takes and Ray's docs export as $RAY_ADDRESS), or a
-    ``host:port`` where nothing listens, which ``ray.init()`` would retry for minutes, warning
-    every few seconds (what a ``ray start --head --block`` stopped with Ctrl-C leaves behind
-    for the next ``ray.init()``). Ray Client's ``ray://`` and ``auto`` are left to Ray."""
+    """Refuse, with one line, an HTTP address (the dashboard's) or a ``host:port`` where nothing
+    listens (``ray.init()`` would retry it for minutes); ``ray://`` and ``auto`` are Ray's."""
     if address.startswith(("http://", "https://")):
         raise UserError(
             f"$RAY_ADDRESS={address} is an HTTP address (the dashboard's, for `ray job submit --address`); a job "
@@ -109,10 +83,8 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 def ensure_ray() -> bool:
-    """Join the cluster of :func:`ray_address` (the job's cluster under ``ray job submit``, or
-    a ``ray start --head`` on this machine) or start a local instance; nothing if Ray is
-    already up. True when the instance is a local one of this process (started here, or by
-    the caller's own ``ray.init()``): it ends with the process."""
+    """Join the cluster of :func:`ray_address` or start a local instance; nothing if Ray is
+    already up. True when the instance is this process's own and ends with it."""
     import ray
 
     if ray.is_initialized():  # the caller's ray.init(), or an earlier run's
@@ -129,9 +101,8 @@ def ensure_ray() -> bool:
     else:
         check_address(address)
         if is_gcs_address(address):
-            # The cluster's GCS address, for the job's actors: Ray Train's placement-group
-            # cleaner looks its controller up through the state API, which otherwise guesses
-            # "the" cluster and can find another Ray instance on the same machine.
+            # For the job's actors: Ray Train's placement-group cleaner finds its controller through
+            # the state API, which otherwise may find another Ray instance on this machine.
             env["RAY_ADDRESS"] = address
     # A variable the job's own runtime env sets (`ray job submit --runtime-env-json`) is left to
     # it: Ray refuses to merge two runtime envs that set the same variable.
@@ -170,10 +141,8 @@ def init_ray(address: Optional[str], env: dict[str, str]) -> None:
 
 
 def token_refused(error: BaseException) -> bool:
-    """Whether a failed ``ray.init`` was the cluster refusing this process's token (a missing
-    ``RAY_AUTH_MODE=token`` in the shell that joins a ``ray start --head``, typically). Ray
-    retries for about 20 s, then raises a ConnectionError whose cause holds Ray's
-    ``AuthenticationError``, as an object or as the text of a traceback."""
+    """Whether a failed ``ray.init`` was the cluster refusing this process's token: Ray's
+    ``AuthenticationError`` somewhere in the ConnectionError's causes, as an object or as text."""
     import ray.exceptions
 
     while error is not None:
@@ -211,12 +180,9 @@ def alive_nodes(raw: Optional[Sequence[dict[str, Any]]] = None) -> list[Node]:
 
 
 def auto_cpus_per_worker(num_workers: int, gpus_per_worker: float, nodes: Sequence[Node]) -> int:
-    """CPUs per worker for ``--cpus-per-worker 0``: a fair share that still fits.
-
-    GPU workers: the fewest CPUs per GPU of any GPU node, times the worker's GPUs (so each
-    GPU keeps a worker). CPU workers: the cluster's CPUs split evenly over the workers, but no
-    more than the largest node has (a worker cannot span nodes). On a 2-core machine one
-    worker gets both cores, two workers one each."""
+    """CPUs per worker for ``--cpus-per-worker 0``: on GPUs, the fewest CPUs per GPU of any
+    GPU node times the worker's GPUs; on CPUs, the cluster's CPUs split evenly over the
+    workers, but no more than the largest node has (a worker cannot span nodes)."""
     if gpus_per_worker:
         shares = [n.resources.get("CPU", 0) / n.resources["GPU"] for n in nodes if n.resources.get("GPU")]
         return max(1, int(min(shares) * min(gpus_per_worker, 1.0))) if shares else 1
@@ -256,9 +222,8 @@ def describe_nodes(nodes: Sequence[Node], *, gpus: bool = False) -> str:
 
 
 def autoscaler_can_add_nodes() -> bool:
-    """Whether an autoscaler with node types of its own runs (the cluster launcher's, or
-    KubeRay's), from the status Ray's monitor keeps; False if it cannot be read (the run then
-    fails fast rather than wait)."""
+    """Whether an autoscaler with node types of its own runs, from Ray's monitor's status;
+    False if that cannot be read (the run then fails fast rather than wait)."""
     report = ray_private.autoscaler_status() or {}
     types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
     # Without an autoscaler the monitor mirrors each live node as a type "node_<id>".
@@ -266,8 +231,7 @@ def autoscaler_can_add_nodes() -> bool:
 
 
 def request_nodes(bundles: list[dict[str, float]]) -> None:
-    """Ask the autoscaler for room for ``bundles`` (Ray's public ``request_resources``; an empty
-    list withdraws the request). Waiting alone would not do: the autoscaler adds nodes only for
+    """Ask the autoscaler for room for ``bundles`` ([] withdraws it): it adds nodes only for
     demand it sees, and the worker group's own request comes after the wait."""
     from ray.autoscaler.sdk import request_resources
 

@@ -1,22 +1,11 @@
-"""Every use of Ray's private APIs, in one module.
+"""Every use of Ray's private APIs, each a workaround for something Ray 2.60 does or lacks.
 
-Each piece below works around something Ray 2.60 does, or lacks, and reaches into Ray's
-private modules to do it. Each degrades to one warning if a Ray upgrade moves what it relies on,
-so a run never fails over one of them. Each also has a strict accessor, a function whose name
-starts with ``reach_``, that raises instead of warning. tests/test_ray_private.py calls every
-accessor, so an upgrade that breaks a workaround fails a test rather than silently costing
-its gain.
-
-The workarounds, and what each saves:
-
-* :func:`slim_trainer` -- no Ray Data actor per run (runs have no Datasets), and no
-  placement-group cleaner on a local instance the job owns;
-* :func:`quiet_train_reports` -- no INFO line with the whole metrics dict per report;
-* :func:`latest_ray_start_address` -- a job joins the latest ``ray start`` as ``ray.init()`` would;
-* :func:`stop_autoscaler_monitor` -- a local instance exits a second sooner;
-* :func:`start_train_actors` -- Ray Train's cluster-wide actors start while the driver checks;
-* :func:`autoscaler_status` -- a run waits for nodes only where an autoscaler can add them;
-* :func:`release_orphans` -- a search frees stopped Train trials' workers without a dashboard.
+Each degrades to one warning if a Ray upgrade moves what it relies on, and has a strict
+accessor (``reach_*``) that raises instead, which tests/test_ray_private.py calls, so an
+upgrade that breaks a workaround fails a test. They save: a Ray Data actor and a placement-
+group cleaner per run (:func:`slim_trainer`), an INFO line per report, a second at a local
+instance's exit, the wait for Ray Train's actors; they find the latest ``ray start`` and an
+autoscaler, and free a search's stopped trials' workers without a dashboard.
 """
 
 from __future__ import annotations
@@ -67,17 +56,11 @@ def reach_placement_group_cleaner_callback() -> type:
 
 
 def slim_trainer(base: type, *, pg_cleaner: bool = True) -> type:
-    """``base`` (TorchTrainer) without the default callbacks of Ray Train 2.60 that start an
-    actor per run -- one more process each, importing Ray Train or Ray Data, CPU that a small
-    machine misses while the run starts -- where the run has no use for them:
-
-    * the Ray Data callback (a ``DatasetManager``) when the run has no Ray Datasets, as ours
-      never do (each worker gets its data through the object store);
-    * the placement-group cleaner, a detached actor that removes the workers' placement group
-      if the controller dies, unless ``pg_cleaner`` (:attr:`lstm.plan.RunPlan.pg_cleaner` says
-      where nothing needs it). It also finds its controller through Ray's state API, which
-      guesses "the" cluster: beside another Ray instance on the machine it fails with a
-      traceback ("Found multiple active Ray instances")."""
+    """``base`` (TorchTrainer) without the default callbacks that start an actor per run (a
+    process and CPU a small machine misses at start) where the run has no use for them: Ray
+    Data's ``DatasetManager`` when the run has no Datasets (ours never do), and the placement-
+    group cleaner unless ``pg_cleaner`` (:attr:`lstm.plan.RunPlan.pg_cleaner`; it also fails
+    beside another Ray instance on the machine, "Found multiple active Ray instances")."""
     datasets = _reached(reach_datasets_callback, "every run starts Ray Train's DatasetManager actor")
     cleaner = (
         _reached(reach_placement_group_cleaner_callback, "every run starts Ray Train's PlacementGroupCleaner")
@@ -130,10 +113,9 @@ def reach_address_lookup() -> Callable[[Optional[str], Optional[str]], Optional[
 
 
 def latest_ray_start_address() -> Optional[str]:
-    """The cluster a plain ``ray.init()`` joins: ``$RAY_ADDRESS``, else the cluster of the
-    latest ``ray start`` on this machine (Ray keeps its address in ``ray_current_cluster``
-    under its temp dir, until ``ray stop``). ConnectionError for ``RAY_ADDRESS=auto`` with no
-    cluster. If Ray's lookup moves, warn and read ``$RAY_ADDRESS`` alone."""
+    """The cluster a plain ``ray.init()`` joins: ``$RAY_ADDRESS``, else the latest ``ray start``
+    on this machine; ConnectionError for ``RAY_ADDRESS=auto`` with no cluster. If Ray's lookup
+    moves, warn and read ``$RAY_ADDRESS`` alone."""
     try:
         lookup = reach_address_lookup()
     except ImportError as e:
@@ -171,11 +153,9 @@ def runs_local_instance() -> bool:
 
 
 def stop_autoscaler_monitor() -> None:
-    """Kill the autoscaler monitor of the local instance this process started, while its GCS
-    still runs: what Ray's shutdown does to it a second later. Ray stops the GCS first and then
-    sends the monitor SIGTERM, whose handler tries to report its end to that GCS; Ray waits one
-    second for it to exit, then kills it (``_kill_process_impl`` in ``ray/_private/node.py``).
-    A local instance has no nodes to add, so the monitor has nothing left to do at the end."""
+    """Kill the local instance's autoscaler monitor while its GCS still runs: Ray's shutdown
+    stops the GCS first, then waits a second for the monitor's SIGTERM handler to give up
+    reporting to it. A local instance has no nodes to add, so the monitor has nothing to do."""
     try:
         for process in reach_monitor_processes():
             process.kill()
@@ -195,13 +175,10 @@ def reach_train_actor_factories() -> tuple[Callable[[], Any], Callable[[], Any]]
 
 
 def start_train_actors() -> None:
-    """Create Ray Train's two cluster-wide actors now, from this driver, without waiting for
-    them. Each run's controller otherwise creates them itself, one after the other, and waits
-    for each before it places its workers. A job calls this when it started its own local
-    instance; a search of Ray Train trials always does, for the state actor (its first trials'
-    controllers would race to create it, and each loser leaves a failed task on the job's
-    dashboard page). Both are detached named actors that Ray Train gets or creates with the same
-    options, so creating them earlier changes nothing else."""
+    """Create Ray Train's two cluster-wide detached actors now, without waiting: each run's
+    controller would otherwise create them one after the other before placing its workers, and
+    a search's first controllers would race to create the state actor (each loser a failed task
+    on the dashboard). Ray Train gets them with the same options, so nothing else changes."""
     try:
         coordinator, state_actor = reach_train_actor_factories()
         coordinator()
@@ -231,14 +208,10 @@ def autoscaler_status() -> Optional[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- stopped trials' workers
 #
-# When Tune stops a trial of two or more workers (ASHA, PBT, the time budget) it kills the
-# trial's actor, and with it the Ray Train controller the trial started. Ray 2.60's Train V2
-# then relies on a detached PlacementGroupCleaner actor to remove the run's worker placement
-# group -- and that actor asks Ray's State API, which only works while the Ray dashboard runs.
-# Without one the placement group is never removed: its CPUs stay reserved until the driver
-# exits, and after a few stopped trials the next trial waits forever for workers. So the
-# search's driver removes the placement groups of its dead controllers itself, reading the
-# tables straight from the GCS.
+# Tune kills a stopped Train trial's actor and its controller; Ray 2.60 then leaves removing the
+# workers' placement group to a cleaner actor that needs the dashboard's State API. Without one
+# the CPUs stay reserved and later trials wait forever, so the search's driver removes the
+# placement groups of its dead controllers itself, from the GCS's tables.
 
 
 def reach_gcs_tables() -> tuple[list[Any], list[Any], str, int, int]:

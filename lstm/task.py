@@ -1,34 +1,15 @@
 """The contract between a task and the loop that trains it, and the registry of tasks.
 
-A task says what differs between workloads -- data, model, loss, metrics, samples, plots,
-and how a search explores it -- and nothing about Ray, DDP, devices, checkpoints or
-reporting, which :mod:`lstm.loop` does once for all tasks. ``docs/design.md`` walks through
-adding one.
+A task says what differs between workloads (data, model, loss, metrics, plots, its search)
+and nothing of Ray, DDP, devices, checkpoints or reporting, which :mod:`lstm.loop` does once.
+Its class methods run once on the driver (``read_data``'s result reaches the workers through
+the object store); an instance per worker runs the rest, always on the task's own model,
+never a DDP wrapper (``train_step`` runs inside DDP's forward: :class:`lstm.step.StepModule`).
 
-Two sides:
-
-* **driver** (class methods, run once before any worker starts): :meth:`Task.read_data`
-  reads (or downloads) the data and :meth:`Task.check` checks the config against it and the
-  worker count. What ``read_data`` returns reaches every worker through Ray's object store,
-  so no worker reads or downloads anything. :meth:`Task.plot` draws a finished run.
-* **worker** (an instance per Ray Train worker, ``task = cls(config, worker)``, made once):
-  :meth:`Task.setup` takes this rank's share of the data; the other hooks build the model and
-  optimizer, yield batches, compute a step's loss and evaluate.
-
-The model the hooks receive is always the task's own ``nn.Module``, already on the worker's
-device, never a DDP wrapper: the loop runs :meth:`Task.train_step` *inside* DDP's forward
-(see :class:`lstm.step.StepModule`), so gradients are averaged over the workers without the
-task knowing.
-
-The loop relies on:
-
-* ``train_batches`` yields the **same number of batches on every rank** (DDP all-reduces
-  gradients in lock-step), drawn from that rank's own shard;
-* ``train_step`` returns the loss to back-propagate plus *sums* (summed loss, token count);
-  the loop adds the sums over steps and over workers and ``summarize`` turns the global sums
-  into metrics, so reported metrics are global, not rank 0's;
-* everything kept in the history (``epoch_extras``, ``after_step``) is JSON-able, so a
-  ``results.json`` is enough to redraw every plot.
+The loop relies on: the same number of ``train_batches`` on every rank (DDP's lock-step);
+*sums* from ``train_step`` and ``evaluate``, which it adds over steps and workers, so metrics
+are global; JSON-able history (``epoch_extras``, ``after_step``), so results.json redraws
+every plot.
 """
 
 from __future__ import annotations
@@ -52,8 +33,8 @@ class StepOutput:
     """What one training step hands back to the loop."""
 
     loss: torch.Tensor  # scalar to call backward() on
-    # Additive statistics, e.g. {"loss_sum": ..., "words": ...}. A value may be a detached
-    # scalar tensor: the loop sums those on the device, so a GPU step needs no host sync.
+    # Additive statistics ({"loss_sum": ..., "words": ...}); a detached scalar tensor is summed
+    # on the device, so a GPU step needs no host sync.
     sums: dict[str, float | torch.Tensor]
     samples: int  # units processed (words, chars, shapes): for samples/sec
     mean_loss: torch.Tensor  # detached loss per unit, compared with Task.loss_limit
@@ -161,9 +142,8 @@ class Task(ABC):
         """Forward one batch; return the loss to back-propagate and additive sums."""
 
     def static_step(self) -> bool:
-        """True when every ``train_step`` of a run has the same tensor shapes and returns
-        ``lr_scale`` 1 (no variable-length BPTT): then a GPU run may capture the whole step in a
-        CUDA graph (:class:`lstm.step.CapturedStepper`). False, the safe default, keeps the eager step."""
+        """True when every step has the same tensor shapes and ``lr_scale`` 1, so that a GPU run
+        may capture it in a CUDA graph (:class:`lstm.step.CapturedStepper`)."""
         return False
 
     def after_step(self, model: nn.Module, examples_seen: int) -> Optional[dict[str, Any]]:
