@@ -1,29 +1,9 @@
-"""A run's checkpoints: what one holds, writing it, and reading it back intact.
+"""A run's checkpoints: writing one, and finding and reading back an intact one.
 
-A checkpoint is a folder (Ray Train's ``checkpoint_*``, local or in remote storage) with
-
-* ``model.pt`` -- the model's ``state_dict`` (never a DDP wrapper's),
-* ``optimizer.pt`` -- the optimizer's ``state_dict``,
-* ``state.json`` -- task, config, epoch, elapsed time, the task's ``meta`` (e.g. the
-  vocabulary) and the history of every epoch's metrics so far,
-* ``manifest.json`` -- ``{"format": 1, "epoch": N, "files": {name: {"size": bytes, "sha256":
-  hex}}}`` for each of the three files above.
-
-Each file is written atomically and the manifest last, so a checkpoint with a manifest was
-complete when it was written; Ray Train then copies the folder into the run folder, file by
-file (a reader during that copy may find a file missing: it skips the checkpoint as damaged). A
-checkpoint is *intact* when each file has the size and SHA-256 its manifest says and loads. A
-checkpoint without a manifest (written before manifests existed) counts as intact unless a file
-fails to load. Reading a damaged one raises :class:`Damaged`, whose message starts with the
-file at fault (``model.pt is 1234 bytes, the manifest says 5678``).
-
-Two readers, both local or remote, both skipping damaged checkpoints of a run folder with one
-line that names each one skipped and why:
-
-* :func:`resume_source` -- the loop's resume: the ``Checkpoint`` Ray gives, else the newest
-  intact checkpoint of the run folder; a one-line UserError when none is left.
-* :func:`load` -- a folder a user passes (``score``, ``generate``, ``sample``): a checkpoint
-  folder (one-line UserError if it is damaged) or a run folder (its newest intact checkpoint).
+A ``checkpoint_*`` folder holds ``model.pt``, ``optimizer.pt``, ``state.json`` (task, config,
+epoch, the task's ``meta``, the history) and, written last, ``manifest.json`` (each file's size
+and SHA-256). It is intact when every file matches and loads; else :class:`Damaged` names the
+file. :func:`resume_source` and :func:`load` fall back to the newest intact one, a line each skip.
 """
 
 from __future__ import annotations
@@ -122,9 +102,7 @@ def _torch_load(path: Path) -> Any:
 
 
 def check(directory: Path) -> Optional[dict[str, Any]]:
-    """Compare the files of the local checkpoint folder ``directory`` with its manifest:
-    :class:`Damaged` naming the first that differs. Returns the manifest, or None for a
-    checkpoint written without one."""
+    """:class:`Damaged` naming the first file of ``directory`` its manifest disagrees with; the manifest."""
     if not (directory / MANIFEST_FILE).is_file():
         return None
     manifest = _read_json(directory / MANIFEST_FILE)
@@ -147,8 +125,7 @@ def check(directory: Path) -> Optional[dict[str, Any]]:
 
 
 def read(directory: Path, location: str = "", *, optimizer: bool = True) -> Contents:
-    """The checkpoint in the local folder ``directory`` (``location``: where it is, for
-    messages), checked against its manifest and loaded; :class:`Damaged` if it is not intact."""
+    """The checkpoint in the local folder ``directory``, checked and loaded; :class:`Damaged` if not intact."""
     check(directory)
     state = _read_json(directory / STATE_FILE)
     if not (
@@ -180,8 +157,7 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def task_config(contents: Contents, task: Any) -> Any:
-    """The config a checkpoint of ``task`` (a Task class) was trained with, built and checked;
-    a one-line UserError for a checkpoint of another task."""
+    """The checked config a checkpoint of ``task`` was trained with; a UserError for another task's."""
     found = contents.state["task"]
     if found != task.name:
         raise UserError(
@@ -216,6 +192,13 @@ def load_model(model: nn.Module, contents: Contents) -> None:
 # --------------------------------------------------------------------------- a run folder
 
 
+def checkpoint_location(checkpoint: Any, run_dir: str) -> str:
+    """A Ray ``Checkpoint`` of the run as a location a user can pass back (Ray drops a URI's scheme)."""
+    if checkpoint is None:
+        raise UserError(f"the run at {storage.display(run_dir)} reported no checkpoint; see the worker logs above")
+    return storage.join(run_dir, os.path.basename(checkpoint.path.rstrip("/")))
+
+
 def is_checkpoint_name(name: str) -> bool:
     """A Ray Train checkpoint folder's name (not its checkpoint_manager_snapshot.json)."""
     return name.startswith(PREFIX) and not name.endswith(".json")
@@ -237,15 +220,13 @@ def _epoch(location: str) -> int:
 
 
 def candidates(run_dir: str) -> list[str]:
-    """The names of the checkpoint folders of ``run_dir``, newest first: by epoch, then by
-    name (Ray Train's names are timestamps, Tune's are counters); unknown epochs last."""
+    """The run's checkpoint folder names, newest first: by epoch, then name; unknown epochs last."""
     names = [name for name in storage.list_dir(run_dir) if is_checkpoint_name(name)]
     return sorted(names, key=lambda name: (_epoch(storage.join(run_dir, name)), name), reverse=True)
 
 
 def latest(location: str) -> str:
-    """The newest complete checkpoint (by epoch) of a run folder, or ``location`` itself if it
-    is a checkpoint folder; local or remote. UserError if there is none."""
+    """The newest checkpoint (by epoch) of a run folder, or ``location`` if it is one; UserError if none."""
     if storage.exists(storage.join(location, STATE_FILE)):
         return location
     found = []
@@ -272,8 +253,7 @@ def read_location(location: str, *, optimizer: bool = True) -> Contents:
 def newest_intact(
     run_dir: str, *, tried: Sequence[str] = (), optimizer: bool = True
 ) -> tuple[Optional[Contents], Skipped]:
-    """The newest intact checkpoint of ``run_dir`` but those named in ``tried`` (None if there
-    is none), and each newer one skipped."""
+    """The newest intact checkpoint of ``run_dir`` but those in ``tried`` (or None), and each newer one skipped."""
     skipped: Skipped = []
     for name in candidates(run_dir):
         if name in tried:
@@ -294,8 +274,7 @@ def describe(skipped: Skipped, sep: str = ": ") -> str:
 
 
 def _in_folder(checkpoint: Any, run_dir: str) -> bool:
-    """Whether the Ray ``Checkpoint`` is one of the run folder ``run_dir``'s checkpoints (a
-    PBT clone starts from another trial's)."""
+    """Whether the Ray ``Checkpoint`` is one of ``run_dir``'s (a PBT clone starts from another trial's)."""
     if not run_dir:
         return False
     _, path = storage.filesystem(run_dir)
@@ -306,9 +285,7 @@ def _in_folder(checkpoint: Any, run_dir: str) -> bool:
 
 
 def resume_source(checkpoint: Any, run_dir: str = "") -> tuple[Contents, Skipped]:
-    """What a run resumes from: the Ray ``Checkpoint`` it is given if that is intact, else,
-    when that is one of the run folder ``run_dir``'s, the newest intact checkpoint there; and
-    each checkpoint skipped. One-line UserError when none is intact."""
+    """The intact checkpoint a run resumes from (Ray's, else its run folder's newest), and those skipped."""
     name = str(checkpoint.path).rstrip("/").rpartition("/")[2]
     ours = _in_folder(checkpoint, run_dir)
     where = storage.display(storage.join(run_dir, name)) if ours else str(checkpoint.path)
@@ -338,9 +315,7 @@ def _is_checkpoint_folder(location: str) -> bool:
 
 
 def load(location: str | os.PathLike, *, label: str, optimizer: bool = False) -> Contents:
-    """The checkpoint a user passes, local or remote: a checkpoint folder (one-line UserError
-    naming the file if it is damaged), or a run folder: its newest intact checkpoint, with one
-    line on stderr naming each newer one skipped (``[label] skipped ...``)."""
+    """The checkpoint a user names: a checkpoint folder, or a run folder's newest intact one (a line per skip)."""
     location = str(location)
     shown = storage.display(location)
     if not storage.exists(location):

@@ -1,8 +1,5 @@
-"""Files in and out. In: the files and folders a user names (a config file, a text to score,
-a corpus, a data folder), read with one-line errors. Out: atomic writes (a temporary file in
-the same folder, fsync, rename), so that a reader (or a restarted job) sees either the old file
-or the complete new one, never half; :func:`sha256_file` is the checksum a checkpoint's
-manifest records of each file.
+"""Local files: reading a file or folder a user names, with one-line errors, and writing one
+atomically (a temporary file beside it, fsync, rename: a reader sees the old file or the new).
 """
 
 from __future__ import annotations
@@ -18,10 +15,8 @@ from lstm.errors import UserError
 
 
 def read_text(path: str | os.PathLike, *, what: str, fix: str) -> str:
-    """The UTF-8 text of a file a user named (a leading byte-order mark dropped, line ends made
-    ``\\n``). A missing path, a folder, an unreadable file or one that is not UTF-8 raises a
-    one-line UserError ``<what> <path> <problem>; <fix>``, e.g. ``what="--text"``, ``fix="pass
-    the path of a text file"``."""
+    """The UTF-8 text of a file a user named (no BOM, ``\\n`` line ends); a missing path, a
+    folder, an unreadable or non-UTF-8 file is a UserError ``<what> <path> <problem>; <fix>``."""
     p = Path(path).expanduser()
     try:
         return p.read_text(encoding="utf-8-sig")
@@ -38,8 +33,7 @@ def read_text(path: str | os.PathLike, *, what: str, fix: str) -> str:
 
 
 def existing_folder(path: str | os.PathLike, *, what: str, fix: str) -> Path:
-    """``path`` as a Path if it is a folder; else a one-line UserError ``<what> <path> does not
-    exist`` or ``... is a file, not a folder``, then ``; <fix>``."""
+    """``path`` if it is a folder; else a one-line UserError ``<what> <path> <problem>; <fix>``."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{what} {p} does not exist; {fix}")

@@ -1,18 +1,10 @@
-"""What a run leaves in its run folder besides Ray Train's ``checkpoint_*`` folders:
-
-* ``results.json`` -- task, config, every epoch's metrics (enough to redraw every plot) and
-  the final checkpoint's location, written when the run ends;
-* the task's PNG plots (``learning_curve.png``, ...), drawn from ``results.json``;
-* ``tensorboard/`` -- every reported scalar as it arrives, written by
-  :class:`lstm.callbacks.TensorBoardCallback` in the Ray Train controller, so TensorBoard
-  shows a run live.
-
-All of it goes through :mod:`lstm.storage`, so a run on S3 gets the same files.
+"""What a finished run leaves beside its checkpoints: ``results.json`` (config, every epoch's
+metrics, enough to redraw every plot) and the task's plots, through :mod:`lstm.storage`.
+(``tensorboard/`` is written live, by :class:`lstm.callbacks.TensorBoardCallback`.)
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -27,8 +19,7 @@ TENSORBOARD_DIR = "tensorboard"
 
 @dataclass
 class Run:
-    """A finished run: what :func:`lstm.train` returns (and a job prints). Locations are local
-    paths or URIs, as the storage path is."""
+    """A finished run: what :func:`lstm.train` returns; locations are paths or URIs, as the storage path is."""
 
     task: str
     run_dir: str
@@ -48,10 +39,7 @@ def collect(
     extra: Optional[dict[str, Any]] = None,
     timings: Optional[Callable[[list[dict[str, Any]]], dict[str, float]]] = None,
 ) -> Run:
-    """Read the history from the final checkpoint (a folder or URI); write results.json and
-    the plots into the run folder. ``timings(history)`` gives the run's lstm.timings once the
-    plots are written: results.json keeps them under "timings", and its ``wall_time_s`` is then
-    their ``total_s``, the whole command's (else the training's own elapsed time)."""
+    """Write results.json and the plots from the final checkpoint; ``timings`` adds the command's time line."""
     state = storage.read_json(storage.join(checkpoint_path, ckpt.STATE_FILE))
     history = state.get("history", [])
     results = {
@@ -80,14 +68,6 @@ def collect(
         plots=[storage.join(run_dir, name) for name in plots],
         timings=results.get("timings", {}),
     )
-
-
-def checkpoint_location(checkpoint: Any, run_dir: str) -> str:
-    """A Ray ``Checkpoint`` of the run as a path or URI a user can pass back (Ray gives
-    remote paths without their scheme): the run folder joined with the checkpoint's name."""
-    if checkpoint is None:
-        raise UserError(f"the run at {storage.display(run_dir)} reported no checkpoint; see the worker logs above")
-    return storage.join(run_dir, os.path.basename(checkpoint.path.rstrip("/")))
 
 
 def load_results(run_dir: str) -> dict[str, Any]:

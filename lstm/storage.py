@@ -1,25 +1,9 @@
-"""Where runs and searches live: a local folder or a URI (``s3://bucket/prefix``), handled here
-and nowhere else.
-
-Every read and write of a run's files goes through :mod:`pyarrow.fs`, the filesystem layer
-Ray Train and Tune use for their own ``storage_path``, so a path that Ray accepts works here
-too, including a URI that carries its options in the query string
-(``s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http``): :func:`join` puts the
-run name into the path, before the query. A location is printed with its query
-(:func:`display`), so a printed folder can be passed back as it is (``--checkpoint``).
-Credentials are never part of a location: a URI carrying them is refused (:func:`filesystem`),
-and :func:`display` masks them.
-
-An S3 error with a known cause (credentials refused, no such bucket, endpoint unreachable)
-becomes a one-line :class:`UserError` naming the cause and the fix (:func:`_named_errors`).
-
-Local writes go to a temporary file that is renamed into place; an S3 object appears whole
-when its upload completes. Either way a reader sees the old file or the new one, never half.
-
-Default root: ``--storage-path``, else ``$LSTM_RAY_STORAGE``, else ``~/lstm-ray/runs``. The
-default is absolute and outside the working directory, so a job started with
-``ray job submit --working-dir .`` (whose working directory is Ray's temporary copy of the
-upload) still writes where its user will find it.
+"""Run and search folders, local or remote (``s3://bucket/prefix``): naming them, and every
+read and write of their files, through :mod:`pyarrow.fs` as Ray's ``storage_path`` is, query
+options included (:func:`display` prints them, so a printed folder can be passed back). A URI
+carrying credentials is refused; S3 errors of a known cause are one line; a write is whole or
+absent. The default root is absolute, so a job under ``ray job submit`` writes where its user
+will find it.
 """
 
 from __future__ import annotations
@@ -68,8 +52,7 @@ def parent_and_name(location: str) -> tuple[str, str]:
 
 
 def resolve_root(storage_path: str = "") -> str:
-    """The storage root: ``storage_path``, else ``$LSTM_RAY_STORAGE``, else ``~/lstm-ray/runs``;
-    a local root is made absolute (Ray needs an absolute path or a URI)."""
+    """``storage_path``, else ``$LSTM_RAY_STORAGE``, else ``~/lstm-ray/runs``; a local root made absolute."""
     root = storage_path or os.environ.get(STORAGE_ENV) or DEFAULT_ROOT
     if is_remote(root):
         return root
@@ -107,8 +90,7 @@ def check_name(name: str) -> str:
 
 
 def locate(storage_path: str, name: str, default_prefix: str) -> Location:
-    """The folder of a run or search: the resolved root (see :func:`resolve_root`) and the
-    name (:func:`check_name`), by default ``<default_prefix>-YYYYmmdd-HHMMSS``."""
+    """The folder of a run or search: the root and the name, by default ``<default_prefix>-YYYYmmdd-HHMMSS``."""
     name = check_name(name) if name else f"{default_prefix}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     return Location(resolve_root(storage_path), name)
 
@@ -118,8 +100,7 @@ MASK = "***"
 
 
 def display(location: str) -> str:
-    """A location as a user reads it and passes it back: the URI with its query options, any
-    credentials in it (``user:password@``, ``secret_key=...``) masked."""
+    """A location as a user passes it back: the URI with its query, any credentials in it masked."""
     if not is_remote(location) or not _credentials_in(location):
         return location
     parts = urlsplit(location)
@@ -132,8 +113,7 @@ def display(location: str) -> str:
 
 
 def _credentials_in(location: str) -> bool:
-    """Whether a URI carries credentials: a user (other than GCS's ``anonymous``) before the
-    host, or a credential option in its query."""
+    """Whether a URI carries credentials: a user (not GCS's ``anonymous``) or a credential option."""
     try:
         parts = urlsplit(location)
     except ValueError:  # not a URI; pyarrow refuses it too
@@ -147,9 +127,7 @@ def _credentials_in(location: str) -> bool:
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of ``location`` and the path inside it. A URI that carries
-    credentials is refused: the folder is printed, saved in results.json and shown with the
-    job's command on the dashboard, and the secret would go with it."""
+    """The pyarrow filesystem of ``location`` and its path; credentials in a URI are refused (it is printed)."""
     remote = is_remote(location)
     if remote and _credentials_in(location):
         raise UserError(
@@ -188,9 +166,7 @@ CREDENTIALS_FIX = (
 
 @contextlib.contextmanager
 def _named_errors(location: str, fallback: Optional[str] = None) -> Iterator[None]:
-    """Turn an error whose cause :func:`_cause` names into a one-line UserError; any other
-    error becomes ``fallback`` (with the error's text) if given, else propagates unchanged
-    (a FileNotFoundError, which callers read as "no such file", among them)."""
+    """Turn an error of a known cause into a one-line UserError; others become ``fallback``, or propagate."""
     try:
         yield
     except UserError:
@@ -238,8 +214,7 @@ def _cause(location: str, error: OSError) -> Optional[str]:
 
 
 def _credentials_configured() -> bool:
-    """Whether S3 credentials are set where the AWS SDK reads them first: the environment or
-    the shared files (an instance profile cannot be seen from here)."""
+    """Whether S3 credentials are set in the environment or the shared files (not an instance profile)."""
     env = os.environ
     names = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
     if any(env.get(name) for name in (*names, "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")):
@@ -325,8 +300,7 @@ def upload_dir(local_dir: str | os.PathLike, location: str) -> None:
 
 @contextlib.contextmanager
 def local_dir(location: str) -> Iterator[Path]:
-    """A local folder with the contents of the folder ``location``: the folder itself when it
-    is local, else a temporary copy, removed on exit."""
+    """A local folder with the contents of ``location``: itself if local, else a temporary copy."""
     if not is_remote(location):
         yield Path(location)
         return
@@ -342,8 +316,7 @@ def local_dir(location: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def staging(location: str) -> Iterator[Path]:
-    """A local folder whose files end up in the folder ``location``: the folder itself when it
-    is local, else a temporary one that is uploaded on exit."""
+    """A local folder whose files end up in ``location``: itself if local, else one uploaded on exit."""
     if not is_remote(location):
         Path(location).mkdir(parents=True, exist_ok=True)
         yield Path(location)
@@ -361,13 +334,8 @@ PROBE_PREFIX = ".lstm-ray-write-test-"
 
 def check_writable(root: str) -> None:
     """Write, read back and delete a small file in ``root`` before anything is trained; a
-    one-line UserError naming the cause if any of that fails.
-
-    The file is deleted whether or not reading it back worked. A local ``root`` is created
-    (the run needs it anyway). On S3, pyarrow's delete writes the emptied folder back as a
-    zero-byte ``prefix/`` object: a folder the probe brought into being is removed again
-    (:func:`_remove_probe`), so a new prefix is left as it was. An existing folder may keep
-    such an object (Ray Train's own folder creation writes one too)."""
+    one-line UserError naming the cause if any of that fails. On S3 pyarrow's delete leaves a
+    zero-byte folder object, so a folder the probe brought into being is removed again."""
     fs, folder = filesystem(root)
     path = f"{folder.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
     remote = is_remote(root)
@@ -393,8 +361,7 @@ def check_writable(root: str) -> None:
 
 
 def _missing_folder(fs: pafs.FileSystem, folder: str) -> Optional[str]:
-    """The outermost folder of ``folder`` (``bucket/a/b``) that does not exist yet, the bucket
-    itself aside; None if ``folder`` exists."""
+    """The outermost missing folder of ``folder`` (``bucket/a/b``), the bucket aside; None if it exists."""
     missing = None
     while "/" in folder and fs.get_file_info(folder).type == pafs.FileType.NotFound:
         missing, folder = folder, folder.rpartition("/")[0]
@@ -402,8 +369,7 @@ def _missing_folder(fs: pafs.FileSystem, folder: str) -> Optional[str]:
 
 
 def _remove_probe(fs: pafs.FileSystem, path: str, made: Optional[str]) -> None:
-    """Delete the probe file (if it was written), then the folder ``made`` that it brought
-    into being, provided it holds nothing but the empty folder objects pyarrow leaves."""
+    """Delete the probe, then the folder ``made`` for it if it holds only pyarrow's empty folder objects."""
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
     if made and all(

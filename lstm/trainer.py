@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any, Optional, Sequence
 
+from lstm import checkpoint as ckpt
 from lstm import claim, outputs, ray_private, storage, timings, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
@@ -116,7 +117,7 @@ def run_plan(
         out = outputs.collect(
             task,
             run_dir,
-            outputs.checkpoint_location(result.checkpoint, run_dir),
+            ckpt.checkpoint_location(result.checkpoint, run_dir),
             timings=lambda history: timings.breakdown(
                 {**phases.marks, "outputs_written": time.time()}, worker_marks, attempts, history
             ),
