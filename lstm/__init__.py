@@ -17,8 +17,7 @@ __all__ = ["train", "load", "Run", "Model", "UserError"]
 
 
 def __getattr__(name: str) -> Any:
-    """The API (:mod:`lstm.api`), imported on first use: a job's command line imports this
-    package before it needs torch or Ray Train."""
+    """The API (:mod:`lstm.api`), imported on first use: a job imports this package before torch."""
     if name in __all__:
         from lstm import api
 

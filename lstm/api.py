@@ -1,15 +1,8 @@
-"""The Python API for notebooks and scripts: :func:`train` a task, :func:`load` a trained run.
-``tune.search`` is its search counterpart. docs/api.md shows them in use.
-
-The command lines are layers over the same functions: ``jobs/<task>.py`` turns its flags into
-the arguments of :func:`resolve_run` and then calls :func:`lstm.trainer.fit`, as :func:`train`
-does. So a keyword is checked as its flag is, and bad input raises :class:`lstm.UserError` with
-the line the command prints (``error: <what>; <what to do>``, exit status 2); nothing here
-calls ``sys.exit``.
-
-Ray: :func:`train` joins the Ray instance the caller initialised (``ray.init()``), or the
-cluster a plain ``ray.init()`` would join, or starts a local instance, as a job does, and
-leaves it running for the next call.
+"""The Python API: :func:`train` a task, :func:`load` a trained run (``tune.search`` is the
+search's). The jobs are layers over it: their flags become :func:`resolve_run`'s arguments,
+so a keyword is checked as its flag is and raises :class:`lstm.UserError` with the line the
+job prints. :func:`train` joins the caller's Ray, or the cluster a plain ``ray.init()`` would
+join, or starts a local instance it leaves running.
 """
 
 from __future__ import annotations
@@ -71,9 +64,7 @@ def resolve_run(
     run_options: Mapping[str, Any] = {},  # noqa: B006 - read only
     resume: bool = False,
 ) -> tuple[cfg.TaskConfig, cfg.RunSettings]:
-    """The task config (defaults <- preset <- file <- ``values`` <- ``overrides``) and the run
-    settings, checked: a given field or run option that has no effect with the others (its
-    ``unused_flags``) is refused, and so is ``resume`` without a name."""
+    """The checked task config (defaults <- preset <- file <- values <- overrides) and run settings."""
     config = cfg.resolve(
         task.config_class,
         task.presets,
@@ -106,16 +97,10 @@ def split_options(task: type[Task], options: Mapping[str, Any]) -> tuple[dict[st
 def train(task: str, config: ConfigLike = None, *, resume: bool = False, **options: Any) -> Run:
     """Train ``task`` ("ptb", "char", "rectangle") on Ray Train workers and return the run.
 
-    ``config``: a preset name ("small"), a dict of fields, a config object, or the path of a
-    JSON file of fields (a search's best_config.json); None: the task's default preset.
-    ``options``: any config field (``hidden_size=650``, ``train_fraction=0.1``) and the run
-    options of the command line: ``num_workers``, ``cpus_per_worker``, ``gpu``,
-    ``gpus_per_worker``, ``precision``, ``storage_path``, ``name``, ``max_failures``,
-    ``checkpoints_to_keep``, ``data_dir``, ``wait_for_workers_s``, ``mlflow_tracking_uri``.
-    ``resume=True`` continues the run ``name`` from its newest checkpoint (after an interrupt).
-
-    Returns a :class:`Run`: ``run_dir``, ``history`` (per-epoch metrics), ``final`` (the last
-    epoch's: ``run.final["test_ppl"]``), ``checkpoint``, ``results_path``, ``plots``, ``timings``."""
+    ``config``: a preset name, a dict of fields, a config object or a JSON file's path (None:
+    the default preset). ``options``: any config field and the job's run flags by their names
+    (``num_workers``, ``gpu``, ``storage_path``, ``name``, ...; docs/api.md lists them).
+    ``resume=True`` continues the run ``name`` from its newest checkpoint."""
     from lstm.trainer import fit
 
     task_class = get_task(task)
@@ -137,8 +122,7 @@ def train(task: str, config: ConfigLike = None, *, resume: bool = False, **optio
 
 
 class Model:
-    """A trained run's model in this process (no Ray needed): what :func:`load` returns. Each
-    task's model has its own uses (:class:`WordModel`, :class:`CharModel`, :class:`ShapeModel`)."""
+    """A trained run's model in this process (no Ray needed), what :func:`load` returns."""
 
     task: str
 
@@ -194,8 +178,7 @@ class ShapeModel(Model):
 
 
 def load(checkpoint: Union[str, "os.PathLike[str]"]) -> Model:
-    """The model of a trained run: ``checkpoint`` is a run folder (its newest intact
-    checkpoint), a ``checkpoint_*`` folder, or an s3:// URI of either."""
+    """A trained run's model: ``checkpoint`` is a run folder, a ``checkpoint_*`` folder, or an s3:// URI of either."""
     from lstm import checkpoint as ckpt
     from lstm.tasks import char, ptb_checkpoint, rectangle
 

@@ -1,11 +1,7 @@
-"""The Ray Train callbacks of a job's run. Both run in the Ray Train controller, once per
-report, so a run's TensorBoard and MLflow views fill in live:
-
-* :class:`TensorBoardCallback` -- every reported scalar to ``<run_dir>/tensorboard``;
-* :class:`MetricsCallback` -- every epoch's numeric metrics to the job's MLflow run.
-
-They live apart from :mod:`lstm.outputs` and :mod:`lstm.tracking` so that a job's driver can
-check its run without importing Ray Train (:mod:`lstm.plan` imports it while Ray starts).
+"""The Ray Train callbacks of a job's run, in the controller, once per report: every scalar to
+``<run_dir>/tensorboard`` and every epoch's metrics to MLflow, live. Apart from
+:mod:`lstm.outputs` and :mod:`lstm.tracking` so that the driver checks a run without importing
+Ray Train.
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ def epoch_scalars(metrics: list[dict[str, Any]]) -> Optional[tuple[int, dict[str
 
 
 class TensorBoardCallback(UserCallback):
-    """Writes every reported scalar to ``<run_dir>/tensorboard`` as it arrives; for a remote
-    run folder it writes locally and uploads the events file after each report."""
+    """Every reported scalar to ``<run_dir>/tensorboard``, written locally and uploaded for a remote run."""
 
     def __init__(self, run_dir: str):
         self.target = storage.join(run_dir, TENSORBOARD_DIR)

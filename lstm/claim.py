@@ -1,19 +1,11 @@
-"""One writer per run folder: a job, a search, or a ``--resume`` of either claims its folder
-before it starts anything, and a second one refuses with one line while the first runs.
+"""One writer per run or search folder: a claim file in ``<folder>/.writers/`` (host, pid and
+its start time, command); a second writer refuses with one line while the first runs.
 
-A claim is a small JSON file in ``<folder>/.writers/`` naming its holder (host, process id and
-the process's start time, the command, since when). A writer writes its own claim, then lists
-the folder's claims: it holds the folder only if its claim is the only one. Of two writers
-that start at once, each sees the other's claim and both refuse; of two a second apart, the
-second refuses. This needs nothing from the store but read-after-write consistency, which
-local disks and S3 both give (pyarrow's filesystem, through which every run file is written,
-has no conditional write), so local folders and ``s3://`` URIs share one code path.
-
-A claim is released (deleted) when its holder ends, by :func:`held`'s exit, which runs on
-errors and on SIGTERM too. A process killed outright leaves its claim: the next writer on the
-same host sees that the holder's process is gone (or is another process with the same id) and
-removes the claim with a line saying so; a claim from another host cannot be checked, and the
-refusal names the file to delete once that job is known to be gone.
+A writer writes its claim, then lists the claims, and holds the folder only if its claim is
+the only one (two that start at once both refuse). That needs only read-after-write
+consistency, which local disks and S3 both give, so both share this code. A claim is deleted
+when its holder ends; one left by a killed process is removed by the next writer on the same
+host, and from another host the refusal names the file to delete.
 """
 
 from __future__ import annotations
@@ -53,8 +45,7 @@ def holder() -> dict[str, Any]:
 
 
 def process_start(pid: int) -> Optional[str]:
-    """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat``), which
-    tells a process from a later one with the same id; None where there is no /proc."""
+    """The start time of ``pid`` in ticks since boot, which tells it from a later one; None without /proc."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rpartition(")")[2].split()[19]

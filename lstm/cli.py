@@ -54,8 +54,7 @@ def build_parser(task: type[Task], description: Optional[str] = None) -> argpars
 
 
 def resolve_configs(task: type[Task], args: argparse.Namespace) -> tuple[cfg.TaskConfig, cfg.RunSettings]:
-    """Task config (defaults <- preset <- file <- flags) and run settings from parsed args,
-    checked as :func:`lstm.train`'s keywords are (:func:`lstm.api.resolve_run`)."""
+    """Task config and run settings from parsed args, checked as :func:`lstm.train`'s keywords are."""
     preset = getattr(args, "config", None)
     if preset is None and not args.config_file:
         preset = task.default_preset

@@ -39,8 +39,7 @@ PROGRESS_EVERY_S = 15.0
 
 
 def ray_address() -> Optional[str]:
-    """The cluster a plain ``ray.init()`` joins (:func:`lstm.ray_private.latest_ray_start_address`);
-    None where ``ray.init()`` starts a local instance (also for ``RAY_ADDRESS=local``)."""
+    """The cluster a plain ``ray.init()`` joins; None where it starts a local instance (``RAY_ADDRESS=local`` too)."""
     try:
         address = ray_private.latest_ray_start_address()
     except ConnectionError as e:  # RAY_ADDRESS=auto, and no cluster found
@@ -49,8 +48,7 @@ def ray_address() -> Optional[str]:
 
 
 def is_gcs_address(address: str) -> bool:
-    """Whether ``address`` is a cluster's ``host:port`` (what ``ray start`` records and ``ray job
-    submit`` sets), not Ray Client's ``ray://``, an HTTP URL or ``auto``."""
+    """Whether ``address`` is a cluster's ``host:port``, not Ray Client's ``ray://``, a URL or ``auto``."""
     return "://" not in address and address != "auto"
 
 
@@ -83,8 +81,7 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 def ensure_ray() -> bool:
-    """Join the cluster of :func:`ray_address` or start a local instance; nothing if Ray is
-    already up. True when the instance is this process's own and ends with it."""
+    """Join :func:`ray_address`'s cluster or start a local instance; True if it is this process's own."""
     import ray
 
     if ray.is_initialized():  # the caller's ray.init(), or an earlier run's
@@ -123,8 +120,7 @@ def set_defaults(env: dict[str, str]) -> None:
 
 
 def init_ray(address: Optional[str], env: dict[str, str]) -> None:
-    """``ray.init`` on ``address`` (None: a local instance), ``env`` for the job's actors; a
-    cluster that refuses this process's token is one line."""
+    """``ray.init`` on ``address`` (None: a local instance); a cluster refusing this process's token is one line."""
     import ray
 
     try:
@@ -141,8 +137,7 @@ def init_ray(address: Optional[str], env: dict[str, str]) -> None:
 
 
 def token_refused(error: BaseException) -> bool:
-    """Whether a failed ``ray.init`` was the cluster refusing this process's token: Ray's
-    ``AuthenticationError`` somewhere in the ConnectionError's causes, as an object or as text."""
+    """Whether a failed ``ray.init`` was the cluster refusing this process's token (AuthenticationError)."""
     import ray.exceptions
 
     while error is not None:
@@ -180,9 +175,7 @@ def alive_nodes(raw: Optional[Sequence[dict[str, Any]]] = None) -> list[Node]:
 
 
 def auto_cpus_per_worker(num_workers: int, gpus_per_worker: float, nodes: Sequence[Node]) -> int:
-    """CPUs per worker for ``--cpus-per-worker 0``: on GPUs, the fewest CPUs per GPU of any
-    GPU node times the worker's GPUs; on CPUs, the cluster's CPUs split evenly over the
-    workers, but no more than the largest node has (a worker cannot span nodes)."""
+    """CPUs per worker for ``--cpus-per-worker 0``: a fair share of the GPU nodes' or the cluster's CPUs."""
     if gpus_per_worker:
         shares = [n.resources.get("CPU", 0) / n.resources["GPU"] for n in nodes if n.resources.get("GPU")]
         return max(1, int(min(shares) * min(gpus_per_worker, 1.0))) if shares else 1
@@ -222,8 +215,7 @@ def describe_nodes(nodes: Sequence[Node], *, gpus: bool = False) -> str:
 
 
 def autoscaler_can_add_nodes() -> bool:
-    """Whether an autoscaler with node types of its own runs, from Ray's monitor's status;
-    False if that cannot be read (the run then fails fast rather than wait)."""
+    """Whether an autoscaler with node types of its own runs; False if unreadable (then fail fast)."""
     report = ray_private.autoscaler_status() or {}
     types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
     # Without an autoscaler the monitor mirrors each live node as a type "node_<id>".
@@ -249,9 +241,7 @@ def plan_workers(
     clock: Callable[[], float] = time.monotonic,
     request: Callable[[list[dict[str, float]]], None] = request_nodes,
 ) -> int:
-    """The CPUs per worker (``cpus_per_worker`` or the auto share) once ``num_workers`` such
-    workers can be placed; UserError when they cannot (after waiting ``wait_s`` seconds, or
-    at once when ``wait_s`` is 0; -1 means: wait only if an autoscaler can add nodes)."""
+    """The CPUs per worker once the workers can be placed (after ``wait_s``; -1: if an autoscaler runs)."""
     current = nodes()
     cpus = cpus_per_worker or auto_cpus_per_worker(num_workers, gpus_per_worker, current)
     bundle = {"CPU": float(cpus), **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
@@ -319,8 +309,7 @@ SHARED_FILESYSTEMS = frozenset(
 
 
 def filesystem_type(path: str, mounts_file: str = "/proc/mounts") -> str:
-    """The type of the filesystem holding ``path`` (the longest mount point above it), or ''
-    where that cannot be read (not Linux)."""
+    """The type of the filesystem holding ``path`` (its longest mount point), or '' where unknown (not Linux)."""
     try:
         with open(mounts_file) as f:
             mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]

@@ -1,15 +1,7 @@
-"""Configs as frozen dataclasses: presets are data, every field is overridable.
-
-A config is built from, in order of precedence (last wins):
-
-1. the dataclass defaults,
-2. a named preset (``--config small``),
-3. a JSON file (``--config-file best_config.json``; it may name its own ``preset``),
-4. command-line flags, one per field (``--hidden-size 650``, ``--lr-decay 1/1.15``).
-
-:func:`add_config_flags` derives the flags from the dataclass, so a new field is a new flag
-with no extra code. Unknown names and bad values raise :class:`~lstm.errors.UserError`, and so
-does a flag given where it has no effect (``unused_flags``, :func:`refuse_unused`).
+"""Configs as frozen dataclasses: defaults <- a preset (``--config``) <- a JSON file
+(``--config-file``) <- one flag per field (:func:`add_config_flags` derives them, so a new field
+is a new flag). Unknown names, bad values and a flag given where it has no effect
+(``unused_flags``) are one-line errors.
 """
 
 from __future__ import annotations
@@ -45,21 +37,15 @@ class TaskConfig:
         """Raise UserError for impossible values. Subclasses extend this."""
 
     def unused_flags(self) -> dict[str, str]:
-        """The flags that have no effect with this config's values (its fields, or a run
-        setting such as ``data_dir`` for a task that reads no data), each with the rest of the
-        line that refuses it: ``{"mixtures": "needs --head mdn (...); ..."}``. A flag given on
-        the command line for one of them is refused (:func:`refuse_unused`); a value from a
-        preset or a config file is not. Subclasses extend this."""
+        """The flags that have no effect with this config's values, each with the rest of the line
+        that refuses it when given on the command line (:func:`refuse_unused`; a preset's or a
+        file's value is not refused): ``{"mixtures": "needs --head mdn (...); ..."}``."""
         return {}
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How and where a run executes (not what it learns): scaling, storage, fault tolerance.
-
-    These are not part of a task config, so a ``best_config.json`` from a search carries the
-    hyperparameters and the user picks the scale at launch.
-    """
+    """How and where a run executes, not what it learns: a search's best config leaves the scale to launch."""
 
     num_workers: int = 1
     use_gpu: bool = False
@@ -126,8 +112,7 @@ def check_fields(config: Any, names: Sequence[str], ok: Callable[[Any], bool], r
 
 
 def refuse_unused(given: Collection[str], unused: Mapping[str, str]) -> None:
-    """UserError ``--flag <why>`` for the first field in ``given`` (the flags the user passed,
-    as field names) that ``unused`` names (``unused_flags()``: no effect here, and what it needs)."""
+    """UserError ``--flag <why>`` for the first field in ``given`` that ``unused`` names."""
     for name, why in unused.items():
         if name in given:
             raise UserError(f"{flag_name(name)} {why}")
@@ -322,8 +307,7 @@ def add_config_flags(
     group_title: Optional[str] = None,
     exclude: tuple[str, ...] = (),
 ) -> None:
-    """Add one ``--field-name`` flag per dataclass field. Values stay raw strings (default
-    None = not given) so that precedence and validation happen in :func:`resolve`."""
+    """One ``--field-name`` flag per field, raw strings defaulting to None (not given) for :func:`resolve`."""
     group = parser.add_argument_group(group_title or f"{cls.__name__} fields")
     defaults = {f.name: f.default for f in fields(cls)}
     helps: Mapping[str, str] = getattr(cls, "flag_help", {})
@@ -355,9 +339,7 @@ def flags_given(args: argparse.Namespace, prefix: str = "cfg") -> dict[str, Any]
 
 
 def options_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """The dests of the options ``argv`` names, however spelled (``--flag=v``, a prefix):
-    ``argv`` parsed again with every default suppressed. For parsers whose defaults are values
-    (``flags_given`` serves the config flags, whose default None means: not given)."""
+    """The dests of the options ``argv`` names however spelled, for parsers whose defaults are values."""
     actions = [a for a in parser._actions if a.default is not argparse.SUPPRESS]
     saved = [a.default for a in actions]
     for action in actions:

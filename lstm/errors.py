@@ -27,8 +27,7 @@ class UserError(Exception):
 
 
 def find_user_error(exc: BaseException) -> Optional[UserError]:
-    """Return the UserError behind ``exc`` (directly, chained, or inside a Ray Train
-    ``WorkerGroupError``/``ControllerError``), or None."""
+    """The UserError behind ``exc`` (itself, chained, or in Ray Train's worker or controller error), or None."""
     seen: set[int] = set()
     stack: list[BaseException] = [exc]
     while stack:
@@ -57,11 +56,7 @@ def find_user_error(exc: BaseException) -> Optional[UserError]:
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int | None], argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """Run ``main(argv)``; print a UserError as ``error: <message>`` and exit 2. At the
-    process's exit, the objects made by then are frozen (:func:`gc.freeze`), so that the
-    interpreter's last garbage collection skips them: with torch, Ray and pandas loaded, that
-    collection took about a second of every job's exit (bench/README.md). What a job writes is
-    written and closed before; a caller that catches the exit (a test) is not affected."""
+    """Run ``main(argv)``, a UserError printed as ``error: <message>`` and exit 2; gc frozen at exit."""
     atexit.unregister(gc.freeze)  # registered once, however many commands a process runs
     atexit.register(gc.freeze)
     try:

@@ -1,23 +1,8 @@
-"""The one training loop: :func:`run_worker` runs it in each process that trains a run.
-
-For every task it does the same things, in this order::
-
-    restore()                 # model, optimizer, epoch and history from get_checkpoint() (if it is
-                              # damaged, the run's newest intact checkpoint), or fresh
-    for each remaining epoch:
-        train_epoch()         # this rank's batches: forward (in DDP), backward, clip, step
-        evaluate_and_reduce() # the task's sums on each split (under task.evaluation_weights),
-                              # all-reduced: global metrics; then task.after_evaluation(metrics)
-        report()              # session.report(metrics, checkpoint); rank 0 writes the checkpoint
-
-The loop runs in a Ray Train worker or in a Tune trial's own process; it reaches either through
-:class:`lstm.session.Session` (rank, world size, device, get_checkpoint, report), so the loop,
-the tasks and the metrics are one code for both. Problems the user can fix (a checkpoint of
-another vocabulary, a diverging loss) hit every rank alike; the session ends the run on them
-without a retry (lstm/session.py says how for each kind).
-
-Epoch ``e`` is seeded by (seed, e, rank): an epoch re-run after a worker failure draws the same
-dropout masks and data order as in an uninterrupted run, so the run ends with the same metrics.
+"""The one training loop: :func:`run_worker` runs it in each process that trains a run, a Ray
+Train worker or a Tune trial's (:class:`lstm.session.Session`). ``restore``, then per epoch
+``train_epoch``, ``evaluate_and_reduce`` (the task's sums all-reduced: global metrics) and
+``report`` (rank 0 writes the checkpoint). Epoch ``e`` is seeded by (seed, e, rank), so an
+epoch re-run after a failure draws the same masks and data.
 """
 
 from __future__ import annotations
@@ -47,8 +32,7 @@ TIMINGS = "timings"  # the return value's marks of the worker's loop (lstm.timin
 
 
 class WorkerHook:
-    """Called by the loop on every rank; for tests and instrumentation (see tests/hooks.py).
-    Must be picklable: it travels to the workers in the train loop's config."""
+    """Called by the loop on every rank (tests inject faults with it); picklable: it travels to the workers."""
 
     def on_step(self, epoch: int, step: int, worker: WorkerInfo, run_dir: str) -> None:
         """Before training step ``step`` (0-based) of ``epoch`` (1-based)."""
@@ -87,9 +71,7 @@ def all_reduce_sums(sums: Mapping[str, float], device: torch.device) -> dict[str
 def restore(
     task: Task, model: nn.Module, checkpoint: Any, run_dir: str = ""
 ) -> tuple[History, Optional[dict[str, Any]]]:
-    """Load a checkpoint into ``model``; return the history and the optimizer's state. A
-    damaged ``checkpoint`` of the run folder ``run_dir`` gives way to the newest intact one
-    there (the chief prints one line naming each one skipped); none left is a UserError."""
+    """Load a checkpoint (or the run folder's newest intact one) into ``model``; the history and optimizer state."""
     if checkpoint is None:
         return History(), None
     contents, skipped = ckpt.resume_source(checkpoint, run_dir)
@@ -237,10 +219,8 @@ def run_training(
     marks: Optional[dict[str, float]] = None,
     attempt_log: str = "",
 ) -> None:
-    """One worker's run, separated from Ray's context so that its parts stay testable.
-    ``marks`` gets when training started and ended (``time.time()``) and the seconds spent
-    training and evaluating (lstm.timings); rank 0 records them at ``attempt_log`` too, when
-    training starts (:func:`lstm.timings.record_attempt`)."""
+    """One worker's run, apart from Ray's context so that its parts stay testable. ``marks``
+    gets its lstm.timings marks; rank 0 also records its attempt at ``attempt_log``."""
     marks = {} if marks is None else marks
     loop = Loop(task, settings, run_dir, hooks)
     torch.manual_seed(task.config.seed)
@@ -274,24 +254,20 @@ def run_training(
 
 
 def set_threads(settings: cfg.RunSettings, task_class: type[Task], device: torch.device) -> None:
-    """The CPUs Ray reserved for this worker, but never more threads than the machine has cores
-    (a test cluster may advertise more CPUs than it has), nor than the task can use."""
+    """Ray's CPUs for this worker, but no more threads than the machine's cores or the task can use."""
     if device.type == "cpu":
         cap = task_class.max_threads or os.cpu_count() or 1
         torch.set_num_threads(max(1, min(settings.cpus_per_worker, os.cpu_count() or 1, cap)))
 
 
 def attempt_log(loop_config: dict[str, Any], started_at: float) -> str:
-    """Where this attempt records its start: a job's run only (its ``loop_config`` names the
-    command, which collects the records at its end); '' for a search's trials."""
+    """Where this attempt records its start: a job's run only ('' for a search's trials)."""
     command = loop_config.get("command")
     return timings.attempt_location(loop_config["run_dir"], command, started_at) if command else ""
 
 
 def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
-    """One worker's whole run in ``session``'s process. ``loop_config`` (built once, by
-    :meth:`lstm.plan.RunPlan.loop_config`): {"task", "config", "run", "run_dir", "data", "hooks"}.
-    Returns the loop's timing marks, or the user error the session ended the run on."""
+    """One worker's whole run in ``session``'s process; its timing marks, or the user error that ended it."""
     import ray
 
     marks = {"started_at": time.time()}
@@ -317,7 +293,6 @@ def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point: :func:`run_worker` in a Ray Train worker. ``loop_config`` may
-    also hold "init_checkpoint" (a ``Checkpoint`` a new run starts from: PBT's clone)."""
+    """Ray Train entry point: :func:`run_worker` in a Ray Train worker."""
     ray_private.quiet_train_reports()
     return run_worker(loop_config, TrainSession(loop_config.get("init_checkpoint")))

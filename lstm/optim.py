@@ -1,19 +1,7 @@
-"""NT-ASGD (Merity et al. 2017): SGD that starts averaging its weights once the validation
-loss stops improving, and is evaluated with the averages.
-
-It is SGD (``torch.optim.SGD``, weight decay included) until :meth:`NTASGD.observe`, called
-after each epoch's validation with the *global* validation loss, sees a loss worse than every
-loss but those of the last ``nonmono`` epochs (AWD-LSTM's non-monotone trigger,
-``val_loss > min(losses[:-nonmono])``). From the next step on it keeps, for every parameter,
-the mean of its values after each step since the switch -- what ``torch.optim.ASGD(t0=0,
-lambd=0)`` computes, which AWD-LSTM switches to -- while the steps themselves stay SGD's.
-:meth:`NTASGD.averaged_weights` puts the averages into the model for evaluation and takes
-them out again.
-
-Everything lives in the optimizer's ``state_dict`` (the averages, the number of averaged
-steps, the losses seen, whether it switched), so the switch and the averages survive a
-checkpoint and a resume. Each worker holds the same weights under DDP and sees the same
-all-reduced loss, so all ranks switch at the same epoch and hold the same averages.
+"""NT-ASGD (Merity et al. 2017): SGD that, once the global validation loss is worse than all but
+the last ``nonmono`` epochs' (AWD-LSTM's trigger), keeps each parameter's mean over its steps
+(``ASGD(t0=0, lambd=0)``'s) and is evaluated with it. All of it is in the ``state_dict``, so it
+survives a resume, and every rank switches at the same epoch.
 """
 
 from __future__ import annotations
@@ -65,8 +53,7 @@ class NTASGD(torch.optim.SGD):
 
     @torch.no_grad()
     def swap_averages(self) -> None:
-        """Exchange every parameter's value with its average (a second call undoes the first);
-        nothing before the first averaged step."""
+        """Exchange every parameter with its average (a second call undoes it); nothing before averaging."""
         if self.averaged_steps == 0:
             return
         for p in self._params():
@@ -99,9 +86,7 @@ class NTASGD(torch.optim.SGD):
 
 @torch.no_grad()
 def load_averages(params: Iterable[torch.Tensor], state_dict: dict[str, Any]) -> bool:
-    """Copy the averages of a saved :class:`NTASGD` ``state_dict`` into ``params`` (the
-    parameters it was built on, in the same order), as evaluation sees them; False, changing
-    nothing, if it had not averaged yet. Reads the dict directly: no optimizer to build."""
+    """Put a saved NT-ASGD ``state_dict``'s averages into ``params``; False, changing nothing, before averaging."""
     if not state_dict.get("nt_asgd", {}).get("steps"):
         return False
     ids = [i for group in state_dict["param_groups"] for i in group["params"]]

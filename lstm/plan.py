@@ -1,19 +1,10 @@
 """A run's plan: everything resolved and checked once, before any worker starts.
 
-:class:`RunPlan` holds the task, its validated config, the completed run settings (storage
-root, run name, CPUs per worker, MLflow URI) and the object-store reference of the task's
-data; :meth:`RunPlan.loop_config` is what reaches the loop (:func:`lstm.loop.run_worker`), once.
-
-* A job plans its run with :func:`plan_run`: each check fails with one line -- the config and
-  settings, the run folder (exists without ``--resume``, missing with it), the data (read once,
-  here), the config against the data and the worker count, shared storage on a multi-node
-  cluster, that the storage path can be written, and that the worker group can be placed.
-  :func:`lstm.trainer.fit` then claims the run folder for its one writer (:mod:`lstm.claim`).
-* A search checks the same things once for all its trials (``tune.cli``), and each trial
-  makes its ``RunPlan`` from the search's checked parts (``tune.runner.run_trial``).
-
-Either plan then runs the same way: as a Ray Train run (:func:`lstm.trainer.make_trainer`), or,
-for a one-worker trial, in Tune's own trial process (``tune.runner``).
+:class:`RunPlan` holds the task, its validated config, the completed run settings and the
+object-store reference of the data; :meth:`RunPlan.loop_config` is what reaches the loop. A job
+plans with :func:`plan_run` (each check one line: config, run folder, data, workers, shared
+and writable storage, placement); a search checks the same once for all trials (``tune.cli``)
+and each trial makes its ``RunPlan`` from those parts (``tune.runner.run_trial``).
 """
 
 from __future__ import annotations

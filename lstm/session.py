@@ -1,18 +1,11 @@
-"""Where a run's loop is running, as the loop sees it: its rank, world size and device, the
-checkpoint to start from, and where each epoch's metrics and checkpoint go.
+"""Where a run's loop is running, as the loop sees it: rank, world size, device, the checkpoint
+to start from, and where each epoch's metrics and checkpoint go.
 
-Two kinds of process run the loop (:func:`lstm.loop.run_worker`):
-
-* :class:`TrainSession` -- a Ray Train worker (a job, or a search trial of two or more
-  workers): ``ray.train.report`` / ``ray.train.get_checkpoint``. A user error is reported as
-  the ``user_error`` metric and returned, not raised, so that Ray Train's ``FailureConfig``
-  does not retry what a retry cannot fix; the driver prints it as one line.
-* :class:`TuneSession` -- Tune's own trial process (a one-worker trial): ``ray.tune.report`` /
-  ``ray.tune.get_checkpoint``, Ray Tune's function-trainable idiom. No Ray Train run is
-  started, so a trial trains instead of waiting for a controller and a worker group. A user
-  error is raised, so that the trial ends ERROR with its one line; Tune's ``FailureConfig``
-  retries failed trials, and a retry of a user error raises it again at once, before any
-  training (the trial leaves ``user_error.txt`` in its folder).
+:class:`TrainSession` is a Ray Train worker: a user error is reported and returned, not
+raised, so that Ray Train's ``FailureConfig`` does not retry what a retry cannot fix.
+:class:`TuneSession` is a one-worker trial's own process (Tune's function-trainable idiom): a
+user error is raised, so the trial ends ERROR with its line, and left in the trial's folder,
+so that Tune's retry raises it again at once instead of training.
 """
 
 from __future__ import annotations
@@ -52,8 +45,7 @@ class Session(ABC):
 
 
 class TrainSession(Session):
-    """A Ray Train worker. ``init_checkpoint``: where a run with no checkpoint of its own
-    starts (PBT's clone of another trial)."""
+    """A Ray Train worker; ``init_checkpoint``: where a run with none of its own starts (PBT's clone)."""
 
     def __init__(self, init_checkpoint: Any = None):
         import ray.train
@@ -87,8 +79,7 @@ class TrainSession(Session):
 
 
 class TuneSession(Session):
-    """Tune's trial process, training as the only worker of its run (on the GPU Tune assigned
-    to the trial, if any). ``trial_dir``: the trial's folder in the search's storage."""
+    """Tune's trial process as the only worker of its run; ``trial_dir``: the trial's folder."""
 
     def __init__(self, trial_dir: str) -> None:
         import ray

@@ -36,8 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 class StepModule(nn.Module):
-    """``task.train_step`` as a module's forward, so that DDP can wrap the whole step: the
-    task's hooks then see only its own model, and DDP still averages the gradients."""
+    """``task.train_step`` as a module's forward, so that DDP wraps the step and the task sees its own model."""
 
     def __init__(self, task: Task, model: nn.Module):
         super().__init__()
@@ -49,8 +48,7 @@ class StepModule(nn.Module):
 
 
 def autocast(precision: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision for ``bf16``/``fp16``; nothing for ``fp32``. ``cache=False`` for a CUDA
-    graph capture (PyTorch's CUDA-graph notes: autocast's weight cache must be off)."""
+    """Mixed precision for ``bf16``/``fp16``; ``cache=False`` for a CUDA graph capture."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -79,8 +77,7 @@ class DivergenceGuard:
         self.first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
 
     def observe(self, step: Union[int, torch.Tensor], mean_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Record the step if it diverged. ``step`` may be a device tensor (a captured step's
-        index); ``first_bad`` is updated in place, so a CUDA graph replay updates it too."""
+        """Record the step if it diverged, in place, so that a CUDA graph replay records it too."""
         values = (
             torch.stack([mean_loss.float(), grad_norm.float()]) if self.check_gradients else mean_loss.float()[None]
         )
@@ -93,8 +90,7 @@ class DivergenceGuard:
         return (step + 1) % self.check_every == 0
 
     def bad_step(self) -> Optional[tuple[int, str]]:
-        """(the earliest diverged step on any rank, what its loss became), or None. A
-        collective with several workers: every rank calls it at the same steps."""
+        """(the earliest diverged step on any rank, what its loss became), or None; a collective."""
         first = self.first_bad.clone()
         if self.world_size > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
@@ -123,8 +119,7 @@ def clip_cpu_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Ten
 
 
 class Stepper:
-    """Runs training steps: ``forward`` is the :class:`StepModule` (DDP-wrapped with several
-    workers), ``params`` the model's trainable parameters."""
+    """Runs training steps: ``forward`` is the :class:`StepModule`, in DDP with several workers."""
 
     def __init__(
         self,
@@ -197,8 +192,7 @@ class Stepper:
 
 
 def graph_safe_optimizer(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`make_graph_safe` can make ``optimizer``'s step capturable: plain
-    ``torch.optim.SGD`` (what the PTB task uses; momentum and weight decay included)."""
+    """Whether :func:`make_graph_safe` can make ``optimizer``'s step capturable: plain SGD."""
     return type(optimizer) is torch.optim.SGD and not any(g.get("differentiable") for g in optimizer.param_groups)
 
 
@@ -249,17 +243,13 @@ def _tensors(values: Any, what: str) -> tuple[torch.Tensor, ...]:
 
 class CapturedStepper(Stepper):
     """The step captured in a CUDA graph (PyTorch's whole-network recipe): :data:`WARMUP_STEPS`
-    eager steps on a side stream (they allocate workspaces and momentum buffers), then one
-    capture of :meth:`_body` on static batch, state and index buffers, then a copy into those
-    buffers and a replay per step. The returned :class:`StepOutput` is the graph's static
-    output: read it before the next step. ``graph=False`` runs the same body eagerly (the CPU
-    tests). An op or shape the graph cannot take falls back to the eager step with one warning.
-
-    Unlike the eager step, SGD runs fused (equal up to rounding), and dropout masks come from
-    the graph's RNG offsets and cuDNN's dropout state, so an epoch re-run after a failure draws
-    other masks. ``torch.compile(mode="reduce-overhead")`` is not used: it graphs per region,
-    overwrites the carried state at the next replay, and unrolls ``aten.lstm`` over time steps.
-    """
+    eager steps on a side stream (they allocate workspaces and momentum buffers), one capture
+    of :meth:`_body` on static buffers, then a copy into them and a replay per step; its output
+    is static, to be read before the next step. ``graph=False`` runs the body eagerly (the CPU
+    tests); what the graph cannot take falls back to the eager step with one warning. SGD runs
+    fused, and dropout draws from the graph's RNG offsets, so a re-run epoch draws other masks.
+    ``torch.compile``'s CUDA graphs are not used: per region, they overwrite the carried state
+    at the next replay, and ``aten.lstm`` is unrolled over time steps."""
 
     def __init__(
         self,
@@ -325,8 +315,7 @@ class CapturedStepper(Stepper):
         return out
 
     def _capture(self, batch: Any) -> None:
-        """Allocate the static buffers and capture the body (with ``graph=False``, only
-        allocate them). A captured graph has not run yet: :meth:`step` replays it."""
+        """Allocate the static buffers and capture the body (with ``graph=False``, only allocate)."""
         self.static_batch = tuple(
             torch.empty_like(x, memory_format=torch.contiguous_format) for x in _tensors(batch, "batch")
         )
@@ -383,9 +372,7 @@ def make_stepper(
     precision: str = "fp32",
     device: torch.device = CPU,
 ) -> Union[Stepper, CapturedStepper]:
-    """A :class:`CapturedStepper` where the step can be captured, else a :class:`Stepper`;
-    one log line on rank 0 says which and why. ``forward`` is the :class:`StepModule`,
-    possibly inside DDP."""
+    """A :class:`CapturedStepper` where possible, else a :class:`Stepper`; a line on rank 0 says why."""
     task: Task = getattr(forward, "module", forward).task
     reason = capture_refusal(device, precision, guard.world_size, task, optimizer)
     kwargs: dict[str, Any] = dict(max_grad_norm=max_grad_norm, guard=guard, precision=precision, device=device)

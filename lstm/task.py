@@ -56,8 +56,7 @@ class WorkerInfo:
 
 
 class Task(ABC):
-    """Base class of a task: subclasses set the class attributes and implement the abstract
-    methods; the other hooks have defaults that fit most tasks."""
+    """Base class of a task: set the class attributes, implement the abstract methods."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[TaskConfig]]
@@ -83,8 +82,7 @@ class Task(ABC):
     # ------------------------------------------------------------------ driver side
     @classmethod
     def read_data(cls, config: TaskConfig, data_dir: Optional[str]) -> Any:
-        """Read (or download) the data, once, on the driver. UserError if it is unusable.
-        The result is pickled into Ray's object store: keep it to arrays and plain values."""
+        """Read (or download) the data once, on the driver; it travels by the object store: arrays, plain values."""
         return None
 
     @classmethod  # noqa: B027 - an optional hook: most tasks have nothing to check
@@ -142,13 +140,11 @@ class Task(ABC):
         """Forward one batch; return the loss to back-propagate and additive sums."""
 
     def static_step(self) -> bool:
-        """True when every step has the same tensor shapes and ``lr_scale`` 1, so that a GPU run
-        may capture it in a CUDA graph (:class:`lstm.step.CapturedStepper`)."""
+        """True when every step has the same shapes and ``lr_scale`` 1, so a GPU run may capture it."""
         return False
 
     def after_step(self, model: nn.Module, examples_seen: int) -> Optional[dict[str, Any]]:
-        """After each optimizer step, with the global count of training examples so far;
-        a JSON-able record to keep in the history (rank 0's is kept), or None."""
+        """After each step, with the global count of examples so far: a JSON-able record to keep, or None."""
         return None
 
     @abstractmethod
@@ -158,14 +154,11 @@ class Task(ABC):
     def evaluation_weights(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> contextlib.AbstractContextManager:
-        """The weights :meth:`evaluate` runs under, e.g. an averaging optimizer's averages put
-        into the model for the block (the default: the model's own)."""
+        """The weights :meth:`evaluate` runs under (e.g. an averaging optimizer's); the model's own by default."""
         return contextlib.nullcontext()
 
     def after_evaluation(self, optimizer: torch.optim.Optimizer, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """On every rank, with the epoch's global metrics (the same on every rank), before the
-        checkpoint: may change the optimizer (e.g. NT-ASGD's switch to averaging); returns
-        scalar metrics to add to the epoch's."""
+        """On every rank, with the epoch's global metrics, before the checkpoint: metrics to add (NT-ASGD's switch)."""
         return {}
 
     @staticmethod
@@ -174,8 +167,7 @@ class Task(ABC):
         """Metrics from global sums; keys start with ``prefix`` ("train_", "valid_", ...)."""
 
     def epoch_extras(self, model: nn.Module, epoch: int) -> dict[str, Any]:
-        """Rank 0 only: JSON-able things to show and keep for this epoch (text samples...).
-        A list of strings under "print" is printed after the epoch line."""
+        """Rank 0: JSON-able things to keep for this epoch; a list of strings under "print" is printed."""
         return {}
 
     def checkpoint_meta(self) -> dict[str, Any]:

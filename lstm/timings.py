@@ -1,14 +1,8 @@
-"""Where a run's wall time goes, outside training and evaluation: the ``timings`` of
-results.json and the ``time:`` line a job prints at the end.
-
-The driver marks its own phases (:class:`Phases`), from the package's first import on; rank
-0's worker returns wall-clock marks of its loop (``started_at``, ``training_at``,
-``finished_at``), which :func:`breakdown` sets between the driver's marks. Both clocks are
-``time.time()``: on one node they are the same clock; on a cluster, the worker's node may be
-off by its clock's skew (milliseconds under NTP). After a
-restart (a lost worker), the marks are those of the last worker group: the time lost to the
-failed attempt is in ``workers_up_s``. Ray's own shutdown, at the end of the command, comes after
-results.json is written and is not in it.
+"""Where a run's wall time goes outside training and evaluation: results.json's ``timings``
+and the job's ``time:`` line. The driver marks its phases (:class:`Phases`) from the first
+import; rank 0 returns the wall-clock marks of its loop, which :func:`breakdown` sets between
+the driver's (``time.time()`` on both: one clock on one node, NTP's skew across nodes). After
+a lost worker the marks are the last worker group's; the failed attempt is in ``workers_up_s``.
 """
 
 from __future__ import annotations
@@ -40,10 +34,7 @@ PHASES = {
 
 
 class Phases:
-    """The driver's marks: ``mark(name)`` ends the phase ``name`` now. ``from_import`` (a
-    job's command line) counts the imports too, from the package's first import on (the
-    interpreter's own start, tens of milliseconds, is left out: a shell may have exec'd the
-    process long before)."""
+    """The driver's marks: ``mark(name)`` ends the phase ``name``; ``from_import``: from the first import."""
 
     def __init__(self, from_import: bool = False) -> None:
         import lstm
@@ -61,13 +52,9 @@ def breakdown(
     attempts: Sequence[Mapping[str, Any]] = (),
     history: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, float]:
-    """Seconds per phase of :data:`PHASES` (those whose marks exist), plus ``total_s``.
-
-    ``driver``: the marks of :class:`Phases` (imported, fit_called, checked,
-    ray_started, fit_started, fit_returned, outputs_written). ``worker``: rank 0's
-    started_at, training_at, finished_at, and the train_s and eval_s of the epochs it ran.
-    ``attempts``: the records of every attempt (:func:`collect_attempts`) and ``history`` the
-    run's epochs, for a run whose worker group was restarted."""
+    """Seconds per phase of :data:`PHASES` (those whose marks exist), plus ``total_s``, from the
+    driver's :class:`Phases` marks and rank 0's (``*_at``, ``train_s``, ``eval_s``);
+    ``attempts`` (:func:`collect_attempts`) and ``history`` for a restarted worker group."""
     marks = dict(driver)
     marks.update({f"worker_{k}": v for k, v in worker.items() if k.endswith("_at")})
     train, evaluation, recovery = float(worker.get("train_s", 0.0)), float(worker.get("eval_s", 0.0)), None
@@ -116,8 +103,7 @@ def record_attempt(location: str, marks: Mapping[str, float], start_epoch: int) 
 
 
 def collect_attempts(run_dir: str, command: str) -> list[dict[str, Any]]:
-    """The records of the attempts of the command ``command``, deleted once read ([] if they
-    cannot be read: the time line then shows no recovery, and nothing else changes)."""
+    """The records of ``command``'s attempts, deleted once read ([] if unreadable: no recovery shown)."""
     folder = storage.join(run_dir, ATTEMPTS_DIR)
     found: list[dict[str, Any]] = []
     with contextlib.suppress(OSError, ValueError, UserError):

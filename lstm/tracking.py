@@ -1,17 +1,10 @@
 """Optional MLflow tracking: ``--mlflow-tracking-uri URI`` (or ``$MLFLOW_TRACKING_URI``).
 
-* A job (``jobs/<task>.py``) logs one MLflow run, named after the run, in the experiment
-  ``lstm-ray-<task>``: the config as params, every epoch's metrics (step = epoch), logged by
-  :class:`lstm.callbacks.MetricsCallback` in the Ray Train controller as each epoch is reported, and
-  ``results.json`` as an artifact at the end.
-* A search logs one MLflow run per trial, named after the trial id, in an experiment named
-  after the search, through Ray Tune's own ``MLflowLoggerCallback`` (in the search's driver):
-  the trial's whole config as params, the metrics of every epoch (step = epoch); at the end,
-  the best trial's run gets ``best_config.json``, ``best_trial.json`` and ``results.md`` as
-  artifacts and the tag ``best_trial=true``.
-
-mlflow is imported only when a URI is given. :func:`check` runs before anything starts: a
-one-line UserError when mlflow is not installed or the tracking server does not answer.
+A job logs one MLflow run in ``lstm-ray-<task>`` (config as params, each epoch's metrics from
+:class:`lstm.callbacks.MetricsCallback`, results.json at the end); a search logs one per trial
+through Tune's ``MLflowLoggerCallback``, and tags the best with its config and results table.
+mlflow is imported only when a URI is given; :func:`check` refuses, in one line and before
+anything starts, a missing mlflow or a server that does not answer.
 """
 
 from __future__ import annotations
@@ -50,9 +43,7 @@ def _mlflow() -> Any:
 
 
 def check(uri: str) -> None:
-    """UserError, in one line, if ``uri`` is set but mlflow is missing or its server does not
-    answer (an http(s) URI's ``/health``); nothing for ''. Local stores (a folder, ``sqlite:``)
-    are not probed."""
+    """One-line UserError if ``uri`` is set but mlflow is missing or its http(s) server does not answer."""
     if not uri:
         return
     _mlflow()
@@ -137,10 +128,8 @@ def log_files(uri: str, run_id: str, files: Mapping[str, str]) -> None:
 
 
 def trial_callback(uri: str, search_name: str, trial_config: Any) -> Any:
-    """Ray Tune's ``MLflowLoggerCallback`` for a search, adapted to its trials: the run is
-    named after the trial id (tag ``trial_id``), its params are the trial's whole config
-    (``trial_config(hparams)`` -> a dict), and each result is logged at step = epoch without
-    Tune's own bookkeeping (``time_total_s``, ``pid``, ``config/...``)."""
+    """Ray Tune's ``MLflowLoggerCallback`` for a search's trials: a run named after the trial,
+    the trial's whole config as params, each result at step = epoch without Tune's bookkeeping."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.result import AUTO_RESULT_KEYS
 
@@ -164,8 +153,7 @@ def trial_callback(uri: str, search_name: str, trial_config: Any) -> Any:
 
 
 def log_search_best(uri: str, search_name: str, trial_id: str, files: Mapping[str, str]) -> Optional[str]:
-    """Attach the search's best config (and the other ``files``) to the best trial's run and
-    tag it; returns the run id (None if the trial has no run)."""
+    """Attach the best config and ``files`` to the best trial's run and tag it; its run id, or None."""
     c = client(uri)
     found = c.get_experiment_by_name(search_name)
     if found is None:

@@ -108,12 +108,8 @@ def search(
     """Search ``task``'s hyperparameters with Ray Tune (ASHA or PBT) and return the result.
 
     ``base``: the preset trials start from; ``space``: ``--space`` strings or a dict of Ray
-    Tune domains (None: the task's default space); ``scheduler``: "asha" (default) or "pbt";
-    ``num_samples``: default 8; ``max_epochs``: default the base's; ``options``: the other flags of
-    ``jobs/tune_ptb.py`` by their names (``train_fraction``, ``storage_path``, ``name``,
-    ``resume``, ``workers_per_trial``, ``cpus_per_worker``, ``gpu``, ``gpus_per_worker``,
-    ``max_concurrent``, ``time_budget_s``, ``seed``, ``grace_period``, ``reduction_factor``,
-    ``synch``, ``perturbation_interval``, ``max_failures``, ``data_dir``, ``mlflow_tracking_uri``)."""
+    Tune domains (None: the task's default space); ``options``: the other flags of
+    ``jobs/search.py`` by their names (``train_fraction``, ``workers_per_trial``, ...)."""
     named = {"base": base, "scheduler": scheduler, "num_samples": num_samples, "max_epochs": max_epochs}
     keywords = {**{k: v for k, v in named.items() if v is not None}, **options}
     if space is not None:

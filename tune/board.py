@@ -1,20 +1,8 @@
-"""The search's TensorBoard: ``<search folder>/tensorboard``, written live by the search's driver.
-
-``tensorboard --logdir <search folder>/tensorboard`` shows
-
-* **HParams**: one row per trial (its trial id as the session name), the searched values
-  against ``best <metric>`` and ``final <metric>``, the metric the search optimises;
-* **Time Series / Scalars**: two cards in the group ``Search``, ``Search/<metric>`` (per epoch,
-  one line per trial) and ``Search/best_<metric>`` (the best value so far). The group name
-  starts with a capital, so it sorts before every lower-case tag: with ``--logdir <search
-  folder>`` (Tune's ``ray/tune/...`` scalars and the Train runs' own ``elapsed_s``, ``lr``, ...
-  beside it) these are still the first cards.
-
-Layout: ``tensorboard/`` holds the HParams configuration (the searched hyperparameters and
-their ranges, the two metric columns); ``tensorboard/<trial id>/`` one trial each. On a
-remote storage path (``s3://...``) the files are written in a local folder and each trial's
-folder is uploaded after each of its results. Written with TensorBoard's own protocol
-buffers and event writer (``tensorboard`` is a dependency; no TensorFlow needed).
+"""The search's TensorBoard in ``<search folder>/tensorboard``, written live by its driver:
+HParams (a row per trial, the searched values against the best and final metric) and the
+``Search/<metric>`` and ``Search/best_<metric>`` cards, whose capitalised group sorts before
+Tune's and the Train runs' own tags. On remote storage each trial's folder is written locally
+and uploaded after each result. TensorBoard's own protocol buffers; no TensorFlow needed.
 """
 
 from __future__ import annotations

@@ -1,39 +1,10 @@
-"""How a trial's Ray Train run reports to its Tune trial.
-
-A trial is a function that builds a TorchTrainer and calls ``fit()``. Ray 2.60's own pattern
-is ``TuneReportCallback``: it hands each report to Tune through a ``ray.util.queue.Queue``
-that Tune polls with a timeout, and every empty poll raises ``queue.Empty`` inside the queue's
-actor, which Ray counts as a failed task: the job page shows hundreds of failed
-``_QueueActor.get`` tasks for a healthy search. So here:
-
-* one :class:`Mailbox` per search, a small async actor (0 CPUs) that the search's driver
-  creates and holds until the search's report is written. It has a slot per Train run; its
-  calls never raise and never wait long: ``offer`` answers at once whether the slot took the
-  report, ``get`` answers ``None`` when nothing came within its timeout;
-* :class:`MailboxCallback`, a Train ``UserCallback`` that runs in the Train controller, offers
-  each report to its run's slot until the slot takes it (the slot holds one report, so the run
-  waits while the trial function is still handing the previous checkpoint to Tune);
-* :func:`relay_reports` runs ``fit()`` in a thread while the trial function takes each report
-  out of the slot and reports it to Tune with ``ray.tune.report``: with the checkpoint when
-  the scheduler needs Tune to hold checkpoints (PBT clones them from one trial into another),
-  the metrics only otherwise.
-
-Why one mailbox for the whole search: an actor that ends while Ray still counts one of its
-calls as running (its worker reports finished calls in batches, every second) leaves that
-call *failed* on the job page; a mailbox per trial, dropped as its trial ended, did that now
-and then. The search's mailbox ends once, after the search, when none of its calls has run
-for seconds; and a trial that Tune kills (a scheduler's stop) leaves no call waiting in it.
-
-A run's ``user_error`` report is not relayed: it has no metric for the scheduler, and the
-trial function raises it as the trial's error.
-
-The run's last epoch is relayed only once ``fit()`` has returned. Tune stops a trial as soon
-as it reports its last epoch (ASHA's ``max_t``), killing the trial's actor and with it the
-Train controller that is still shutting its workers down: the job page then counts a failed
-``TrainController.run`` task, and Ray Train's state API an ABORTED run, for a trial that
-finished. A search interrupted in that window leaves a Train run that has finished while its
-trial has not: resumed, the run has nothing to train and reports nothing, so its last epoch is
-relayed from the run's result (:func:`already_finished`).
+"""How a trial's Ray Train run reports to its Tune trial: through a :class:`Mailbox`, one async
+actor per search with a one-report slot per run, whose calls never raise or wait long (Ray's
+``TuneReportCallback`` polls a queue whose every empty poll is a failed task on the job page,
+and an actor ended with a call in flight leaves it failed). :class:`MailboxCallback` offers
+each report from the Train controller; :func:`relay_reports` hands them to ``tune.report``,
+the last only once ``fit()`` returns (Tune stops a trial at its last report, which would kill
+a controller still shutting down). A run's ``user_error`` is raised by the trial instead.
 """
 
 from __future__ import annotations
@@ -110,9 +81,7 @@ class MailboxCallback(UserCallback):
 def relay_reports(
     mailbox: Any, make: Callable[[list[Any]], Any], run_dir: str, *, with_checkpoints: bool, poll_s: float = 1.0
 ) -> Any:
-    """Run ``make(callbacks).fit()`` in a thread and report each of its results to Tune,
-    through the search's ``mailbox``. Returns the Train ``Result``; re-raises the run's
-    exception."""
+    """Run ``make(callbacks).fit()`` in a thread, reporting each result to Tune through ``mailbox``."""
     run = uuid.uuid4().hex  # this call's slot (a restarted trial gets a fresh one)
     trainer = make([MailboxCallback(mailbox, run, run_dir)])
     outcome: dict[str, Any] = {}
@@ -153,9 +122,7 @@ def relay_reports(
 
 
 def already_finished(result: Any) -> Optional[dict[str, Any]]:
-    """The last epoch of a resumed run that had nothing left to train: its worker finished the
-    run before the search was interrupted, but Tune never got the last report (it is relayed
-    only once fit() returns). Ray Train's result carries the latest checkpoint's metrics."""
+    """The last epoch of a resumed run that had finished before Tune got its last report, from its result."""
     metrics = getattr(result, "metrics", None) or {}
     if not metrics.get("epoch") or USER_ERROR in metrics:
         return None

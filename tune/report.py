@@ -1,16 +1,8 @@
-"""The report of a search, written into its experiment folder (every file atomically):
-
-* ``results.csv`` / ``results.md`` -- one row per trial, best first: trial, status, the
-  searched hyperparameters, epochs run, best and final metric, stopped early or not
-* ``best_config.json`` -- the base preset with the best trial's hyperparameters, at the
-  preset's own epochs and training data (``--max-epochs``/``--train-fraction`` are search
-  budget, not hyperparameters): ``python jobs/<task>.py --config-file best_config.json``
-* ``best_trial.json`` -- exactly what the best trial ran, plus its scores (also usable with
-  ``--config-file``)
-* ``plots/<metric>_per_epoch.png`` and ``plots/final_<metric>_vs_hyperparameters.png``
-* ``search_summary.json`` -- counts, wall time, the best trial, the paths above
-
-``python -m tune.report <experiment folder>`` rewrites them from what is on disk.
+"""The report of a search, written into its folder: ``results.csv``/``results.md`` (a row per
+trial, best first), ``best_config.json`` (the preset with the best trial's values, at the
+preset's own epochs and data, for ``jobs/<task>.py --config-file``), ``best_trial.json``
+(what the best trial ran), plots and ``search_summary.json``. ``python -m tune.report
+<search folder>`` rewrites them from what is on disk.
 """
 
 from __future__ import annotations
@@ -66,8 +58,7 @@ class TrialRow:
 
     @property
     def stopped_early(self) -> bool:
-        """Ended (not errored, not interrupted) before its planned epochs: stopped by the
-        scheduler or by the time budget."""
+        """Ended (not errored or interrupted) before its planned epochs: by the scheduler or the time budget."""
         return self.status == STATUS_DONE and self.epochs_planned is not None and self.epochs_run < self.epochs_planned
 
 
@@ -92,8 +83,7 @@ class SearchReport:
 
 
 def read_rows(spec: SearchSpec) -> list[TrialRow]:
-    """The trials of a search, from what Tune saved (experiment state, per-trial results),
-    read through the search's storage."""
+    """The trials of a search, from what Tune saved, read through the search's storage."""
     # A trial that had not reported yet when a search was interrupted has no results; that
     # is expected here, so keep ExperimentAnalysis from warning about it.
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
@@ -274,8 +264,7 @@ def plot_curves(rows: Sequence[TrialRow], metric: str, path: Path, *, title: str
 
 
 def plot_vs_params(rows: Sequence[TrialRow], params: Sequence[Any], metric: str, path: Path) -> Optional[Path]:
-    """Each trial's final metric against each searched hyperparameter (one panel each);
-    hollow markers are trials stopped early."""
+    """Each trial's final metric against each searched hyperparameter; hollow: stopped early."""
     plt = plots.plt
     if not params:
         return None
@@ -311,8 +300,7 @@ def plot_vs_params(rows: Sequence[TrialRow], params: Sequence[Any], metric: str,
 
 
 def write_report(spec: SearchSpec, *, wall_time_s: Optional[float] = None) -> SearchReport:
-    """Read what the search ``spec`` ran; write its table, best configs, plots and summary
-    into the search's own folder (local or remote) and each trial's run outputs."""
+    """Write the search's table, best configs, plots, summary and each trial's run outputs."""
     rows = sort_rows(read_rows(spec), spec.mode)
     params = list(spec.space.params)
     out = spec.experiment_dir
@@ -405,9 +393,7 @@ def trial_run_dir(spec: SearchSpec, trial_id: str) -> Optional[str]:
 
 
 def write_trial_outputs(spec: SearchSpec, rows: Sequence[TrialRow]) -> dict[str, str]:
-    """Write each trial's ``results.json`` and the task's plots into its Train run folder
-    (what ``jobs/<task>.py`` writes at the end of a run), from the run's latest checkpoint.
-    Returns {trial id: run folder} of the runs written."""
+    """Write each trial's Train run results.json and plots, as a job does; {trial id: run folder}."""
     written = {}
     for r in rows:
         run_dir = trial_run_dir(spec, r.trial_id) if r.history else None

@@ -1,32 +1,14 @@
 """Run a search: the trial function, the resources it may use, the Tuner, ``--resume``.
 
-Layout of the search folder ``<storage_path>/<name>/`` (local or remote)::
+Two kinds of trial, one loop (:func:`lstm.loop.run_worker`); the folders are in docs/tune.md.
 
-    search_spec.json        what was searched and how (``--resume`` reads it back)
-    trial_<id>/             Tune's folder of a trial: params.json, result.json, progress.csv,
-                            TensorBoard events; a one-worker trial's checkpoints, results.json
-                            and the task's plots
-    train_runs/trial-<id>/  a trial of two or more workers: its Ray Train run (checkpoints,
-                            results.json, plots, tensorboard/), what ``jobs/<task>.py`` writes
-    results.csv, results.md, best_config.json, best_trial.json, plots/   (tune.report)
-
-Two kinds of trial, one loop (:func:`lstm.loop.run_worker`):
-
-* **One worker** (``--workers-per-trial 1``, the default): the trial trains in Tune's own trial
-  process, Ray Tune's function-trainable idiom -- ``ray.tune.report`` with a checkpoint,
-  ``ray.tune.get_checkpoint``, Tune's ``FailureConfig`` for retries, and ``reuse_actors`` so
-  that one process, torch imported, serves the next trial. The trial reserves its worker's CPUs
-  (and GPU share). No Ray Train run starts: a short trial trains instead of waiting for a
-  controller, a worker group and their clean-up.
-* **Two or more workers**: the trial is a Tune actor that runs a Ray Train run of the trial's
-  plan (:func:`lstm.trainer.make_trainer`) and relays its reports (:mod:`tune.bridge`). That
-  actor holds no CPU, only :data:`TRIAL_DRIVER_MEMORY` (Tune needs a non-empty request); the
-  workers' CPUs are in a placement group of Ray Train's, which Tune does not see, so the limit
-  on concurrent trials is what keeps trials from starting more workers than the cluster holds.
-
-The limit defaults to as many trials as fit on the cluster's nodes, fractional GPUs counted (4
-trials of 0.25 GPU share one); asking for more is an error before anything starts. The data is
-read once, by the search's driver, and reaches every trial through Ray's object store.
+* **One worker** (the default): the trial trains in Tune's own trial process, Tune's function-
+  trainable idiom (``tune.report`` with a checkpoint, Tune's retries, ``reuse_actors``), so a
+  short trial trains instead of waiting for a Ray Train controller and worker group.
+* **Two or more workers**: the trial's actor runs a Ray Train run and relays its reports
+  (:mod:`tune.bridge`). It holds no CPU (only :data:`TRIAL_DRIVER_MEMORY`); the workers' CPUs
+  are in Ray Train's placement group, which Tune does not see, so the limit on concurrent
+  trials (by default as many as fit) is what keeps them within the cluster.
 """
 
 from __future__ import annotations

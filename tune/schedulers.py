@@ -1,20 +1,9 @@
-"""Trial schedulers on the task's primary metric, with the epoch as their clock.
-
-* ``asha`` (default): :class:`ResumableASHA`, asynchronous successive halving. A trial that is
-  worse than the best ``1/reduction_factor`` of the trials that reached the same epoch
-  (after ``grace_period``, ``grace_period * reduction_factor``, ... epochs) is stopped early.
-* ``pbt``: PopulationBasedTraining. Every ``perturbation_interval`` epochs a trial in the
-  bottom quantile copies the checkpoint and config of one in the top quantile and perturbs
-  the task's ``pbt_mutations`` (PTB: ``keep_prob`` and ``learning_rate``), clipped to the
-  searched ranges. :class:`FinishingPBT` leaves a trial alone on its last epoch (see there).
-  With ``synch`` every trial reaches the interval before any is exploited, so an exploit is
-  certain at every interval (asynchronous PBT exploits only when a trial reports while others
-  are ahead of it in the ranking).
-
-Tune does not save a scheduler's state with the experiment, so after ``Tuner.restore`` an
-ASHA scheduler would compare resumed trials only with each other. :class:`ResumableASHA`
-replays the results that the trials of the interrupted search left on disk, so resumed and
-new trials face the same cut-offs as before the interruption.
+"""Trial schedulers on the task's primary metric, with the epoch as their clock: ``asha``
+(asynchronous successive halving, :class:`ResumableASHA`) and ``pbt`` (:class:`FinishingPBT`:
+a trial in the bottom quantile takes the checkpoint and config of one in the top quantile and
+perturbs the task's ``pbt_mutations``; with ``synch``, at every interval). Tune does not save a
+scheduler's state, so :class:`ResumableASHA` replays the trials' results from disk: resumed
+and new trials face the cut-offs of before the interruption.
 """
 
 from __future__ import annotations
@@ -35,16 +24,10 @@ RESULT_FILE = "result.json"  # Tune's per-trial JSON lines of reported results
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    """ASHA that rebuilds its rungs from storage for trials restored by ``Tuner.restore``
-    (``experiment_dir``: the search's folder, local or a URI), and that lets a trial finish by
-    itself after its last epoch (``last_epoch``) instead of stopping it there.
-
-    A rung at the last epoch (``--grace-period`` equal to ``--max-epochs``, or a power of the
-    reduction factor that lands on it) would stop the trials below its cut as they report that
-    epoch, while their function is still returning: Tune then stops the trial's actor with its
-    next ``train`` call in flight, which the job's page counts as a failed task. Those trials
-    have nothing left to train, so they continue to their end; their result still counts at
-    the rung for the trials after them."""
+    """ASHA that rebuilds its rungs from the search's folder for trials restored by
+    ``Tuner.restore``, and lets a trial below the cut of a rung at its last epoch finish by
+    itself: stopping it there would kill its actor with a call in flight (a failed task on the
+    job's page) for nothing left to train. Its result still counts at the rung."""
 
     def __init__(self, *args: Any, experiment_dir: str = "", last_epoch: Optional[int] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -121,15 +104,9 @@ def make_scheduler(spec: Any) -> TrialScheduler:
 
 
 class FinishingPBT(PopulationBasedTraining):
-    """PopulationBasedTraining that does nothing on a trial's last epoch.
-
-    Tune's PBT acts on every result: it may pause the trial (to let waiting trials run),
-    clone a better trial into it, or record the result's checkpoint as the one that worse
-    trials will clone. On the last epoch each of those goes wrong: a paused or cloned trial
-    restarts from a checkpoint that has no epoch left to train (so the new config is never
-    trained and, for a paused trial, the last result is lost from its record), and a
-    last-epoch checkpoint cloned into a worse trial leaves that trial nothing to train
-    either. So a result whose epoch is the trial's last passes through untouched."""
+    """PopulationBasedTraining that does nothing on a trial's last epoch: pausing, cloning into
+    it, or cloning its checkpoint into a worse trial would each restart a trial from a
+    checkpoint with no epoch left to train (a new config never trained, a last result lost)."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         epochs = result.get("epochs")
@@ -141,8 +118,7 @@ class FinishingPBT(PopulationBasedTraining):
 def pbt_mutations(
     space: SearchSpace, mutated: Sequence[str]
 ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]:
-    """PBT's ``hyperparam_mutations`` for the searched ones of the ``mutated`` fields, and an
-    explore function that keeps perturbed values inside their ranges."""
+    """PBT's ``hyperparam_mutations`` of the searched ``mutated`` fields, and an explore that clips them."""
     mutations: dict[str, Any] = {}
     bounds: dict[str, tuple[float, float]] = {}
     for name in mutated:

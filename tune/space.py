@@ -1,8 +1,5 @@
-"""The search space: which config fields a search varies, and how (``--space NAME=SPEC``).
-
-Each task declares its default entries (``Task.search_space``; PTB's are keep_prob,
-hidden_size and lr_decay). Any field of the task's config can be searched or pinned with
-``--space NAME=SPEC``, which replaces that field's default entry. SPEC is one of::
+"""The search space: which config fields a search varies, and how (``--space NAME=SPEC``,
+which replaces the task's default entry of that field). SPEC is one of::
 
     0.4:1.0             uniform range (an int field draws an integer, both ends included)
     log:0.5:2           log-uniform range (both ends > 0)
@@ -11,9 +8,7 @@ hidden_size and lr_decay). Any field of the task's config can be searched or pin
     0.5                 a single value: pinned for every trial, not searched
     base                not searched: the base config's value
 
-Everything is checked before any trial starts: unknown names, empty or inverted ranges,
-values that do not parse or that the task's config rejects raise a one-line
-:class:`~lstm.errors.UserError`.
+All of it is checked, with one-line errors, before any trial starts.
 """
 
 from __future__ import annotations
@@ -127,8 +122,7 @@ def parse_space(
     task_name: str = "",
     defaults: Optional[Mapping[str, str]] = None,
 ) -> SearchSpace:
-    """Defaults (restricted to the fields ``config_class`` has) overridden by ``entries``
-    (``NAME=SPEC`` strings), each checked against the config built from ``base_values``."""
+    """The task's default entries overridden by ``entries``, each checked against ``base_values``' config."""
     fields_ = cfg.scalar_fields(config_class)
     specs: dict[str, tuple[str, bool]] = {n: (s, False) for n, s in (defaults or {}).items() if n in fields_}
     for entry in entries:
@@ -226,8 +220,7 @@ def _parse_range(name: str, spec: str, tp: type, item: str, *, log: bool) -> Par
 
 
 def check_against_config(config_class: type, space: SearchSpace, base_values: Mapping[str, Any]) -> None:
-    """Build the config with each listed value and each range end, so the task's own
-    validation rejects impossible values before any trial starts."""
+    """Build the config with each value and range end, so the task's validation runs before any trial."""
     base = {**base_values, **space.fixed}
     try:
         cfg.build(config_class, base)

@@ -1,15 +1,9 @@
 """Find a dataset locally or download it once into a cache, with sha256 checks.
 
-Where a dataset's files are looked for, in order:
-
-1. ``--data-dir`` (a folder the user already has),
-2. ``$LSTM_DATA_DIR``,
-3. the cache ``$LSTM_CACHE_DIR`` or ``~/.cache/lstm-ray``, filled by downloading
-   (from the upstream URL, or a mirror named by ``$LSTM_<NAME>_URL``, e.g. ``LSTM_PTB_URL``).
-
-A download goes to a temporary file, is checked against its sha256, and only then is moved
-(or, for an archive, extracted into a temporary folder and renamed) into place: a corrupt or
-interrupted download leaves nothing behind. Offline, the error says to pass ``--data-dir``.
+Looked for in ``--data-dir``, then ``$LSTM_DATA_DIR``, then the cache (``$LSTM_CACHE_DIR`` or
+``~/.cache/lstm-ray``), which a download fills from upstream or ``$LSTM_<NAME>_URL``. A
+download is checked, and extracted, in a temporary place before it is renamed into place, so a
+corrupt or interrupted one leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -158,8 +152,7 @@ def fetch(ds: Dataset, target: Path, *, timeout: float = 60.0) -> None:
 
 
 def _move_into_place(out: Path, target: Path, ds: Dataset) -> None:
-    """Rename the checked files into ``target``. If another process (a worker on the same
-    node) got there first with a complete copy, keep that one."""
+    """Rename the checked files into ``target``, unless another process already put a complete copy there."""
     if all((target / f).is_file() for f in ds.files):
         return
     if target.exists():

@@ -1,43 +1,9 @@
-"""Penn Treebank reader, vocabulary and batching, as the TensorFlow PTB tutorial does them.
-
-Reader (``reader.py`` of the tutorial):
-
-* a file is split on whitespace and every newline becomes the token ``<eos>``;
-* the vocabulary comes from the **training** file only, ordered by (descending count, word),
-  so word id 0 is the most frequent word and ties are broken alphabetically
-  (:meth:`lstm.data.vocab.Vocabulary.by_count`);
-* valid/test are mapped with that vocabulary; a word it lacks is dropped, as the tutorial's
-  ``_file_to_word_ids`` does (PTB has ``<unk>`` in its training file, so nothing is dropped).
-
-The tutorial writes ``f.read().replace("\\n", "<eos>").split()``, which glues ``<eos>`` to a
-neighbouring word unless the line ends and starts with a space; every PTB line does, so the
-``" <eos> "`` used here gives the identical token stream on PTB (a test checks it) and a
-sensible one on other text.
-
-Batching (``ptb_producer`` of the tutorial)::
-
-    Starting from the token stream, batchify() cuts it into ``batch_size`` contiguous rows
-    (the tail that does not fill a row is dropped). With the alphabet and batch_size 4:
-
-        a b c d e f      <- row 0: tokens 0..5
-        g h i j k l      <- row 1: tokens 6..11
-        m n o p q r
-        s t u v w x      (y and z are dropped)
-
-    Step i of an epoch reads the columns [i*num_steps, (i+1)*num_steps) as inputs and the
-    same columns shifted right by one as targets. With num_steps 2:
-
-        step 0: x = [[a b] [g h] [m n] [s t]]   y = [[b c] [h i] [n o] [t u]]
-        step 1: x = [[c d] [i j] [o p] [u v]]   y = [[d e] [j k] [p q] [v w]]
-
-    so epoch_size = (batch_len - 1) // num_steps = ((len // batch_size) - 1) // num_steps steps
-    (here (6 - 1) // 2 = 2; column f is only ever a target). Row r of step i+1 continues
-    exactly where row r of step i stopped, which is why the LSTM state of each row is carried
-    from step to step: truncated backpropagation through time over num_steps tokens, with
-    the context of the whole row so far.
-
-Sharding for N workers (``shard_rows``): rank k takes rows [k*B/N, (k+1)*B/N) of the same
-B rows, so the union of the workers' batches is exactly the single-worker batch.
+"""Penn Treebank reading and batching, as the TensorFlow PTB tutorial's ``reader.py`` does them:
+every newline an ``<eos>`` (padded, which on PTB gives the tutorial's stream exactly), the
+vocabulary from the training file by (descending count, word), unknown valid/test words dropped.
+:func:`batchify` cuts the stream into ``batch_size`` contiguous rows; step i reads columns
+[i*T, (i+1)*T) and their successors as targets, so each row continues where it stopped and its
+LSTM state is carried (truncated BPTT). Rank k of N takes rows [k*B/N, (k+1)*B/N).
 """
 
 from __future__ import annotations
@@ -158,10 +124,7 @@ def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 
 def iterate(rows: Rows, num_steps: int, n_steps: int | None = None) -> Iterator[tuple[Rows, Rows]]:
-    """(inputs, targets) pairs of shape (rows, num_steps), step by step along the rows.
-
-    ``n_steps`` defaults to the epoch size of these rows; a worker passes the global one (the
-    same for every shard, since all rows have the same length)."""
+    """(inputs, targets) of shape (rows, num_steps) along the rows; ``n_steps`` defaults to the rows' epoch size."""
     if n_steps is None:
         n_steps = (rows.shape[1] - 1) // num_steps
     for i in range(n_steps):
@@ -177,10 +140,9 @@ FULL_LENGTH_P = 0.95  # else the mean length is num_steps / 2
 
 
 def variable_lengths(rng: np.random.Generator, row_len: int, num_steps: int) -> list[int]:
-    """AWD-LSTM's variable-length BPTT: window lengths that cover every target of rows of
-    ``row_len`` tokens. Each is ``max(5, int(N(num_steps, 5)))`` (mean ``num_steps / 2`` with
-    probability 0.05), the last one cut at the end of the rows, so that over the epochs every
-    token starts a window with some probability (fixed windows always start at the same tokens)."""
+    """AWD-LSTM's variable-length BPTT: windows of ``max(5, int(N(num_steps, 5)))`` (mean
+    ``num_steps / 2`` with probability 0.05) covering rows of ``row_len`` tokens, so that over
+    the epochs any token may start a window."""
     lengths, start = [], 0
     while start < row_len - 1:
         mean = num_steps if rng.random() < FULL_LENGTH_P else num_steps / 2
@@ -191,8 +153,7 @@ def variable_lengths(rng: np.random.Generator, row_len: int, num_steps: int) -> 
 
 
 def full_lengths(row_len: int, num_steps: int) -> list[int]:
-    """Windows of ``num_steps`` covering every target of rows of ``row_len`` tokens, the last
-    one shorter if need be (:func:`iterate` drops that one, as the tutorial does)."""
+    """Windows of ``num_steps`` covering rows of ``row_len`` tokens, the last one shorter if need be."""
     whole, rest = divmod(row_len - 1, num_steps)
     return [num_steps] * whole + ([rest] if rest else [])
 

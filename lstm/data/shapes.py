@@ -1,13 +1,7 @@
-"""Shapes drawn point by point, each starting at the origin [0, 0].
-
-A shape family maps a few random parameters (a rectangle's width and height, a circle's
-radius) to an outline of ``k`` points, listed in drawing order. The first point is always
-[0, 0], so a model can be seeded with it, as in the Generative LSTM chapter:
-
-    rectangle  BL [0,0] -> BR [w,0] -> TR [w,h] -> TL [0,h]     (w, h ~ U[0, 1))
-
-``points_per_edge > 1`` adds evenly spaced points along each edge (mid-edge points).
-``consistency_error`` measures how far generated points are from *some* member of the family.
+"""Shapes drawn point by point from the origin [0, 0], as the Generative LSTM chapter seeds its
+model: a family maps a few random parameters to ``k`` outline points in drawing order (a
+rectangle: BL [0,0] -> BR [w,0] -> TR [w,h] -> TL [0,h]); ``points_per_edge > 1`` adds points
+along the edges. ``consistency_error`` says how far points are from *some* member of the family.
 """
 
 from __future__ import annotations
@@ -104,8 +98,7 @@ def rectangle_terms(points: np.ndarray) -> np.ndarray:
 
 
 def fit_params(family: ShapeFamily, points: np.ndarray, points_per_edge: int = 1) -> np.ndarray:
-    """Least-squares family parameters of each outline (n, k, 2), by grid search over a range
-    half again as wide as the family's (generated shapes may leave it)."""
+    """Least-squares family parameters of each outline (n, k, 2), by grid search over a widened range."""
     n_params = len(family.param_names)
     lo, hi = np.array(family.param_low), np.array(family.param_high)
     lo, hi = lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo)

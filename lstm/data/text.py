@@ -1,18 +1,9 @@
-"""Character corpora for the char task: reading, vocabulary, and 40-char windows by index.
+"""Character corpora for the char task: reading, vocabulary, and windows by index.
 
-The Keras char-LSTM example cuts the text into windows of ``maxlen`` characters every ``step``
-characters, each with the character that follows as its target::
-
-    for i in range(0, len(text) - maxlen, step):
-        sentences.append(text[i: i + maxlen])
-        next_chars.append(text[i + maxlen])
-
-and then builds a ``(windows x maxlen x chars)`` one-hot array of all of them. Here a window is
-only its start offset into the encoded corpus (:class:`Windows`); a batch gathers its windows'
-indices on the fly (:meth:`Windows.batch`), and the model one-hot encodes just that batch.
-
-The corpus is split by position: the head ``1 - valid_fraction`` trains, the tail is held out,
-and no window crosses the split.
+The Keras example builds a one-hot array of every ``maxlen``-character window taken every
+``step`` characters; here a window is its start offset into the encoded corpus
+(:class:`Windows`) and a batch gathers its characters on the fly. The head ``1 -
+valid_fraction`` of the corpus trains, the tail is held out; no window crosses the split.
 """
 
 from __future__ import annotations
@@ -37,8 +28,7 @@ CORPORA = ("nietzsche", "tinyshakespeare")
 
 
 def corpus_path(corpus: str, corpus_name: str, data_dir: Optional[str | os.PathLike]) -> Path:
-    """The text file to read: ``corpus`` if given, else ``<corpus_name>.txt`` found (or
-    downloaded, checksummed) by :func:`lstm.data.download.locate`."""
+    """``corpus`` if given, else ``<corpus_name>.txt`` found or downloaded by :func:`lstm.data.download.locate`."""
     if corpus:
         return Path(corpus).expanduser()
     if corpus_name not in CORPORA:
@@ -60,8 +50,7 @@ def read_corpus(path: str | os.PathLike) -> str:
 
 
 def prepare(text: str, *, lowercase: bool = True, max_chars: int = 0) -> str:
-    """Lower-cased as in the Keras example if asked, cut to the first ``max_chars`` characters
-    if that is positive."""
+    """Lower-cased as in the Keras example if asked, cut to the first ``max_chars`` characters if positive."""
     if lowercase:
         text = text.lower()
     return text[:max_chars] if max_chars > 0 else text
@@ -71,8 +60,7 @@ def prepare(text: str, *, lowercase: bool = True, max_chars: int = 0) -> str:
 
 
 def window_starts(begin: int, end: int, window: int, step: int) -> np.ndarray:
-    """Start offsets of the windows inside ``[begin, end)`` whose target is inside too:
-    ``range(begin, end - window, step)``, as in the example with ``begin=0, end=len(text)``."""
+    """Starts of the windows in ``[begin, end)`` whose target is inside too (the example's range)."""
     return np.arange(begin, max(end - window, begin), step, dtype=np.int64)
 
 
@@ -119,8 +107,7 @@ def build_corpus(
     vocab: Optional[Vocabulary] = None,
     source: str = "the corpus",
 ) -> CharCorpus:
-    """Encode ``text`` and index its windows: the head trains, the tail ``valid_fraction`` is
-    held out. Raises UserError if either part holds no window."""
+    """The encoded ``text`` with its training head and held-out tail windows; UserError if either is empty."""
     if window <= 0 or step <= 0:
         raise UserError(f"window and step must be positive (got window {window}, step {step})")
     if len(text) <= window:
@@ -144,8 +131,7 @@ def build_corpus(
 
 
 def epoch_shard(n_windows: int, epoch_seed: Sequence[int], rank: int, world_size: int) -> np.ndarray:
-    """This rank's window numbers for one epoch: one permutation shared by every rank (seeded
-    by ``epoch_seed``), dealt round-robin and cut so every rank gets ``n_windows // world_size``."""
+    """This rank's window numbers for an epoch: one seeded permutation dealt round-robin, equal shares."""
     order = np.random.default_rng(list(epoch_seed)).permutation(n_windows)
     per_rank = n_windows // world_size
     return order[rank::world_size][:per_rank]

@@ -1,14 +1,7 @@
-"""A vocabulary: an ordered tuple of tokens (words or characters); a token's id is its position.
-
-Two orders are in use:
-
-* :meth:`Vocabulary.by_count` -- descending count, ties alphabetical: the PTB tutorial's
-  reader, so word id 0 is the most frequent word;
-* :meth:`Vocabulary.sorted_set` -- ``sorted(set(text))``: the Keras char example's characters.
-
-Encoding decides what a token outside the vocabulary becomes: dropped (the PTB tutorial's
-valid/test mapping), mapped to a stand-in such as ``<unk>`` (scoring a new text), or an
-error naming the tokens (a seed or prompt the model cannot read).
+"""A vocabulary: an ordered tuple of tokens (words or characters); a token's id is its position,
+by descending count (the PTB tutorial's reader) or sorted (the Keras char example). Encoding
+drops a token outside it (PTB's valid/test), maps it to a stand-in such as ``<unk>``, or
+raises an error naming it (a prompt the model cannot read).
 """
 
 from __future__ import annotations
@@ -56,9 +49,7 @@ class Vocabulary:
     def encode(
         self, tokens: Sequence[str], *, unknown: Optional[str] = None, what: str = "", unit: str = "token"
     ) -> np.ndarray:
-        """int64 ids of ``tokens``. A token outside the vocabulary is dropped (``unknown`` None
-        and ``what`` empty), becomes the token ``unknown``, or -- with ``what`` naming the
-        text, e.g. "--seed-text", and ``unit`` its tokens -- is a one-line UserError listing them."""
+        """int64 ids of ``tokens``; one outside the vocabulary is dropped, becomes ``unknown``, or is a UserError."""
         ids = self.ids
         if what:
             lacking = self.missing(tokens)

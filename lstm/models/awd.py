@@ -1,30 +1,9 @@
-"""RegularizedLM: the word LM with AWD-LSTM's regularizers (Merity, Keskar & Socher 2017),
-weight tying (Press & Wolf 2017; Inan et al. 2017) and variational dropout (Gal & Ghahramani 2016).
-
-    word ids -> embedding (vocab x E), whole words dropped      (embedding_dropout)
-             -> locked dropout                                  (locked_dropout_input)
-             -> LSTM layer 1 -> locked dropout -> ... -> LSTM layer L   (locked_dropout_hidden)
-                each layer's hidden-to-hidden matrix DropConnected      (weight_drop)
-             -> locked dropout                                  (locked_dropout_output)
-             -> softmax layer (E x vocab), its weight the embedding's   (tied)
-
-The last layer has E = ``embedding_size`` units (0: ``hidden_size``), as in AWD-LSTM, so that
-its output can meet the (tied) embedding. Locked dropout draws one mask per sequence and
-feature and applies it at every time step. The tutorial's dropout (``keep_prob``, a fresh mask
-at every step) is applied at the same three places when no locked rate is set.
-
-Weight drop recomputes the dropped matrix at every forward (one mask per batch; none in eval)
-and runs the layer's ``nn.LSTM`` on it through ``torch.func.functional_call``: the fused
-LSTM kernel (cuDNN on a GPU) still runs the whole sequence, never a Python loop over steps.
-
-AR and TAR (``ar``, ``tar``) add ``ar * mean(o^2)`` over the last layer's dropped output and
-``tar * mean((h_t - h_{t-1})^2)`` over its raw output to the loss, per token: with the
-tutorial's loss (summed over time) they are weighted by the number of time steps, so their
-strength relative to the cross entropy does not depend on how the loss is averaged.
-
-With every field neutral (see :class:`Regularization`) the model computes what
-:class:`lstm.models.word.WordLM` does, with the same initial weights for the same seed; the
-PTB task keeps ``WordLM`` for that case all the same.
+"""RegularizedLM: the word LM with AWD-LSTM's regularizers (Merity et al. 2017): embedding
+dropout, locked (variational) dropout on the input, between layers and on the output,
+DropConnect on each hidden-to-hidden matrix, a softmax tied to the embedding (the last layer
+has ``embedding_size`` units to meet it), AR/TAR per token. Weight drop runs each layer's fused
+``nn.LSTM`` on the dropped matrix through ``functional_call``, never a loop over time steps.
+With every field neutral it computes what :class:`lstm.models.word.WordLM` does.
 """
 
 from __future__ import annotations
@@ -47,8 +26,7 @@ INITS = ("uniform", "awd")
 
 @dataclass(frozen=True)
 class Regularization:
-    """The model's regularization fields; their defaults are neutral (the tutorial's model).
-    The PTB config has fields of the same names (:meth:`of` reads them)."""
+    """The model's regularization fields, neutral by default; the PTB config has the same names."""
 
     tied: bool = False  # the softmax weight is the embedding
     embedding_size: int = 0  # E; 0 = hidden_size
@@ -76,8 +54,7 @@ class Regularization:
 
 
 def locked_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """``x`` (time, batch, features) times one dropout mask per (batch, feature), shared by all
-    time steps (variational dropout)."""
+    """``x`` (time, batch, features) times one mask per (batch, feature), shared over time (variational dropout)."""
     if p == 0.0:
         return x
     mask = x.new_empty((1,) + x.shape[1:]).bernoulli_(1.0 - p).div_(1.0 - p)
@@ -85,9 +62,7 @@ def locked_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def embedding_dropout(embedding: nn.Embedding, words: torch.Tensor, p: float) -> torch.Tensor:
-    """The embedding of ``words`` with whole words dropped: each vocabulary entry is zeroed
-    with probability ``p`` (everywhere in the batch), the others scaled by 1 / (1 - p). The
-    same as AWD-LSTM's masked embedding matrix, without materialising it."""
+    """The embedding of ``words`` with whole vocabulary entries zeroed (p) and the others scaled, unmaterialised."""
     vectors = embedding(words)
     if p == 0.0:
         return vectors
@@ -96,8 +71,7 @@ def embedding_dropout(embedding: nn.Embedding, words: torch.Tensor, p: float) ->
 
 
 def run_layer(layer: nn.LSTM, x: torch.Tensor, state: Optional[LayerState], weight_drop: float):
-    """One fused LSTM layer over the whole sequence, with its hidden-to-hidden matrix
-    DropConnected (a fresh mask per call) while training."""
+    """One fused LSTM layer over the sequence, its hidden-to-hidden matrix DropConnected while training."""
     if weight_drop == 0.0 or not layer.training:
         return layer(x, state)
     dropped = F.dropout(layer.weight_hh_l0, weight_drop, training=True)
@@ -146,8 +120,7 @@ class RegularizedLM(nn.Module):
         return locked_dropout(x, locked_p)
 
     def run(self, inputs: torch.Tensor, state: Optional[State] = None):
-        """inputs (batch, T) word ids -> (the last layer's dropped output (T, batch, E), the
-        final state, its raw output (T, batch, E)). A None state is the zero state."""
+        """(the last layer's dropped output, the final state, its raw output) of (batch, T) word ids."""
         p_in, p_hidden, p_out = self.reg.locked
         p_words = self.reg.embedding_dropout if self.training else 0.0
         x = self._drop(embedding_dropout(self.embedding, inputs.t(), p_words), p_in)
@@ -162,8 +135,7 @@ class RegularizedLM(nn.Module):
     def forward(
         self, inputs: torch.Tensor, targets: torch.Tensor, state: Optional[State] = None, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """(scale * summed cross entropy [+ AR/TAR while training], summed cross entropy,
-        final state): the same contract as ``WordLM.forward``."""
+        """``WordLM.forward``'s contract, with AR/TAR added to the first value while training."""
         out, state, raw = self.run(inputs, state)
         h = out.reshape(-1, self.output_size)
         loss, loss_sum = linear_cross_entropy(h, self.decoder.weight, self.decoder.bias, targets.t().reshape(-1), scale)

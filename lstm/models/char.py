@@ -40,10 +40,7 @@ class CharLSTM(nn.Module):
         window: int,
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
-        """Continue each row of ``seeds`` (batch, seed_len) by ``length`` characters, row ``i``
-        at ``temperatures[i]``. As in the example, each step reads the last ``window``
-        characters afresh (the model was trained on windows starting from a zero state).
-        Returns (batch, length) indices."""
+        """(batch, length) indices continuing each seed at its temperature, each step from a zero state."""
         if len(temperatures) != seeds.shape[0]:
             raise ValueError("one temperature per seed row")
         was_training = self.training
@@ -65,8 +62,7 @@ class CharLSTM(nn.Module):
 def sample_with_temperature(
     logits: torch.Tensor, temperature: torch.Tensor | float, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """The example's ``sample``: ``log(probs) / temperature``, renormalise, draw one index per
-    row. In float64 on the CPU; a very low temperature returns the argmax."""
+    """The example's ``sample``: ``log(p) / temperature``, renormalised, one draw per row (float64)."""
     log_probs = F.log_softmax(logits.detach().to("cpu", torch.float64), dim=-1)
     temp = torch.as_tensor(temperature, dtype=torch.float64)
     if temp.dim() == 1:

@@ -1,24 +1,9 @@
-"""Softmax layer + cross entropy in one autograd node, for CPU speed.
-
-``linear_cross_entropy(h, W, b, y, scale)`` is ``scale * F.cross_entropy(h @ W.T + b, y,
-reduction="sum")`` -- the same value and the same gradients -- computed with fewer passes over
-the (rows x vocab) logits, which for a word LM dominate the memory traffic:
-
-* forward: one GEMM writes the logits, softmax runs in place on them, the loss is read off at
-  the targets, and ``p - onehot(y)`` (the gradient of the summed cross entropy) is formed in
-  place too. The three gradients (d h = G W, d W = G^T h, d b = sum G) are computed right
-  away, so no logits-sized tensor survives the forward;
-* backward: hands back the stored gradients, times ``grad_output`` (1 for ``loss.backward()``).
-
-The plain composition instead writes logits, log-softmax output, a zero-filled one-hot grad,
-the log-softmax grad and the logits grad: five logits-sized tensors per step.
-
-``-log(p_target)`` loses precision once ``p_target`` underflows float32 (a loss above ~87
-nats, i.e. a diverging model); those few rows are recomputed exactly from their logits.
-
-Without gradients (evaluation) it computes only the loss, in row blocks. Under autocast and
-on a GPU it is the plain composition: the fused node is an fp32 CPU path, and its underflow
-check would cost a GPU sync every step.
+"""Softmax layer + cross entropy in one autograd node, for CPU speed: ``scale *
+F.cross_entropy(h @ W.T + b, y, reduction="sum")``, value and gradients, with fewer passes over
+the (rows x vocab) logits that dominate a word LM's memory traffic. The forward takes softmax
+and ``p - onehot(y)`` in place and computes the gradients at once, so no logits-sized tensor
+outlives it; rows whose target probability underflows (a diverging model) are recomputed
+exactly. Under autocast or on a GPU it is the plain composition (its check would sync a GPU).
 """
 
 from __future__ import annotations
@@ -39,8 +24,7 @@ _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
 def _scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """A (rows, cols) buffer reused from step to step: a fresh logits-sized tensor every step
-    costs the allocator page faults and zeroing. Only used inside one forward call."""
+    """A (rows, cols) buffer reused across steps: a fresh logits-sized tensor costs page faults and zeroing."""
     key = (rows, cols, like.dtype, like.device)
     buf = _SCRATCH.get(key)
     if buf is None:
@@ -85,11 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale * summed cross entropy, summed cross entropy)`` of ``h @ weight.T + bias``.
-
-    ``h`` is (N, hidden), ``weight`` (vocab, hidden), ``targets`` (N,) int64. The first value
-    is differentiable; the second is a detached copy of the plain sum, for metrics.
-    """
+    """``(scale * summed cross entropy, summed cross entropy (detached))`` of ``h @ weight.T + bias``."""
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad)
     if torch.is_autocast_enabled(h.device.type) or h.device.type != "cpu":
         loss_sum = F.cross_entropy(F.linear(h, weight, bias), targets, reduction="sum")

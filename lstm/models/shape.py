@@ -1,12 +1,6 @@
-"""ShapeLSTM: an LSTM that reads a point and predicts the next one.
-
-Two heads:
-
-* ``dense`` -- Linear(hidden, 2), trained with MAE, as in the Generative LSTM chapter. From the
-  seed [0, 0] it must predict one point, so it draws the same (mean) shape every time.
-* ``mdn``   -- a mixture density network (Graves 2013, section 4.1): M bivariate Gaussians with
-  weights pi, means mu, std-devs sigma and correlation rho per step, trained by negative log
-  likelihood. Sampling from it draws *different* shapes from the same seed.
+"""ShapeLSTM: an LSTM that reads a point and predicts the next one, through the chapter's
+``dense`` head (Linear + MAE: from the seed [0, 0] it draws one mean shape) or an ``mdn`` head
+(a mixture of bivariate Gaussians, Graves 2013 section 4.1: sampling draws different shapes).
 """
 
 from __future__ import annotations

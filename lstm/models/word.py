@@ -1,16 +1,9 @@
-"""WordLM: the LSTM language model of Zaremba, Sutskever & Vinyals (2014).
-
-    word ids -> embedding (vocab x hidden) -> dropout -> num_layers x [LSTM -> dropout]
-             -> linear softmax layer (hidden x vocab)
-
-as in the TensorFlow PTB tutorial: dropout (rate ``1 - keep_prob``, off when keep_prob is 1)
-on the embedding and on every LSTM layer's output, the last one included; all parameters
-uniform in [-init_scale, init_scale]. Each gate pre-activation has two uniform biases (input
-and recurrent), like the two ``nn.Linear`` of Zaremba's Torch code, and no forget-gate bias.
-
-The forward pass returns the tutorial's loss directly -- cross entropy summed over the
-time steps and averaged over the batch -- through :func:`linear_cross_entropy`, so that the
-whole step runs inside the (possibly DDP-wrapped) module.
+"""WordLM: the LSTM language model of Zaremba, Sutskever & Vinyals (2014), as the TensorFlow
+PTB tutorial builds it: embedding, dropout, ``num_layers`` LSTMs each followed by dropout, a
+softmax layer; all weights uniform in [-init_scale, init_scale], two biases per gate (as
+Zaremba's Torch code) and no forget-gate bias. The forward returns the tutorial's loss (summed
+over time, averaged over rows) through :func:`linear_cross_entropy`, so the whole step runs
+inside the (possibly DDP-wrapped) module.
 """
 
 from __future__ import annotations
@@ -49,8 +42,7 @@ class WordLM(nn.Module):
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def hidden(self, inputs: torch.Tensor, state: Optional[State] = None) -> tuple[torch.Tensor, State]:
-        """inputs (batch, num_steps) word ids -> top-layer outputs (num_steps * batch, hidden)
-        in time-major order, and the final state. A None state is the zero state."""
+        """(batch, num_steps) word ids -> top-layer outputs (time-major) and the final state."""
         emb = self.drop(self.embedding(inputs.t()))  # time-major (T, B, H): what nn.LSTM runs fastest
         out, state = self.lstm(emb, state)
         out = self.drop(out)
@@ -59,10 +51,7 @@ class WordLM(nn.Module):
     def forward(
         self, inputs: torch.Tensor, targets: torch.Tensor, state: Optional[State] = None, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """(scale * summed cross entropy, summed cross entropy, final state).
-
-        ``inputs`` and ``targets`` are (batch, num_steps); the tutorial's loss is
-        ``scale = 1 / batch``: summed over time steps, averaged over the batch."""
+        """(scale * summed cross entropy, summed cross entropy, final state); the tutorial's scale is 1 / batch."""
         h, state = self.hidden(inputs, state)
         loss, loss_sum = linear_cross_entropy(h, self.decoder.weight, self.decoder.bias, targets.t().reshape(-1), scale)
         return loss, loss_sum, state
@@ -76,8 +65,7 @@ class WordLM(nn.Module):
 
 
 def detach_state(state: Any) -> Any:
-    """Cut the graph between batches (truncated BPTT) but keep the values: a state is None, a
-    tensor or a tuple of states (``WordLM``'s (h, c); ``RegularizedLM``'s one (h, c) per layer)."""
+    """Cut the graph between batches (truncated BPTT), keeping the values of a state (None, tensor, tuple)."""
     if state is None or torch.is_tensor(state):
         return None if state is None else state.detach()
     return tuple(detach_state(s) for s in state)

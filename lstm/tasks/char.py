@@ -1,18 +1,11 @@
 """The char task: the Keras char-LSTM text-generation example, as a Ray Train job.
 
-As the example: the corpus (Nietzsche by default) lower-cased, windows of 40 characters every
-3, each predicting the next character; LSTM(128) and a softmax over the corpus' characters;
-Adam (lr 0.01), batch 128, categorical cross-entropy; after every epoch 400 characters sampled
-from a random seed window at diversities 0.2, 0.5, 1.0 and 1.2.
-
-Beyond it: windows are indexed, never materialised as one-hot arrays; the tail 10% of the
-corpus is held out and its loss reported in bits per character every epoch; a checkpoint
-carries its vocabulary, so :func:`sample_from_checkpoint` (``jobs/char.py sample``) generates
-from a saved run without the corpus.
-
-With several workers, ``batch_size`` is the global batch: each rank takes ``batch_size //
-world_size`` windows per step from its share of one epoch-wide permutation (every rank gets
-``windows // world_size`` of them, so all ranks run the same number of steps).
+As the example: the lower-cased corpus in 40-character windows every 3, each predicting the
+next character; LSTM(128), softmax, Adam (lr 0.01), batch 128; samples at four diversities
+after every epoch. Beyond it: windows are indexed, never one-hot arrays; the tail 10% is held
+out (bits per character each epoch); a checkpoint carries its vocabulary, so
+:func:`sample_from_checkpoint` needs no corpus. ``batch_size`` is global: each rank takes its
+share of one epoch-wide permutation, the same number of steps on every rank.
 """
 
 from __future__ import annotations
@@ -152,8 +145,7 @@ class CharTask(Task):
     # ------------------------------------------------------------------ driver side
     @classmethod
     def read_data(cls, config: CharConfig, data_dir: Optional[str]) -> str:
-        """The corpus text as read (downloaded once if needed); a missing, empty or too short
-        corpus is reported here, before any worker starts."""
+        """The corpus text (downloaded once if needed), checked before any worker starts."""
         path = textdata.corpus_path(config.corpus, config.corpus_name, data_dir)
         text = textdata.read_corpus(path)
         corpus_of(config, text, f"corpus {path}")
@@ -210,8 +202,7 @@ class CharTask(Task):
         return -(-per_rank // self.data.rank_batch)
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of an epoch's shuffled training windows, ``rank_batch`` at a time
-        (the last batch may be smaller, the same on every rank)."""
+        """This rank's share of an epoch's shuffled windows, ``rank_batch`` at a time (equal on every rank)."""
         data, worker = self.data, self.worker
         mine = textdata.epoch_shard(len(data.corpus.train), (self.config.seed, epoch), worker.rank, worker.world_size)
         for i in range(0, len(mine), data.rank_batch):
@@ -305,8 +296,7 @@ class TrainedCharLM:
 
 
 def load_trained(location: str | os.PathLike) -> TrainedCharLM:
-    """The model of a char checkpoint (a run folder's newest intact one, see
-    :func:`lstm.checkpoint.load`); one-line UserError for anything else."""
+    """The model of a char checkpoint (:func:`lstm.checkpoint.load`); one-line UserError for anything else."""
     return trained_from(ckpt.load(location, label=CharTask.name))
 
 
@@ -331,11 +321,9 @@ def check_sampling(seed_text: str, temperature: float, length: int) -> None:
 def sample_from_checkpoint(
     location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
 ) -> str:
-    """Generate ``length`` characters continuing ``seed_text`` from a saved run (a run folder,
-    whose newest intact checkpoint is used, or a ``checkpoint_*`` folder; local or remote;
-    :func:`lstm.checkpoint.load` says how damaged checkpoints are reported). Returns
-    the continuation. UserError for a checkpoint of another task, a bad temperature/length,
-    or a seed text with characters the checkpoint's vocabulary lacks."""
+    """``length`` characters continuing ``seed_text``, from a run folder or checkpoint
+    (:func:`lstm.checkpoint.load`); UserError for another task's checkpoint, a bad
+    temperature or length, or characters the vocabulary lacks."""
     check_sampling(seed_text, temperature, length)
     return sample(load_trained(location), seed_text, temperature=temperature, length=length, seed=seed)
 

@@ -44,8 +44,7 @@ LOSS_LIMIT_TIMES_UNIFORM = 10  # a mean loss this many times a uniform guess's (
 
 @dataclass(frozen=True)
 class PTBConfig(TaskConfig):
-    """The tutorial's fields (the defaults are its ``small`` config), the evaluation shape and
-    the regularizers."""
+    """The tutorial's fields (defaults: its ``small`` config), the evaluation shape and the regularizers."""
 
     init_scale: float = 0.1
     learning_rate: float = 1.0
@@ -504,8 +503,7 @@ def peak_rss_mib() -> float:
 
 @torch.no_grad()
 def evaluate_rows(model: nn.Module, rows: torch.Tensor, num_steps: int, n_steps: int) -> dict[str, float]:
-    """Summed cross entropy and word count over ``rows``, carrying the state across steps as
-    the tutorial's evaluation does (a model already in eval mode)."""
+    """Summed cross entropy and word count over ``rows``, the state carried across steps (eval mode)."""
     if rows.shape[0] == 0:
         return {"loss_sum": 0.0, "words": 0.0}
     total, words, state = 0.0, 0, None

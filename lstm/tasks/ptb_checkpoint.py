@@ -1,19 +1,11 @@
 """A trained PTB run, used: ``jobs/ptb.py score`` and ``jobs/ptb.py generate``.
 
-:func:`load_trained` reads a run folder (its newest intact checkpoint) or a ``checkpoint_*``
-folder, local or remote (``s3://...``, through :func:`lstm.checkpoint.load`): the config and the
-vocabulary it carries rebuild the model, tutorial or regularized, and a run trained with
-NT-ASGD gets its averaged weights, the ones the job evaluates with.
-
-:func:`score_text` is the tutorial's test evaluation of any text: the text tokenized as PTB is
-(every newline becomes ``<eos>``), words the vocabulary lacks mapped to ``<unk>`` and counted,
-then batch 1 with the state carried through the whole text, in windows of the run's
-evaluation length, the last shorter one included; every token but the first is predicted,
-exactly as the tutorial's batch-1 x 1-step evaluation does. With ``batch_size`` B > 1 the
-text is cut into B rows like the job's evaluation (faster; the tail that fills no row is not
-scored and each row starts without context).
-
-:func:`generate_text` samples words after a prompt (read after an ``<eos>``, as a sentence start).
+:func:`load_trained` rebuilds the model from a checkpoint's config and vocabulary, with
+NT-ASGD's averaged weights where the run averaged (those the job evaluates with).
+:func:`score_text` is the tutorial's test evaluation of any text: PTB's tokens, unknown words
+as ``<unk>``, batch 1 with the state carried through the whole text, every token but the first
+predicted; ``batch_size`` B > 1 cuts it into B rows instead (faster; each row starts without
+context). :func:`generate_text` samples words after a prompt read as a sentence start.
 """
 
 from __future__ import annotations
@@ -51,8 +43,7 @@ class TrainedLM:
 
 
 def load_trained(location: str | os.PathLike) -> TrainedLM:
-    """The model of a PTB checkpoint (a run folder's newest intact one, see
-    :func:`lstm.checkpoint.load`); one-line UserError for anything else."""
+    """The model of a PTB checkpoint (:func:`lstm.checkpoint.load`); one-line UserError for anything else."""
     return trained_from(ckpt.load(location, label=PTBTask.name, optimizer=True))
 
 
@@ -68,8 +59,7 @@ def trained_from(contents: ckpt.Contents) -> TrainedLM:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """One intra-op thread: a batch of one word at a time is too small to split, and on a busy
-    CPU extra threads only wait for each other (many times slower)."""
+    """One intra-op thread: a one-word batch is too small to split, and extra threads wait on each other."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -122,9 +112,7 @@ def score_text(location: str | os.PathLike, text_path: str | os.PathLike, batch_
 
 
 def score_words(trained: TrainedLM, words: list[str], batch_size: int = 1, *, text: str = "") -> dict[str, Any]:
-    """Perplexity of ``words`` (a text's PTB tokens) under a trained model: a JSON-able dict with
-    ``ppl``, ``loss`` (nats per token), ``tokens`` (predicted), ``unk`` (words mapped to
-    ``<unk>``) and where they came from (``text``: the file's path)."""
+    """Perplexity of ``words`` under a trained model: ppl, loss, tokens, unk and where they came from."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     ids, unk = encode_with_unk(trained.vocab, words)

@@ -1,18 +1,11 @@
 """The generative shape task (Brownlee, "Generative LSTM" chapter, then beyond it).
 
-Each training sample is one shape, fed point by point: for a rectangle the one-to-one steps
-BL=>BR, BR=>TR, TR=>TL, with the LSTM state reset per rectangle (each shape is its own
-sequence). The chapter trains an LSTM(10) + Dense(2) with MAE and Adam on 25,000 rectangles,
-one at a time (``batch_size 1``), then seeds it with [0, 0] and feeds each prediction back.
-
-An "epoch" here is ``examples / epochs`` fresh random shapes, so a run reports, checkpoints and
-can resume several times over its 25,000 examples. Metrics:
-
-* ``valid_loss`` -- teacher-forced loss on a fixed held-out set of shapes
-* ``valid_consistency`` -- how far generated shapes are from a true member of the family
-  (for rectangles the chapter's BR.y, TL.x, TR.x-BR.x, TL.y-TR.y, averaged in absolute value)
-* ``valid_width_std`` / ``valid_height_std`` -- diversity of generated shapes (0 for the dense
-  head, which draws one mean shape; > 0 for the MDN head)
+Each sample is one shape fed point by point (a rectangle: BL=>BR, BR=>TR, TR=>TL), the state
+reset per shape; the chapter's LSTM(10) + Dense(2), MAE and Adam over 25,000 shapes, then fed
+its own predictions from [0, 0]. An "epoch" is ``examples / epochs`` fresh shapes, so a run
+reports, checkpoints and resumes several times. Beyond the teacher-forced ``valid_loss`` it
+reports how far generated shapes are from the family (``valid_consistency``) and how diverse
+they are (``valid_width_std``/``valid_height_std``: 0 for the dense head, > 0 for the MDN's).
 """
 
 from __future__ import annotations
@@ -338,8 +331,7 @@ class TrainedShapes:
 
 
 def load_trained(location: str | os.PathLike) -> TrainedShapes:
-    """The model of a rectangle checkpoint (a run folder's newest intact one, see
-    :func:`lstm.checkpoint.load`); one-line UserError for anything else."""
+    """The model of a rectangle checkpoint (:func:`lstm.checkpoint.load`); one-line UserError otherwise."""
     return trained_from(ckpt.load(location, label=RectangleTask.name))
 
 
@@ -352,8 +344,7 @@ def trained_from(contents: ckpt.Contents) -> TrainedShapes:
 
 
 def draw(trained: TrainedShapes, n: int = 6, *, sample: bool = True, seed: int = 0) -> list[list[list[float]]]:
-    """``n`` shapes drawn point by point from [0, 0] (``sample=False``: the head's mean, the
-    same every time): each a list of [x, y] points."""
+    """``n`` shapes drawn from [0, 0] as lists of [x, y] (``sample=False``: the head's mean shape)."""
     if n < 1:
         raise UserError(f"n must be >= 1 (got {n})")
     generator = torch.Generator().manual_seed(seed)
