@@ -78,7 +78,7 @@ speed=(bench/ptb_speed.py --device cuda --data-dir "$data" --threads 4 --steps 2
 part speed_small 150 $py "${speed[@]}" --config small --allreduce-iters 3
 part speed_medium 150 $py "${speed[@]}" --config medium --allreduce-iters 0
 
-search=(jobs/tune_ptb.py --base small --num-samples 8 --max-epochs 1 --train-fraction 0.25 --seed 0 --gpu
+search=(jobs/search.py --base small --num-samples 8 --max-epochs 1 --train-fraction 0.25 --seed 0 --gpu
     --data-dir "$data" --storage-path "$runs/tune")
 part search_1gpu 300 $py "${search[@]}" --gpus-per-worker 1 --name gpu1
 results search_1gpu "$runs/tune/gpu1"

@@ -1,4 +1,4 @@
-"""The peer of ``jobs/tune_ptb.py`` in bench/search_overhead.py: what a Ray Tune user writes by
+"""The peer of ``jobs/search.py`` in bench/search_overhead.py: what a Ray Tune user writes by
 hand for the same search. A function trainable runs a plain PyTorch loop of the tutorial's
 model (embedding, 2-layer LSTM, softmax; SGD, clipping, truncated BPTT with the state carried),
 reports valid perplexity and a checkpoint every epoch, and evaluates test after the last one.

@@ -1,4 +1,4 @@
-"""What a search costs beyond its training: ``jobs/tune_ptb.py`` against the plain Ray Tune
+"""What a search costs beyond its training: ``jobs/search.py`` against the plain Ray Tune
 script a user would write for the same training (bench/peer_tune_ptb.py: same model, data,
 space, seeded samples, ASHA and checkpoints), run as commands in alternating order (ABBA).
 
@@ -7,7 +7,7 @@ space, seeded samples, ASHA and checkpoints), run as commands in alternating ord
 
 The project's command is the one below, plus ``--workers-per-trial`` (default 1)::
 
-    python jobs/tune_ptb.py --base small --train-fraction 0.02 --max-epochs 2 --num-samples 6 \\
+    python jobs/search.py --base small --train-fraction 0.02 --max-epochs 2 --num-samples 6 \\
         --space hidden_size=200,400
 
 ``--baseline DIR`` (another checkout, e.g. ``git worktree add ../old <commit>``) runs that
@@ -65,8 +65,9 @@ def commands(args: argparse.Namespace, storage: Path, name: str) -> dict[str, li
     data = ["--data-dir", str(Path(args.data_dir).resolve())]
     where = ["--storage-path", str(storage), "--name", name]
     project = [*SEARCH, "--workers-per-trial", str(args.workers_per_trial), *data, *where]
-    out = {"project": [sys.executable, "jobs/tune_ptb.py", *project]}
+    out = {"project": [sys.executable, "jobs/search.py", *project]}
     if args.baseline:
+        # the search's old name, which older checkouts have and newer ones keep as an alias
         out["baseline"] = [sys.executable, str(Path(args.baseline).resolve() / "jobs" / "tune_ptb.py"), *project]
     if not args.no_peer:
         out["peer"] = [sys.executable, "bench/peer_tune_ptb.py", *data, *where]

@@ -1,19 +1,7 @@
-"""Ray Tune search over the PTB hyperparameters (or another task's, with --task).
-
-python jobs/tune_ptb.py --base small --train-fraction 0.1 --max-epochs 4 --num-samples 8
-python jobs/tune_ptb.py --space keep_prob=0.4:1.0 hidden_size=200,650 learning_rate=log:0.5:2
-python jobs/tune_ptb.py --scheduler pbt --space learning_rate=log:0.25:2
-python jobs/tune_ptb.py --name tune-ptb-20250101-120000 --resume
-python jobs/tune_ptb.py --task rectangle --base test --space hidden_size=4,16 learning_rate=log:0.0001:0.05
-"""
+"""The old name of jobs/search.py, kept for the commands of older notes: it runs the same main."""
 
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lstm.errors import run_cli  # noqa: E402
-from tune.cli import main  # noqa: E402
+import runpy
 
 if __name__ == "__main__":
-    run_cli(main)
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "search.py"), run_name="__main__")

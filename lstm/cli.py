@@ -1,7 +1,8 @@
 """The command line every job shares: config flags, run flags, fit, a short summary.
 
-``jobs/<task>.py`` is three lines around :func:`train_main`; a task adds flags only for what
-is not a config field (e.g. the char task's ``sample`` sub-command).
+A job's training command is one call of :func:`train_main` (``jobs/rectangle.py`` is nothing
+more); ``jobs/ptb.py`` and ``jobs/char.py`` add sub-commands of their own for a trained run
+(``score``, ``generate``, ``sample``), whose flags are not config fields.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def suite_jobs(storage: Path, ptb_dir: Path) -> dict[str, list[str]]:
     default = ["python", "jobs/rectangle.py", "--config", "test", "--name", "default-run"]
     ptb = ["python", "jobs/ptb.py", "--config", "test", "--train-fraction", "0.01", "--eval-num-steps", "35"]
     ptb += ["--data-dir", str(ptb_dir), "--storage-path", str(storage), "--name", "ptb-run"]
-    search = ["python", "jobs/tune_ptb.py", "--task", "rectangle", "--base", "test", "--max-epochs", "2"]
+    search = ["python", "jobs/search.py", "--task", "rectangle", "--base", "test", "--max-epochs", "2"]
     search += ["--grace-period", "2", "--num-samples", "1", "--space", "hidden_size=16", f"learning_rate=grid:{grid}"]
     search += ["--storage-path", str(storage), "--name", "search"]
     one_worker = ["--cpus-per-worker", "1", "--max-failures", "0"]

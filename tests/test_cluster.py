@@ -103,11 +103,11 @@ def test_gpu_workers_have_gpus_and_the_head_has_none(cluster):
         assert (gpu["resources"]["CPU"], gpu["resources"]["GPU"]) == GPU_INSTANCES[instance]
     assert gpu["min_workers"] <= gpu["max_workers"] <= cluster["max_workers"]
     # a Tune search sizes itself to the GPUs present when it starts (tune.runner.check_resources)
-    assert gpu["min_workers"] >= 1, "with no GPU node up, `jobs/tune_ptb.py --gpu` finds no GPU"
+    assert gpu["min_workers"] >= 1, "with no GPU node up, `jobs/search.py --gpu` finds no GPU"
 
 
 def test_a_gpu_search_fits_the_cluster_at_its_minimum_size(cluster, tmp_path):
-    """What `jobs/tune_ptb.py --gpu --workers-per-trial 2` finds right after `ray up`."""
+    """What `jobs/search.py --gpu --workers-per-trial 2` finds right after `ray up`."""
     from lstm.cluster import Node
     from tune import cli, runner
 

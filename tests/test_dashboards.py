@@ -217,7 +217,7 @@ def results(folder: Path) -> dict[str, dict[str, str]]:
 def test_the_job_page_shows_the_search_succeeded_without_failed_tasks(search, browser, screenshots):
     head, job, folder = search
     sign_in(browser, head.url, head.token)
-    show(browser, f"{head.url}/#/jobs", job.submission_id, "SUCCEEDED", "jobs/tune_ptb.py")
+    show(browser, f"{head.url}/#/jobs", job.submission_id, "SUCCEEDED", "jobs/search.py")
     snap(browser, screenshots / "1-jobs.png")
     page = show(browser, f"{head.url}/#/jobs/{job.submission_id}", "SUCCEEDED", "Ray Core Overview", "Finished:")
     snap(browser, screenshots / "2-job.png")

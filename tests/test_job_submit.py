@@ -99,7 +99,7 @@ def test_the_uploaded_working_dir_is_the_code_only(jobs, head):
     for package in packages:
         files = [p for p in package.rglob("*") if p.is_file()]
         names = {p.relative_to(package).as_posix() for p in files}
-        assert {"jobs/ptb.py", "jobs/tune_ptb.py", "lstm/trainer.py", "lstm/data/ptb.py", "tune/cli.py"} <= names
+        assert {"jobs/ptb.py", "jobs/search.py", "lstm/trainer.py", "lstm/data/ptb.py", "tune/cli.py"} <= names
         top = {n.split("/")[0] for n in names}
         assert not top & {".git", ".venv", "venv", "runs", "data"}, sorted(top)
         assert not any("__pycache__" in n for n in names)

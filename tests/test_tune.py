@@ -1,4 +1,4 @@
-"""Ray Tune search (tune/, jobs/tune_ptb.py).
+"""Ray Tune search (tune/, jobs/search.py).
 
 The searches here use grids, not random samples, so that which trials ASHA stops is fixed:
 with two trials at a time, the two good learning rates run first and the bad one, which starts
@@ -202,11 +202,12 @@ def test_bad_input_fails_before_anything_starts(tmp_path, ray_session, extra, me
     assert not (tmp_path / "bad").exists()
 
 
-def test_cli_prints_one_line_error(tmp_path):
+@pytest.mark.parametrize("script", ["search.py", "tune_ptb.py"])  # tune_ptb.py: the old name, an alias
+def test_cli_prints_one_line_error(tmp_path, script):
     proc = subprocess.run(
         [
             sys.executable,
-            str(REPO / "jobs" / "tune_ptb.py"),
+            str(REPO / "jobs" / script),
             "--task",
             "rectangle",
             "--base",

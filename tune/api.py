@@ -1,4 +1,4 @@
-"""``tune.search``: a Ray Tune search from Python, as ``jobs/tune_ptb.py`` runs it from a shell.
+"""``tune.search``: a Ray Tune search from Python, as ``jobs/search.py`` runs it from a shell.
 
 The keywords are the command line's flags (``num_samples=6`` is ``--num-samples 6``), checked
 by the same code (:func:`tune.cli.search_from_args`), so bad input raises
@@ -118,7 +118,7 @@ def search(
     unknown = sorted(set(keywords) - set(vars(args)))
     if unknown:
         raise UserError(
-            f"unknown option(s) {', '.join(unknown)} for tune.search; pass the flags of jobs/tune_ptb.py "
+            f"unknown option(s) {', '.join(unknown)} for tune.search; pass the flags of jobs/search.py "
             f"by their names ({', '.join(sorted(vars(args)))})"
         )
     for key, value in {"task": task, **keywords}.items():

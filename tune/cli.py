@@ -1,4 +1,4 @@
-"""The command line of ``jobs/tune_ptb.py``: parse, check everything, run the search, report.
+"""The command line of ``jobs/search.py``: parse, check everything, run the search, report.
 
 Every check that can fail on user input (task, base preset, search space, budget flags,
 storage, data, resources) runs before the first trial starts and fails with one line.
@@ -23,7 +23,7 @@ from tune.spec import SearchSpec, load_spec
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="jobs/tune_ptb.py",
+        prog="jobs/search.py",
         description="Search hyperparameters with Ray Tune; every trial trains what jobs/<task>.py trains.",
     )
     add_search_flags(p)
@@ -306,7 +306,7 @@ def search_from_args(
     args: argparse.Namespace, given: Collection[str], *, callbacks: Sequence[Any] = (), hooks: Sequence[Any] = ()
 ) -> runner.SearchOutcome:
     """Check, plan and run the search of ``args`` (``given``: the flags or keywords the caller
-    gave, see :func:`parse_args`): what ``jobs/tune_ptb.py`` and :func:`tune.search` both do.
+    gave, see :func:`parse_args`): what ``jobs/search.py`` and :func:`tune.search` both do.
     ``callbacks``: extra Tune callbacks; ``hooks``: worker hooks for every trial (tests)."""
     check_given(args, given)
     spec = resume_spec(args) if args.resume else spec_from_args(args, given)
@@ -330,7 +330,7 @@ def search_from_args(
 
 
 def main(argv: Optional[Sequence[str]] = None, *, callbacks: Sequence[Any] = (), hooks: Sequence[Any] = ()) -> int:
-    """Entry point of ``jobs/tune_ptb.py``: the search of the flags, then its report."""
+    """Entry point of ``jobs/search.py``: the search of the flags, then its report."""
     args, given = parse_args(argv)
     outcome = search_from_args(args, given, callbacks=callbacks, hooks=hooks)
     report.print_report(outcome.report, outcome.wall_time_s)
