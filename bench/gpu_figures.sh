@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's GPU figures in one call, on a machine with one CUDA GPU:
+# The GPU figures of bench/README.md in one call, on a machine with one CUDA GPU:
 #
 #     bench/gpu_figures.sh PTB_DATA_DIR OUT_DIR [PART ...]
 #

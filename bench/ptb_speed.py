@@ -17,7 +17,7 @@ batch 20, 20 steps) on the same PTB batches, with the same thread count:
   ``CapturedStepper``, the step replayed from a CUDA graph;
 * **compiled** (``--compiled``, CUDA only) -- the plain loop with its forward and loss under
   ``torch.compile(mode="reduce-overhead")`` (cudagraph trees), clipping and SGD eager: the
-  alternative to the captured step that issue 17 asked to measure beside it;
+  alternative to the captured step, measured beside it;
 * **matmul** -- only the step's matrix products, with ``torch.mm`` (``bench/step_flops.py``):
   ``matmul_fraction`` = job words/sec over matmul words/sec = the job's achieved FLOP/s over
   the machine's measured ``torch.mm`` rate on the step's own shapes.

@@ -92,9 +92,9 @@ def test_a_tiny_run_prints_one_json_line(ptb_dir, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_short_cuda_run_replays_every_graph(ptb_dir, capsys):
     """On a GPU, at small's shapes: the captured job step, the compiled loop and the matmul
-    stand-in each capture or record a CUDA graph in one process and replay it. (Before the
-    stand-in captured on its own warmed stream at its first run, its replay hit an illegal
-    memory access on an H200.)"""
+    stand-in each capture or record a CUDA graph in one process and replay it (the stand-in
+    captures on a warmed stream of its own at its first run: on the default capture stream,
+    after the other trainers' captures, its replay faulted)."""
     args = ["--device", "cuda", "--config", "small", "--steps", "2", "--repeats", "2", "--eval-words", "2000"]
     assert ptb_speed.main([*args, "--compiled", "--allreduce-iters", "0", "--data-dir", str(ptb_dir)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
