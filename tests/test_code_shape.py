@@ -161,6 +161,41 @@ def test_private_ray_modules_are_reached_only_through_lstm_ray_private_behind_a_
     ]
 
 
+def design_map() -> str:
+    """The code block of docs/design.md's "The map" section."""
+    section = (REPO / "docs" / "design.md").read_text().split("## The map", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_the_design_map_names_every_module_and_only_those():
+    """Every .py file of lstm/ and tune/ but the packages' __init__ has its line in the map, by
+    its path inside its package, and every .py the map names exists."""
+    named = {
+        f"{package}/{path}"
+        for package, listing in re.findall(r"^(\w+)/ .*?\n((?:  .*\n)+)", design_map(), re.M)
+        for path in re.findall(r"^  {1,2}([\w/]+\.py)\s", listing, re.M)
+    }
+    files = {p.relative_to(REPO).as_posix() for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    assert named == {f for f in files if not f.endswith("__init__.py")}
+
+
+DOC_SHARE_LIMIT = 0.12  # docstrings and comment lines over all lines of lstm/ and tune/
+
+
+def test_docstrings_and_comments_stay_a_small_share_of_the_code():
+    """What bench/doc_share.py counts (docstring lines and comment-only lines) stays at most
+    12% of lstm/ and tune/: explanations in a few lines, measurements in bench/README.md."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doc_share", REPO / "bench" / "doc_share.py")
+    doc_share = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(doc_share)
+    assert doc_share.docstring_lines('"""a\nb"""\nx = 1\n\ndef f():\n    """c"""\n') == {1, 2, 6}
+    assert doc_share.comments("# a\nx = 1  # b\n") == ({1}, {2})
+    share = doc_share.share(list(PACKAGES))
+    assert share["share"] <= DOC_SHARE_LIMIT, share["most"]
+
+
 # --------------------------------------------------------------------------- dependencies
 
 
