@@ -1,5 +1,7 @@
-"""Local files: reading a file or folder a user names, with one-line errors, and writing one
-atomically (a temporary file beside it, fsync, rename: a reader sees the old file or the new).
+"""Local files: those a user names, read with one-line errors, and atomic writes.
+
+An atomic write goes to a temporary file beside its target, is fsynced and renamed over it,
+so a reader sees the old file or the new one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""What a finished run leaves beside its checkpoints: ``results.json`` (config, every epoch's
-metrics, enough to redraw every plot) and the task's plots, through :mod:`lstm.storage`.
-(``tensorboard/`` is written live, by :class:`lstm.callbacks.TensorBoardCallback`.)
+"""What a finished run leaves beside its checkpoints: results.json and the task's plots.
+
+results.json holds the config and every epoch's metrics, enough to redraw every plot; the
+live ``tensorboard/`` is :class:`lstm.callbacks.TensorBoardCallback`'s.
 """
 
 from __future__ import annotations

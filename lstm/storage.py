@@ -1,9 +1,9 @@
-"""Run and search folders, local or remote (``s3://bucket/prefix``): naming them, and every
-read and write of their files, through :mod:`pyarrow.fs` as Ray's ``storage_path`` is, query
-options included (:func:`display` prints them, so a printed folder can be passed back). A URI
-carrying credentials is refused; S3 errors of a known cause are one line; a write is whole or
-absent. The default root is absolute, so a job under ``ray job submit`` writes where its user
-will find it.
+"""Run and search folders, local or remote (``s3://``): naming them, every read and write in them.
+
+All of it goes through :mod:`pyarrow.fs`, as Ray's ``storage_path`` does, query options
+included (:func:`display` prints them, so a printed folder can be passed back). A URI carrying
+credentials is refused; S3 errors of a known cause are one line; a write is whole or absent.
+The default root is absolute, so a job under ``ray job submit`` writes where its user finds it.
 """
 
 from __future__ import annotations
