@@ -14,7 +14,8 @@ from typing import Any, Optional
 from ray.train import UserCallback
 
 from lstm import storage, tracking
-from lstm.outputs import TENSORBOARD_DIR
+
+TENSORBOARD_DIR = "tensorboard"  # in the run folder
 
 
 def epoch_scalars(metrics: list[dict[str, Any]]) -> Optional[tuple[int, dict[str, float]]]:

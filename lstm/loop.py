@@ -292,7 +292,14 @@ def run_worker(loop_config: dict[str, Any], session: Session) -> dict[str, Any]:
     return {TIMINGS: marks}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point: :func:`run_worker` in a Ray Train worker."""
+LOOP_CONFIG = "loop_config_ref"  # the key of the loop config's reference in train_loop_config
+
+
+def train_loop_per_worker(train_loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: :func:`run_worker` in a Ray Train worker, on the loop config that
+    lstm.trainer.make_trainer put in the object store."""
+    import ray
+
     ray_private.quiet_train_reports()
+    loop_config = ray.get(train_loop_config[LOOP_CONFIG])
     return run_worker(loop_config, TrainSession(loop_config.get("init_checkpoint")))

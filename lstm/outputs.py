@@ -15,7 +15,6 @@ from lstm.errors import UserError
 from lstm.task import Task
 
 RESULTS_FILE = "results.json"
-TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass

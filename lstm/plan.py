@@ -34,6 +34,9 @@ class RunPlan:
     # controller that died while its driver lives on. Not on a local instance the job started
     # (it ends with the job), nor in a search (tune.runner.ReleaseOrphans frees stopped trials').
     pg_cleaner: bool = True
+    # Whether the run tells Ray's autoscaler what its workers need (Ray Train's autoscaling
+    # coordinator). Not on a local instance the job started: no autoscaler adds nodes there.
+    coordinator: bool = True
 
     @property
     def run_dir(self) -> str:
@@ -100,7 +103,7 @@ def plan_run(
     with importing(*AFTER_RAY_STARTS):
         own_ray = cluster.ensure_ray()
     if own_ray:
-        ray_private.start_train_actors()
+        ray_private.start_train_actors(coordinator=False)
     phases.mark("ray_started")
     cluster.check_shared_storage(where.root)  # before the write check: a refused path stays unwritten
     storage.check_writable(where.root)
@@ -108,7 +111,9 @@ def plan_run(
         settings.num_workers, settings.cpus_per_worker, settings.gpus, settings.wait_for_workers_s
     )
     settings = dataclasses.replace(settings, storage_path=where.root, name=where.name, cpus_per_worker=cpus)
-    return RunPlan(task=task, config=config, settings=settings, data=ray.put(data), pg_cleaner=not own_ray)
+    return RunPlan(
+        task=task, config=config, settings=settings, data=ray.put(data), pg_cleaner=not own_ray, coordinator=not own_ray
+    )
 
 
 # What a job's driver imports only once Ray is up: Ray Train (the trainer, its callbacks) and

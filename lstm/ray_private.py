@@ -2,8 +2,9 @@
 
 Each degrades to one warning if a Ray upgrade moves what it relies on, and has a strict
 accessor (``reach_*``) that raises instead, which tests/test_ray_private.py calls, so an
-upgrade that breaks a workaround fails a test. They save: a Ray Data actor and a placement-
-group cleaner per run (:func:`slim_trainer`), an INFO line per report, a second at a local
+upgrade that breaks a workaround fails a test. They save: a Ray Data actor per run, torch in
+a one-CPU-worker run's controller, and on a job's own instance a placement-group cleaner and an
+autoscaling coordinator (:func:`slim_trainer`); an INFO line per report, a second at a local
 instance's exit, the wait for Ray Train's actors; they find the latest ``ray start`` and an
 autoscaler, and free a search's stopped trials' workers without a dashboard.
 """
@@ -55,25 +56,87 @@ def reach_placement_group_cleaner_callback() -> type:
     return PlacementGroupCleanerCallback
 
 
-def slim_trainer(base: type, *, pg_cleaner: bool = True) -> type:
-    """``base`` (TorchTrainer) without the default callbacks that start an actor per run (a
-    process and CPU a small machine misses at start) where the run has no use for them: Ray
-    Data's ``DatasetManager`` when the run has no Datasets (ours never do), and the placement-
-    group cleaner unless ``pg_cleaner`` (:attr:`lstm.plan.RunPlan.pg_cleaner`; it also fails
-    beside another Ray instance on the machine, "Found multiple active Ray instances")."""
+def reach_fixed_scaling_policy() -> type:
+    """The scaling policy of a run with a fixed number of workers, which asks Ray Data's
+    autoscaling coordinator (a detached actor) for the workers' resources."""
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    return FixedScalingPolicy
+
+
+def reach_plain_backend(trainer: Any) -> Callable[[], None]:
+    """A function that gives ``trainer`` (built, not yet fit) Ray Train's plain
+    ``BackendConfig`` in place of its ``TorchConfig``, where the controller reads it."""
+    import dataclasses
+
+    from ray.train import BackendConfig
+
+    context = trainer.train_run_context
+    if not dataclasses.is_dataclass(context) or not hasattr(context, "backend_config"):
+        raise AttributeError("Ray Train's run context has no backend_config field")
+
+    def swap() -> None:
+        trainer.backend_config = BackendConfig()
+        trainer.train_run_context = dataclasses.replace(context, backend_config=trainer.backend_config)
+
+    return swap
+
+
+def without_coordinator(policy: type) -> type:
+    """``policy`` that never starts nor asks the autoscaling coordinator."""
+
+    class Policy(policy):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            pass
+
+        async def before_controller_shutdown(self) -> None:
+            pass
+
+        def before_controller_abort(self) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+    Policy.__name__ = Policy.__qualname__ = policy.__name__
+    return Policy
+
+
+def slim_trainer(base: type, *, pg_cleaner: bool = True, coordinator: bool = True, process_group: bool = True) -> type:
+    """``base`` (TorchTrainer) without what Ray Train starts for every run (each a process or
+    an import a small machine misses at start) where the run has no use for it: Ray Data's
+    ``DatasetManager`` when the run has no Datasets (ours never do); unless ``pg_cleaner``, the
+    placement-group cleaner (it also fails beside another Ray instance on the machine, "Found
+    multiple active Ray instances"); unless ``coordinator``, the autoscaling coordinator, which
+    the controller waits for before placing workers; unless ``process_group``, torch's process
+    group (one CPU worker has no peer) and with it ``TorchConfig``, whose module imports torch
+    in the controller. :class:`lstm.plan.RunPlan` says which a run needs."""
     datasets = _reached(reach_datasets_callback, "every run starts Ray Train's DatasetManager actor")
     cleaner = (
-        _reached(reach_placement_group_cleaner_callback, "every run starts Ray Train's PlacementGroupCleaner")
-        if not pg_cleaner
-        else None
+        None
+        if pg_cleaner
+        else _reached(reach_placement_group_cleaner_callback, "every run starts Ray Train's PlacementGroupCleaner")
     )
-    if datasets is None and cleaner is None:
-        return base
+    fixed = None if coordinator else _reached(reach_fixed_scaling_policy, "every run asks the autoscaling coordinator")
+    policy = without_coordinator(fixed) if fixed else None
 
     class Trainer(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if not process_group:
+                try:
+                    reach_plain_backend(self)()
+                except (ImportError, AttributeError) as e:
+                    _warn_once("one-worker runs import torch in Ray Train's controller", e)
+
         def _create_default_callbacks(self):
             unused = tuple(c for c in (cleaner, None if self.datasets else datasets) if c is not None)
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
+
+        def _initialize_and_run_controller(self, **kwargs: Any):
+            if policy and type(kwargs.get("scaling_policy")) is fixed:
+                kwargs["scaling_policy"] = policy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     Trainer.__name__ = Trainer.__qualname__ = base.__name__
     return Trainer
@@ -174,14 +237,16 @@ def reach_train_actor_factories() -> tuple[Callable[[], Any], Callable[[], Any]]
     return get_or_create_autoscaling_coordinator, get_or_create_state_actor
 
 
-def start_train_actors() -> None:
-    """Create Ray Train's two cluster-wide detached actors now, without waiting: each run's
+def start_train_actors(coordinator: bool = True) -> None:
+    """Create Ray Train's cluster-wide detached actors now, without waiting: the state actor
+    (where tracking is on) and, if ``coordinator``, the autoscaling coordinator. Each run's
     controller would otherwise create them one after the other before placing its workers, and
     a search's first controllers would race to create the state actor (each loser a failed task
     on the dashboard). Ray Train gets them with the same options, so nothing else changes."""
     try:
-        coordinator, state_actor = reach_train_actor_factories()
-        coordinator()
+        get_coordinator, state_actor = reach_train_actor_factories()
+        if coordinator:
+            get_coordinator()
         if os.environ.get(STATE_TRACKING) == "1":
             state_actor()
     except Exception as e:  # noqa: BLE001 - never fail a run over Ray Train's bookkeeping

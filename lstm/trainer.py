@@ -18,7 +18,7 @@ from lstm import checkpoint as ckpt
 from lstm import claim, outputs, ray_private, storage, timings, tracking
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.loop import TIMINGS, WorkerHook, train_loop_per_worker
+from lstm.loop import LOOP_CONFIG, TIMINGS, WorkerHook, train_loop_per_worker
 from lstm.outputs import Run
 from lstm.plan import RunPlan, plan_run
 from lstm.session import USER_ERROR
@@ -60,9 +60,17 @@ def make_trainer(
         **({"init_checkpoint": init_checkpoint} if init_checkpoint else {}),
         **({"command": command} if command else {}),
     }
-    return ray_private.slim_trainer(TorchTrainer, pg_cleaner=plan.pg_cleaner)(
+    trainer = ray_private.slim_trainer(
+        TorchTrainer,
+        pg_cleaner=plan.pg_cleaner,
+        coordinator=plan.coordinator,
+        process_group=settings.num_workers > 1 or settings.use_gpu,
+    )
+    return trainer(
         train_loop_per_worker,
-        train_loop_config=plan.loop_config(hooks, **extra),
+        # By reference: the controller unpickles train_loop_config, and the task's config
+        # classes would import torch there.
+        train_loop_config={LOOP_CONFIG: ray.put(plan.loop_config(hooks, **extra))},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=run_config,

@@ -210,11 +210,13 @@ def run_settings(storage: Path, name: str, data_dir: Path, **kw: Any):
 def ptb_base(ray_session, ptb_dir, tmp_path_factory):
     """One uninterrupted 1-worker PTB run of :func:`ptb_base_config`, shared by the tests that
     compare against it (2 workers on two nodes, a worker killed mid-run):
-    ``(result, storage folder, data folder)``; the run is called "base"."""
+    ``(result, storage folder, data folder)``; the run is called "base". Its controller
+    records what it imported in ``controller-imports.json`` (tests/hooks.py)."""
     from lstm.trainer import fit
 
     storage = tmp_path_factory.mktemp("ptb-base")
-    return fit("ptb", ptb_base_config(), run_settings(storage, "base", ptb_dir)), storage, ptb_dir
+    record = hooks.controller_imports_recorder(str(storage / "controller-imports.json"))
+    return fit("ptb", ptb_base_config(), run_settings(storage, "base", ptb_dir), callbacks=[record]), storage, ptb_dir
 
 
 # --------------------------------------------------------------------------- slow tests

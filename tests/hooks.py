@@ -73,3 +73,19 @@ class PauseOnce(WorkerHook):
         while time.monotonic() < deadline:  # the node goes away under us
             time.sleep(0.2)
         raise RuntimeError(f"the test did not remove this worker's node within {self.timeout_s:.0f}s")
+
+
+def controller_imports_recorder(path: str) -> object:
+    """A Ray Train callback that writes, at the run's first report, whether the controller's
+    process has imported torch: {"torch": bool} as JSON at ``path``."""
+    import ray.train
+
+    class RecordControllerImports(ray.train.UserCallback):
+        def after_report(self, run_context: object, metrics: list, checkpoint: object) -> None:
+            import json
+            import sys
+
+            if not os.path.exists(path):
+                Path(path).write_text(json.dumps({"torch": "torch" in sys.modules}))
+
+    return RecordControllerImports()

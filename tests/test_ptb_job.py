@@ -57,3 +57,11 @@ def test_resume_with_another_architecture_is_a_one_line_error(ptb_base):
     ) as info:
         fit("ptb", other, run_settings(storage, "base", data), resume=True)
     assert "\n" not in str(info.value)
+
+
+def test_a_one_worker_cpu_runs_controller_never_imports_torch(ptb_base):
+    """lstm.ray_private.slim_trainer gives a one-worker CPU run Ray Train's plain backend, and the loop config
+    travels by reference: nothing the controller unpickles imports torch (seconds of a run's
+    start on a small machine)."""
+    _, storage, _ = ptb_base
+    assert json.loads((storage / "controller-imports.json").read_text()) == {"torch": False}

@@ -73,3 +73,29 @@ def test_the_gcs_tables_hold_this_jobs_placement_groups(ray_session):
         assert isinstance(actors, list) and isinstance(dead, int)
     finally:
         remove_placement_group(pg)
+
+
+def test_the_plain_backend_replaces_torchs_where_the_controller_reads_it():
+    from ray.train import BackendConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(lambda: None, torch_config=TorchConfig(backend="gloo"))
+    ray_private.reach_plain_backend(trainer)()
+    assert type(trainer.backend_config) is BackendConfig
+    assert type(trainer.train_run_context.backend_config) is BackendConfig
+    kept = ray_private.slim_trainer(TorchTrainer)(lambda: None)
+    assert isinstance(kept.train_run_context.backend_config, TorchConfig)
+
+
+def test_the_policy_without_coordinator_places_workers_without_asking_it():
+    """Ray Train's fixed policy asks the autoscaling coordinator (a detached actor it creates)
+    at the controller's start and before each decision; the slim one never does."""
+    from ray.train import ScalingConfig
+
+    fixed = ray_private.reach_fixed_scaling_policy()
+    for hook in ("after_controller_start", "before_controller_shutdown", "before_controller_abort"):
+        assert hook in vars(fixed.__mro__[1])  # where the coordinator is created and released
+    policy = ray_private.without_coordinator(fixed)(ScalingConfig(num_workers=2))
+    policy.after_controller_start(None)
+    decision = policy.make_decision_for_non_running_worker_group()  # Ray's would assert a client
+    assert decision.num_workers == 2 and policy._coordinator_client is None
