@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -60,11 +60,41 @@ class StepModule(nn.Module):
 
 def autocast(precision: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
     """Mixed precision for ``bf16``/``fp16``; nothing for ``fp32``. ``cache=False`` for a CUDA
-    graph capture (PyTorch's CUDA-graph notes: autocast's weight cache must be off)."""
+    graph capture (PyTorch's CUDA-graph notes: autocast's weight cache must be off).
+
+    On a CPU whose oneDNN has no kernels of that dtype (one without AVX-512, e.g. AVX2 only),
+    oneDNN is off inside: torch sends an fp32 ``nn.LSTM`` to oneDNN and autocast then casts it,
+    which fails to build its kernel there. Without oneDNN the LSTM runs in PyTorch's own fp32
+    kernel, and autocast still runs the linear layers and the softmax's matmul in the lower
+    precision."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+    cast = torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+    if device.type != "cpu" or onednn_has(dtype):
+        return cast
+    return _without_onednn(cast)
+
+
+def onednn_has(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN runs ``dtype`` (bf16: AVX-512; fp16: AVX-512-FP16 or AMX);
+    False where torch cannot say."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a torch without the check: the path that always works
+        return False
+
+
+@contextlib.contextmanager
+def _without_onednn(cast: contextlib.AbstractContextManager) -> Iterator[None]:
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with cast:
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 KINDS = ("NaN", "infinite", "too large")  # what a diverged step's loss became, in order of precedence
