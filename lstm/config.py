@@ -51,7 +51,7 @@ class RunSettings:
     use_gpu: bool = False
     gpus_per_worker: float = 1.0  # with --gpu; below 1, several runs (trials) share a GPU
     cpus_per_worker: int = 0  # 0: a fair share of the cluster (lstm.cluster.auto_cpus_per_worker)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler; GPU only)
     storage_path: str = ""  # '' -> $LSTM_RAY_STORAGE or ~/lstm-ray/runs (lstm.storage)
     name: str = ""  # '' -> <task>-<timestamp>
     max_failures: int = 3
@@ -62,6 +62,7 @@ class RunSettings:
 
     flag_help: ClassVar[Mapping[str, str]] = {
         "gpus_per_worker": "needs --gpu: each worker's share of a GPU; below 1, several one-worker runs share one",
+        "precision": "fp32, bf16 (autocast; on a GPU or a CPU) or fp16 (autocast and a loss scaler; needs --gpu)",
         "data_dir": "the data folder of a task that reads data; '' is $LSTM_DATA_DIR or the download cache",
         "name": f"the run's folder name in the storage path: {NAME_RULE}; '' is <task>-<timestamp>",
     }

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -48,11 +48,37 @@ class StepModule(nn.Module):
 
 
 def autocast(precision: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision for ``bf16``/``fp16``; ``cache=False`` for a CUDA graph capture."""
+    """Mixed precision for ``bf16``/``fp16``; ``cache=False`` for a CUDA graph capture. On a CPU
+    without oneDNN kernels of that dtype (no AVX-512), oneDNN is off inside: an autocast
+    ``nn.LSTM`` fails to build its oneDNN kernel there, PyTorch's own fp32 kernel runs instead."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+    cast = torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+    if device.type != "cpu" or onednn_has(dtype):
+        return cast
+    return _without_onednn(cast)
+
+
+def onednn_has(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN runs ``dtype`` (bf16: AVX-512; fp16: AVX-512-FP16 or AMX);
+    False where torch cannot say."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a torch without the check: the path that always works
+        return False
+
+
+@contextlib.contextmanager
+def _without_onednn(cast: contextlib.AbstractContextManager) -> Iterator[None]:
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with cast:
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 KINDS = ("NaN", "infinite", "too large")  # what a diverged step's loss became, in order of precedence

@@ -126,6 +126,7 @@ def run_plan(
             task,
             run_dir,
             ckpt.checkpoint_location(result.checkpoint, run_dir),
+            extra={"precision": plan.settings.precision},
             timings=lambda history: timings.breakdown(
                 {**phases.marks, "outputs_written": time.time()}, worker_marks, attempts, history
             ),

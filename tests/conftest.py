@@ -253,7 +253,7 @@ SHARED_FIXTURE_GROUPS = {  # test module -> the group of the modules sharing a s
     "test_ptb_job": "ptb_base",
 }
 GROUP_FIXTURES = frozenset({"head", "ptb_base"})  # session fixtures that name their group
-SPLIT_MODULES = frozenset({"test_tune", "test_s3"})  # independent costly tests: a group each
+SPLIT_MODULES = frozenset({"test_tune", "test_s3", "test_search_paths"})  # independent costly tests: a group each
 GROUPS_FIRST = [
     "head",
     "ptb_base",
@@ -261,6 +261,7 @@ GROUPS_FIRST = [
     "test_tune::test_ptb_asha_search_and_best_config_runs_as_is",
     "test_s3::test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes",
     "test_tune::test_pbt_clones_better_trials_and_mutates_the_learning_rate",
+    "test_search_paths::test_a_trial_stopped_by_asha_frees_the_cpus_the_next_trial_waits_for",
     "test_char",
 ]
 
