@@ -39,20 +39,23 @@ class TensorBoardCallback(UserCallback):
         if report is None:
             return
         epoch, values = report
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        scalars = [summary_pb2.Summary.Value(tag=key, simple_value=value) for key, value in values.items()]
         writer = self._open()
-        for key, value in values.items():
-            writer.add_scalar(key, value, global_step=epoch)
+        writer.add_event(event_pb2.Event(wall_time=time.time(), step=epoch, summary=summary_pb2.Summary(value=scalars)))
         writer.flush()
         if storage.is_remote(self.target):
             storage.upload_dir(self._local, self.target)
 
     def _open(self) -> Any:
+        """TensorBoard's own event-file writer: tensorboardX's would import torch in the controller."""
         if self._writer is None:
-            from tensorboardX import SummaryWriter
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             remote = storage.is_remote(self.target)
             self._local = tempfile.mkdtemp(prefix="lstm-tb-") if remote else self.target
-            self._writer = SummaryWriter(self._local)
+            self._writer = EventFileWriter(self._local)
         return self._writer
 
     def __del__(self) -> None:

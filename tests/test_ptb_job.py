@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ptb_base_config, run_settings
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lstm import config as cfg
 from lstm.checkpoint import read_state
@@ -38,7 +39,11 @@ def test_a_run_learns_and_writes_its_outputs(ptb_base):
     assert min(t.values()) >= -0.01 and result.timings == t
     assert [Path(p).name for p in result.plots] == ["learning_curve.png"]
     assert Path(result.plots[0]).stat().st_size > 5000
-    assert any((Path(result.run_dir) / "tensorboard").iterdir())
+    board = EventAccumulator(str(Path(result.run_dir) / "tensorboard"))
+    board.Reload()  # the controller's TensorBoard callback: every epoch's scalars, step = epoch
+    assert [(e.step, e.value) for e in board.Scalars("valid_ppl")] == [
+        (r["epoch"], pytest.approx(r["valid_ppl"], rel=1e-6)) for r in h
+    ]
     meta = read_state(result.checkpoint)["meta"]
     assert meta["vocab_size"] == 10000 and meta["vocab"][:3] == ["the", "<unk>", "<eos>"]
 
