@@ -101,20 +101,28 @@ def search(
     base: Optional[str] = None,
     space: SpaceLike = None,
     scheduler: Optional[str] = None,
+    search_alg: Optional[str] = None,
     num_samples: Optional[int] = None,
     max_epochs: Optional[int] = None,
     **options: Any,
 ) -> SearchResult:
-    """Search ``task``'s hyperparameters with Ray Tune (ASHA or PBT) and return the result.
+    """Search ``task``'s hyperparameters with Ray Tune (ASHA or PBT; random or TPE) and return the result.
 
     ``base``: the preset trials start from; ``space``: ``--space`` strings or a dict of Ray
     Tune domains (None: the task's default space); ``scheduler``: "asha" (default) or "pbt";
+    ``search_alg``: "random" (default) or "tpe" (Optuna's TPE; not with PBT or grids);
     ``num_samples``: default 8; ``max_epochs``: default the base's; ``options``: the other flags of
     ``jobs/tune_ptb.py`` by their names (``train_fraction``, ``storage_path``, ``name``,
     ``resume``, ``workers_per_trial``, ``cpus_per_worker``, ``gpu``, ``gpus_per_worker``,
     ``max_concurrent``, ``time_budget_s``, ``seed``, ``grace_period``, ``reduction_factor``,
     ``synch``, ``perturbation_interval``, ``max_failures``, ``data_dir``, ``mlflow_tracking_uri``)."""
-    named = {"base": base, "scheduler": scheduler, "num_samples": num_samples, "max_epochs": max_epochs}
+    named = {
+        "base": base,
+        "scheduler": scheduler,
+        "search_alg": search_alg,
+        "num_samples": num_samples,
+        "max_epochs": max_epochs,
+    }
     keywords = {**{k: v for k, v in named.items() if v is not None}, **options}
     if space is not None:
         keywords["space"] = space_strings(space)
