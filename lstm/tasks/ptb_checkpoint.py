@@ -112,26 +112,36 @@ def score_ids(model: nn.Module, ids: np.ndarray, batch_size: int, num_steps: int
     return total, tokens
 
 
-def score_text(location: str | os.PathLike, text_path: str | os.PathLike, batch_size: int = 1) -> dict[str, Any]:
+def score_text(
+    location: str | os.PathLike, text_path: str | os.PathLike, batch_size: int = 1, dynamic: Any = None
+) -> dict[str, Any]:
     """Perplexity of a text file under a checkpoint (see :func:`score_words`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     words = read_words(text_path)
-    scored = score_words(load_trained(location), words, batch_size, text=str(text_path))
+    scored = score_words(load_trained(location), words, batch_size, text=str(text_path), dynamic=dynamic)
     return {**scored, "checkpoint": storage.display(str(location))}  # as the user named it
 
 
-def score_words(trained: TrainedLM, words: list[str], batch_size: int = 1, *, text: str = "") -> dict[str, Any]:
+def score_words(
+    trained: TrainedLM, words: list[str], batch_size: int = 1, *, text: str = "", dynamic: Any = None
+) -> dict[str, Any]:
     """Perplexity of ``words`` (a text's PTB tokens) under a trained model: a JSON-able dict with
     ``ppl``, ``loss`` (nats per token), ``tokens`` (predicted), ``unk`` (words mapped to
-    ``<unk>``) and where they came from (``text``: the file's path)."""
+    ``<unk>``) and where they came from (``text``: the file's path). ``dynamic``: the
+    :class:`lstm.dynamic_eval.DynamicSettings` of a dynamic evaluation (its settings join the dict)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     ids, unk = encode_with_unk(trained.vocab, words)
     if len(ids) // batch_size < 2:
         raise UserError(f"--text {text} has {len(ids)} words, too few for --batch-size {batch_size}; lower it")
     with one_thread() if batch_size == 1 else contextlib.nullcontext():
-        loss_sum, tokens = score_ids(trained.model, ids, batch_size, trained.config.eval_shape[1])
+        if dynamic is None:
+            loss_sum, tokens = score_ids(trained.model, ids, batch_size, trained.config.eval_shape[1])
+        else:
+            from lstm import dynamic_eval
+
+            loss_sum, tokens = dynamic_eval.score_trained(trained, ids, dynamic)
     return {
         "ppl": perplexity(loss_sum, tokens),
         "loss": loss_sum / tokens,
@@ -142,6 +152,7 @@ def score_words(trained: TrainedLM, words: list[str], batch_size: int = 1, *, te
         "averaged_weights": trained.averaged,
         "text": text,
         "checkpoint": trained.location,
+        **({"dynamic": dynamic.describe()} if dynamic is not None else {}),
     }
 
 
