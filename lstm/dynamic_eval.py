@@ -17,7 +17,8 @@ Two update rules, both with a decay back toward the trained weights ``w0``:
   makes weights whose training gradients are large decay fast, clipped at ``1 / lambda`` so
   that no weight overshoots ``w0``. This is the authors' released ``dynamiceval.py``, whose
   defaults for AWD-LSTM on PTB are eta 5e-5, lambda 0.002, eps 2e-5, segments of 5 words and
-  batches of 100 rows for the statistics.
+  batches of 100 rows over the whole training text for the statistics; here the statistics
+  cover ``stats_words`` training words (100,000 by default).
 * ``sgd``: the paper's simpler SGD rule with a uniform decay, ``w += lambda * (w0 - w) - eta
   * g``; it needs no training text.
 
@@ -54,7 +55,12 @@ from lstm.errors import UserError
 from lstm.models.word import detach_state
 
 RULES = ("rms", "sgd")
-DEFAULT_LR = {"rms": 5e-5, "sgd": 0.002}  # eta per rule (rms: Krause et al.'s; sgd: see the docs' table)
+# Krause et al.'s released defaults are eta 5e-5 and lambda 0.002 for segments of 5 words; their
+# grid scales both with the segment length (x N/5). Segments of 20 words take a quarter of the
+# steps (bench/README.md: the time of a step hardly depends on its length), so the defaults
+# are theirs at 20 words. sgd's eta: see docs/ptb-regularized.md.
+SEGMENT = 20
+DEFAULT_LR = {"rms": 5e-5 * SEGMENT / 5, "sgd": 0.002}
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,11 @@ class DynamicSettings:
 
     rule: str = "rms"
     lr: Optional[float] = None  # eta; None: DEFAULT_LR[rule]
-    decay: float = 0.002  # lambda
-    segment_length: int = 5
+    decay: float = 0.002 * SEGMENT / 5  # lambda
+    segment_length: int = SEGMENT
     epsilon: float = 2e-5  # rms only
     stats_batch_size: int = 100  # rms only: rows of the training batches that give RMS_g
-    stats_batches: int = 200  # rms only: how many of those batches (0: the whole training text)
+    stats_words: int = 100_000  # rms only: training words those batches cover (0: the whole training text)
     data_dir: Optional[str] = None  # rms only: the PTB folder of the training text (as the job's --data-dir)
 
     @property
@@ -89,15 +95,15 @@ class DynamicSettings:
         for flag, count in (("--segment-length", self.segment_length), ("--stats-batch-size", self.stats_batch_size)):
             if count < 1:
                 raise UserError(f"{flag} must be >= 1 (got {count})")
-        if self.stats_batches < 0:
-            raise UserError(f"--stats-batches must be >= 0 (0: the whole training text; got {self.stats_batches})")
+        if self.stats_words < 0:
+            raise UserError(f"--stats-words must be >= 0 (0: the whole training text; got {self.stats_words})")
 
     def describe(self) -> dict[str, Any]:
         """The settings as the JSON line reports them."""
         out: dict[str, Any] = {"rule": self.rule, "lr": self.eta, "decay": self.decay}
         out["segment_length"] = self.segment_length
         if self.rule == "rms":
-            out.update(epsilon=self.epsilon, stats_batch_size=self.stats_batch_size, stats_batches=self.stats_batches)
+            out.update(epsilon=self.epsilon, stats_batch_size=self.stats_batch_size, stats_words=self.stats_words)
         return out
 
 
@@ -111,7 +117,8 @@ def gradient_rms(model: nn.Module, train_ids: np.ndarray, settings: DynamicSetti
     state, batches = None, 0
     model.eval()
     available = (rows.shape[1] - 1) // settings.segment_length
-    n_steps = min(available, settings.stats_batches) if settings.stats_batches else available
+    wanted = -(-settings.stats_words // (batch * settings.segment_length))  # batches, rounded up
+    n_steps = min(available, wanted) if settings.stats_words else available
     for inputs, targets in ptb.iterate(rows, settings.segment_length, n_steps):
         model.zero_grad(set_to_none=False)
         loss, _, state = model(inputs, targets, state, scale=1.0 / targets.numel())
@@ -145,7 +152,7 @@ class Adapter:
     @torch.no_grad()
     def step(self) -> None:
         """``w += decay * (w0 - w) + scale * g`` for every parameter (a missing gradient is 0)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = [dense_grad(p) for p in self.params]
         torch._foreach_lerp_(self.params, self.origin, self.decay)  # w + decay * (w0 - w): w where w == w0
         torch._foreach_addcmul_(self.params, grads, self.scale)
 
@@ -162,6 +169,22 @@ def check_finite(total: float, tokens: int, settings: DynamicSettings) -> None:
         )
 
 
+def dense_grad(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s gradient as a dense tensor (zeros when it has none)."""
+    if p.grad is None:
+        return torch.zeros_like(p)
+    return p.grad.to_dense() if p.grad.is_sparse else p.grad
+
+
+def sparse_embeddings(model: nn.Module) -> None:
+    """Embedding gradients as sparse rows: a segment of a few words touches a few rows, and a
+    dense gradient would fill (and, with tied weights, add) a whole vocabulary-sized matrix
+    per segment."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.sparse = True
+
+
 def adapter_for(model: nn.Module, settings: DynamicSettings, train_ids: Optional[np.ndarray]) -> Adapter:
     """The rule's adapter of ``model``'s parameters (rms: its gradient statistics on ``train_ids``)."""
     rms = gradient_rms(model, train_ids, settings) if settings.rule == "rms" else None
@@ -176,6 +199,7 @@ def score_dynamic(
     copy of ``model`` (the model itself is left as it was)."""
     model = copy.deepcopy(model).eval()  # a tied weight stays one tensor in the copy
     adapter = adapter_for(model, settings, train_ids)
+    sparse_embeddings(model)
     rows = torch.from_numpy(ptb.batchify(ids, 1))
     total, tokens, state = 0.0, 0, None
     for inputs, targets in ptb.iterate_lengths(rows, ptb.full_lengths(rows.shape[1], settings.segment_length)):
@@ -216,7 +240,7 @@ def score_trained(trained: Any, ids: np.ndarray, settings: DynamicSettings) -> t
 
 # --------------------------------------------------------------------------- the command line
 
-RMS_ONLY = ("dynamic_epsilon", "stats_batch_size", "stats_batches", "data_dir")
+RMS_ONLY = ("dynamic_epsilon", "stats_batch_size", "stats_words", "data_dir")
 FLAGS = ("dynamic_rule", "dynamic_lr", "dynamic_decay", "segment_length", *RMS_ONLY)
 
 
@@ -252,10 +276,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rms: rows of the training batches whose gradients give RMS_g",
     )
     p.add_argument(
-        "--stats-batches",
+        "--stats-words",
         type=int,
-        default=d.stats_batches,
-        help="rms: training batches for RMS_g (0: the whole training text)",
+        default=d.stats_words,
+        help="rms: training words whose gradients give RMS_g (0: the whole training text)",
     )
     p.add_argument(
         "--data-dir",
@@ -286,7 +310,7 @@ def settings_from(args: argparse.Namespace, given: Collection[str], batch_size: 
         segment_length=args.segment_length,
         epsilon=args.dynamic_epsilon,
         stats_batch_size=args.stats_batch_size,
-        stats_batches=args.stats_batches,
+        stats_words=args.stats_words,
         data_dir=args.data_dir,
     )
     settings.validate()

@@ -60,8 +60,8 @@ def score(capsys, checkpoint: Path, text: Path, *flags: str) -> dict:
 
 def test_learning_rate_zero_is_the_static_score(tutorial, valid_head, ptb_dir, capsys):
     """Segments as long as the run's evaluation windows (35): the same figures, bit for bit,
-    through the whole machinery (training statistics, decay, steps of size 0). Segments of 5
-    words: the same up to the rounding of each window's float32 sum."""
+    through the whole machinery (training statistics, decay, steps of size 0). Segments of 20
+    words (the default): the same up to the rounding of each window's float32 sum."""
     static = score(capsys, tutorial, valid_head)
     data = ["--data-dir", str(ptb_dir)]
     same = score(capsys, tutorial, valid_head, "--dynamic", "--dynamic-lr", "0", "--segment-length", "35", *data)
@@ -69,16 +69,16 @@ def test_learning_rate_zero_is_the_static_score(tutorial, valid_head, ptb_dir, c
     assert same["dynamic"] == {
         "rule": "rms",
         "lr": 0.0,
-        "decay": 0.002,
+        "decay": 0.008,
         "segment_length": 35,
         "epsilon": 2e-5,
         "stats_batch_size": 100,
-        "stats_batches": 200,
+        "stats_words": 100_000,
     }
     assert "dynamic" not in static
-    fives = score(capsys, tutorial, valid_head, "--dynamic", "--dynamic-rule", "sgd", "--dynamic-lr", "0")
-    assert fives["tokens"] == static["tokens"] and fives["ppl"] == pytest.approx(static["ppl"], rel=1e-6)
-    assert fives["dynamic"] == {"rule": "sgd", "lr": 0.0, "decay": 0.002, "segment_length": 5}
+    twenties = score(capsys, tutorial, valid_head, "--dynamic", "--dynamic-rule", "sgd", "--dynamic-lr", "0")
+    assert twenties["tokens"] == static["tokens"] and twenties["ppl"] == pytest.approx(static["ppl"], rel=1e-6)
+    assert twenties["dynamic"] == {"rule": "sgd", "lr": 0.0, "decay": 0.008, "segment_length": 20}
 
 
 @pytest.mark.parametrize("rule", ["rms", "sgd"])
@@ -156,13 +156,13 @@ def test_an_nt_asgd_checkpoint_adapts_its_averaged_weights(averaged, drifting_da
         (["--dynamic", "--dynamic-decay", "nan"], r"^error: --dynamic-decay must be a finite number >= 0"),
         (["--dynamic", "--segment-length", "0"], r"^error: --segment-length must be >= 1 \(got 0\)$"),
         (["--dynamic", "--dynamic-epsilon", "0"], r"^error: --dynamic-epsilon must be positive"),
-        (["--dynamic", "--stats-batches", "-1"], r"^error: --stats-batches must be >= 0"),
+        (["--dynamic", "--stats-words", "-1"], r"^error: --stats-words must be >= 0"),
         (["--dynamic", "--dynamic-rule", "sgd", "--dynamic-decay", "2"], r"--dynamic-decay must be <= 1 with"),
         (["--dynamic-lr", "0.001"], r"^error: --dynamic-lr is for dynamic evaluation; add --dynamic, or drop it$"),
         (["--data-dir", "x"], r"^error: --data-dir is for dynamic evaluation; add --dynamic"),
         (
-            ["--dynamic", "--dynamic-rule", "sgd", "--stats-batches", "9"],
-            r"^error: --stats-batches has no effect with --dynamic-rule sgd; drop it, or use rms$",
+            ["--dynamic", "--dynamic-rule", "sgd", "--stats-words", "9"],
+            r"^error: --stats-words has no effect with --dynamic-rule sgd; drop it, or use rms$",
         ),
         (["--dynamic", "--batch-size", "2"], r"^error: --dynamic scores with batch 1 .*; drop --batch-size 2$"),
         (
