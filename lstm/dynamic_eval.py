@@ -19,8 +19,8 @@ Two update rules, both with a decay back toward the trained weights ``w0``:
   defaults for AWD-LSTM on PTB are eta 5e-5, lambda 0.002, eps 2e-5, segments of 5 words and
   batches of 100 rows over the whole training text for the statistics; here the statistics
   cover ``stats_words`` training words (100,000 by default).
-* ``sgd``: the paper's simpler SGD rule with a uniform decay, ``w += lambda * (w0 - w) - eta
-  * g``; it needs no training text.
+* ``sgd``: plain SGD steps with a uniform decay, ``w += lambda * (w0 - w) - eta * g``
+  (``lambda = 0``: the paper's plain SGD dynamic evaluation); it needs no training text.
 
 Each segment is scored by the static evaluation's own computation (a forward pass without
 gradients: the fused softmax of the gradient pass rounds differently), and a second forward
@@ -56,11 +56,11 @@ from lstm.models.word import detach_state
 
 RULES = ("rms", "sgd")
 # Krause et al.'s released defaults are eta 5e-5 and lambda 0.002 for segments of 5 words; their
-# grid scales both with the segment length (x N/5). Segments of 20 words take a quarter of the
-# steps (bench/README.md: the time of a step hardly depends on its length), so the defaults
-# are theirs at 20 words. sgd's eta: see docs/ptb-regularized.md.
+# grid scales both with the segment length (x N/5). A step's time goes mostly to passes over
+# whole weight matrices, whatever the segment's length, so segments of 20 words take about a
+# third of the time of 5-word ones (bench/README.md); the defaults are theirs at 20 words.
 SEGMENT = 20
-DEFAULT_LR = {"rms": 5e-5 * SEGMENT / 5, "sgd": 0.002}
+DEFAULT_LR = {"rms": 5e-5 * SEGMENT / 5, "sgd": 1.0}  # sgd: see docs/ptb-regularized.md
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ then batch 1 with the state carried through the whole text, in windows of the ru
 evaluation length, the last shorter one included; every token but the first is predicted,
 exactly as the tutorial's batch-1 x 1-step evaluation does. With ``batch_size`` B > 1 the
 text is cut into B rows like the job's evaluation (faster; the tail that fills no row is not
-scored and each row starts without context).
+scored and each row starts without context). With ``dynamic`` settings it is the dynamic
+evaluation of :mod:`lstm.dynamic_eval` (``score --dynamic``).
 
 :func:`generate_text` samples words after a prompt (read after an ``<eos>``, as a sentence start).
 """
@@ -22,14 +23,14 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from lstm import checkpoint as ckpt
-from lstm import io, storage
+from lstm import dynamic_eval, io, storage
 from lstm.data import ptb
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
@@ -113,7 +114,10 @@ def score_ids(model: nn.Module, ids: np.ndarray, batch_size: int, num_steps: int
 
 
 def score_text(
-    location: str | os.PathLike, text_path: str | os.PathLike, batch_size: int = 1, dynamic: Any = None
+    location: str | os.PathLike,
+    text_path: str | os.PathLike,
+    batch_size: int = 1,
+    dynamic: Optional[dynamic_eval.DynamicSettings] = None,
 ) -> dict[str, Any]:
     """Perplexity of a text file under a checkpoint (see :func:`score_words`)."""
     if batch_size < 1:
@@ -124,12 +128,17 @@ def score_text(
 
 
 def score_words(
-    trained: TrainedLM, words: list[str], batch_size: int = 1, *, text: str = "", dynamic: Any = None
+    trained: TrainedLM,
+    words: list[str],
+    batch_size: int = 1,
+    *,
+    text: str = "",
+    dynamic: Optional[dynamic_eval.DynamicSettings] = None,
 ) -> dict[str, Any]:
     """Perplexity of ``words`` (a text's PTB tokens) under a trained model: a JSON-able dict with
     ``ppl``, ``loss`` (nats per token), ``tokens`` (predicted), ``unk`` (words mapped to
-    ``<unk>``) and where they came from (``text``: the file's path). ``dynamic``: the
-    :class:`lstm.dynamic_eval.DynamicSettings` of a dynamic evaluation (its settings join the dict)."""
+    ``<unk>``) and where they came from (``text``: the file's path). ``dynamic``: the settings
+    of a dynamic evaluation (:mod:`lstm.dynamic_eval`), which join the dict."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     ids, unk = encode_with_unk(trained.vocab, words)
@@ -139,8 +148,6 @@ def score_words(
         if dynamic is None:
             loss_sum, tokens = score_ids(trained.model, ids, batch_size, trained.config.eval_shape[1])
         else:
-            from lstm import dynamic_eval
-
             loss_sum, tokens = dynamic_eval.score_trained(trained, ids, dynamic)
     return {
         "ppl": perplexity(loss_sum, tokens),
