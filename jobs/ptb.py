@@ -32,6 +32,8 @@ CHECKPOINT_HELP = "a run folder (its newest checkpoint) or a checkpoint_* folder
 
 def score_main(argv: Sequence[str]) -> int:
     """``score``: perplexity of a text file under a saved run; the last line printed is JSON."""
+    from lstm import config as cfg
+    from lstm import dynamic_eval
     from lstm.tasks.ptb_checkpoint import score_text
 
     p = argparse.ArgumentParser(
@@ -42,11 +44,14 @@ def score_main(argv: Sequence[str]) -> int:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--text", required=True, help="a text file; each newline is <eos>, unknown words <unk>")
     p.add_argument("--batch-size", type=int, default=1, help="rows scored side by side (1: exact, context kept)")
+    dynamic_eval.add_arguments(p)
     args = p.parse_args(argv)
-    result = score_text(args.checkpoint, args.text, batch_size=args.batch_size)
+    dynamic = dynamic_eval.settings_from(args, cfg.options_given(p, argv), args.batch_size)
+    result = score_text(args.checkpoint, args.text, batch_size=args.batch_size, dynamic=dynamic)
     print(
         f"{result['tokens']:,} tokens ({result['unk']:,} words mapped to <unk>): perplexity {result['ppl']:.2f}"
         + (" (NT-ASGD's averaged weights)" if result["averaged_weights"] else "")
+        + (" (dynamic evaluation)" if dynamic else "")
     )
     print(json.dumps(result))
     return 0

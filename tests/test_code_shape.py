@@ -245,6 +245,7 @@ def test_every_third_party_import_is_a_declared_dependency():
         "tensorboard": "tensorboard",
         "yaml": "pyyaml",
         "mlflow": "mlflow",
+        "optuna": "optuna",
         "pandas": "pandas",
     }
     local = set(PACKAGES) | {"__future__"}

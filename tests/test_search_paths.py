@@ -1,4 +1,4 @@
-"""Search flags that change how a search runs, each through a real search (jobs/tune_ptb.py's
+"""Search flags that change how a search runs, each through a real search (jobs/search.py's
 ``tune.cli.main`` on the suite's Ray instance) or the scheduler the flags build: the time budget
 ending a search, ``--reduction-factor`` and ``--perturbation-interval`` reaching the scheduler,
 ``--resume`` of an interrupted PBT search, and the release of a stopped trial's workers

@@ -101,16 +101,24 @@ def search(
     base: Optional[str] = None,
     space: SpaceLike = None,
     scheduler: Optional[str] = None,
+    search_alg: Optional[str] = None,
     num_samples: Optional[int] = None,
     max_epochs: Optional[int] = None,
     **options: Any,
 ) -> SearchResult:
-    """Search ``task``'s hyperparameters with Ray Tune (ASHA or PBT) and return the result.
+    """Search ``task``'s hyperparameters with Ray Tune (ASHA or PBT; random or TPE) and return the result.
 
     ``base``: the preset trials start from; ``space``: ``--space`` strings or a dict of Ray
-    Tune domains (None: the task's default space); ``options``: the other flags of
-    ``jobs/search.py`` by their names (``train_fraction``, ``workers_per_trial``, ...)."""
-    named = {"base": base, "scheduler": scheduler, "num_samples": num_samples, "max_epochs": max_epochs}
+    Tune domains (None: the task's default space); ``search_alg``: "random" (default) or "tpe"
+    (Optuna's TPE; not with PBT or grids); ``options``: the other flags of ``jobs/search.py`` by
+    their names (``train_fraction``, ``workers_per_trial``, ...)."""
+    named = {
+        "base": base,
+        "scheduler": scheduler,
+        "search_alg": search_alg,
+        "num_samples": num_samples,
+        "max_epochs": max_epochs,
+    }
     keywords = {**{k: v for k, v in named.items() if v is not None}, **options}
     if space is not None:
         keywords["space"] = space_strings(space)

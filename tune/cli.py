@@ -17,6 +17,7 @@ from lstm.errors import UserError
 from lstm.task import Task, get_task, task_names
 from tune import report, runner
 from tune.schedulers import SCHEDULERS, check_pbt_space
+from tune.searchers import SEARCH_ALGS, check_search_alg, import_optuna
 from tune.space import SearchSpace, parse_space
 from tune.spec import SearchSpec, load_spec
 
@@ -59,11 +60,19 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
         "pbt fields: ptb keep_prob and learning_rate)",
     )
     p.add_argument(
+        "--search-alg",
+        choices=SEARCH_ALGS,
+        default="random",
+        help="random (default): each trial's values drawn independently, grid: entries expanded; tpe: "
+        "Optuna's TPE draws each trial where the finished trials scored best (needs optuna; not with "
+        "--scheduler pbt or grid: entries)",
+    )
+    p.add_argument(
         "--synch",
         action="store_true",
         help="with --scheduler pbt: synchronous (every trial reaches each interval first)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random search (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search algorithm (default 0)")
     p.add_argument(
         "--grace-period",
         type=int,
@@ -253,6 +262,7 @@ def spec_from_args(args: argparse.Namespace, given: Collection[str] = ()) -> Sea
     check_budget_space(budget, space, task)
     if args.scheduler == "pbt":
         check_pbt_space(space, task)
+    check_search_alg(args.search_alg, args.scheduler, space)
     pinned = cfg.build(task.config_class, {**base_values, **space.fixed})
     cfg.refuse_unused({"data_dir"} & set(given), pinned.unused_flags())
     where = storage.locate(args.storage_path, args.name, f"tune-{task.name}")
@@ -265,6 +275,7 @@ def spec_from_args(args: argparse.Namespace, given: Collection[str] = ()) -> Sea
         storage_path=where.root,
         name=where.name,
         scheduler=args.scheduler,
+        search_alg=args.search_alg,
         synch=args.synch,
         num_samples=args.num_samples,
         max_epochs=task.num_epochs(cfg.build(task.config_class, base_values)),
@@ -289,7 +300,10 @@ def resume_spec(args: argparse.Namespace) -> SearchSpec:
     """The saved spec of the search ``--name`` (:func:`check_given` refuses other flags with ``--resume``)."""
     if not args.name:
         raise UserError("--resume needs the --name of the search to continue")
-    return load_spec(storage.locate(args.storage_path, args.name, "").path)
+    spec = load_spec(storage.locate(args.storage_path, args.name, "").path)
+    if spec.search_alg == "tpe":  # the saved searcher is Optuna's
+        import_optuna()
+    return spec
 
 
 def read_data(spec: SearchSpec) -> Any:
@@ -320,7 +334,8 @@ def search_from_args(
     cluster.check_shared_storage(spec.storage_path)
     max_concurrent = runner.check_resources(spec)
     print(
-        f"search {spec.name}: task {spec.task}, base {spec.base}, {spec.scheduler}, {spec.num_trials} trial(s) "
+        f"search {spec.name}: task {spec.task}, base {spec.base}, {spec.scheduler}, {spec.search_alg} search, "
+        f"{spec.num_trials} trial(s) "
         f"of {spec.max_epochs} epoch(s), {max_concurrent} at a time, {spec.workers_per_trial} worker(s) each"
     )
     for line in spec.space.describe():

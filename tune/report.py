@@ -354,6 +354,7 @@ def summarize(
         "task": spec.task,
         "base": spec.base,
         "scheduler": spec.scheduler,
+        "search_alg": spec.search_alg,
         "metric": spec.metric,
         "mode": spec.mode,
         "trials": len(rows),
@@ -409,7 +410,8 @@ def _markdown_page(
 ) -> str:
     stopped = sum(r.stopped_early for r in rows)
     intro = [
-        f"# Search {spec.name}: task {spec.task}, base {spec.base}, scheduler {spec.scheduler}",
+        f"# Search {spec.name}: task {spec.task}, base {spec.base}, scheduler {spec.scheduler}, "
+        f"search algorithm {spec.search_alg}",
         "",
         f"{len(rows)} trials, {stopped} stopped early, sorted by best {spec.metric} ({spec.mode}).",
         "",

@@ -20,7 +20,6 @@ from typing import Any, Optional, Sequence
 
 import ray
 from ray import tune as rtune
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from lstm import claim, cluster, ray_private, tracking
 from lstm import config as cfg
@@ -33,6 +32,7 @@ from tune import report
 from tune.board import SearchBoard
 from tune.bridge import Mailbox, relay_reports
 from tune.schedulers import make_scheduler
+from tune.searchers import make_search_alg
 from tune.spec import SearchSpec, save_spec, train_run_name, trial_folder_name
 
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes reserved per trial driver (it holds no CPU)
@@ -213,9 +213,7 @@ def make_tuner(
         tune_config=rtune.TuneConfig(
             num_samples=spec.num_samples,
             scheduler=make_scheduler(spec),
-            # The concurrency limit goes to the (seeded) search algorithm itself: Tune ignores
-            # TuneConfig(max_concurrent_trials) when given a BasicVariantGenerator.
-            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent),
+            search_alg=make_search_alg(spec, max_concurrent),  # seeded; it holds the concurrency limit
             time_budget_s=spec.time_budget_s,
             # A Train run's trial actor must die when Tune stops it, taking its run with it.
             reuse_actors=in_process,

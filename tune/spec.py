@@ -48,6 +48,7 @@ class SearchSpec:
     storage_path: str  # absolute path or URI (query options included)
     name: str
     scheduler: str = "asha"
+    search_alg: str = "random"  # tune.searchers: random (grids included) or tpe
     num_samples: int = 8
     max_epochs: int = 1  # epochs per trial
     time_budget_s: Optional[float] = None

@@ -5,7 +5,8 @@ NT-ASGD's averaged weights where the run averaged (those the job evaluates with)
 :func:`score_text` is the tutorial's test evaluation of any text: PTB's tokens, unknown words
 as ``<unk>``, batch 1 with the state carried through the whole text, every token but the first
 predicted; ``batch_size`` B > 1 cuts it into B rows instead (faster; each row starts without
-context). :func:`generate_text` samples words after a prompt read as a sentence start.
+context); with ``dynamic`` settings, the dynamic evaluation of :mod:`lstm.dynamic_eval`.
+:func:`generate_text` samples words after a prompt read as a sentence start.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from lstm import checkpoint as ckpt
-from lstm import io, storage
+from lstm import dynamic_eval, io, storage
 from lstm.data import ptb
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
@@ -102,24 +103,40 @@ def score_ids(model: nn.Module, ids: np.ndarray, batch_size: int, num_steps: int
     return total, tokens
 
 
-def score_text(location: str | os.PathLike, text_path: str | os.PathLike, batch_size: int = 1) -> dict[str, Any]:
+def score_text(
+    location: str | os.PathLike,
+    text_path: str | os.PathLike,
+    batch_size: int = 1,
+    dynamic: Optional[dynamic_eval.DynamicSettings] = None,
+) -> dict[str, Any]:
     """Perplexity of a text file under a checkpoint (see :func:`score_words`)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     words = read_words(text_path)
-    scored = score_words(load_trained(location), words, batch_size, text=str(text_path))
+    scored = score_words(load_trained(location), words, batch_size, text=str(text_path), dynamic=dynamic)
     return {**scored, "checkpoint": storage.display(str(location))}  # as the user named it
 
 
-def score_words(trained: TrainedLM, words: list[str], batch_size: int = 1, *, text: str = "") -> dict[str, Any]:
-    """Perplexity of ``words`` under a trained model: ppl, loss, tokens, unk and where they came from."""
+def score_words(
+    trained: TrainedLM,
+    words: list[str],
+    batch_size: int = 1,
+    *,
+    text: str = "",
+    dynamic: Optional[dynamic_eval.DynamicSettings] = None,
+) -> dict[str, Any]:
+    """Perplexity of ``words`` under a trained model: ppl, loss, tokens, unk and where they came
+    from; ``dynamic``: the settings of a dynamic evaluation (:mod:`lstm.dynamic_eval`), which join them."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
     ids, unk = encode_with_unk(trained.vocab, words)
     if len(ids) // batch_size < 2:
         raise UserError(f"--text {text} has {len(ids)} words, too few for --batch-size {batch_size}; lower it")
     with one_thread() if batch_size == 1 else contextlib.nullcontext():
-        loss_sum, tokens = score_ids(trained.model, ids, batch_size, trained.config.eval_shape[1])
+        if dynamic is None:
+            loss_sum, tokens = score_ids(trained.model, ids, batch_size, trained.config.eval_shape[1])
+        else:
+            loss_sum, tokens = dynamic_eval.score_trained(trained, ids, dynamic)
     return {
         "ppl": perplexity(loss_sum, tokens),
         "loss": loss_sum / tokens,
@@ -130,6 +147,7 @@ def score_words(trained: TrainedLM, words: list[str], batch_size: int = 1, *, te
         "averaged_weights": trained.averaged,
         "text": text,
         "checkpoint": trained.location,
+        **({"dynamic": dynamic.describe()} if dynamic is not None else {}),
     }
 
 
