@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import hooks  # noqa: E402  (tests/hooks.py: worker hooks, sent to the workers by value)
+import ray  # noqa: E402
 import ray.cloudpickle  # noqa: E402
+from processes import RayWatch  # noqa: E402
 
 from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV  # noqa: E402
 from lstm.ray_private import stop_autoscaler_monitor  # noqa: E402
@@ -219,21 +221,63 @@ def ptb_base(ray_session, ptb_dir, tmp_path_factory):
 
 # --------------------------------------------------------------------------- slow tests
 
-# Tests that use these fixtures start Ray, a head, a server or a browser: marked slow
-# (`pytest -m 'not slow'` runs the rest). Test modules that start them without a fixture
-# mark themselves.
-SLOW_FIXTURES = frozenset({"ray_session", "ptb_base", "head", "s3_server", "cluster", "mlflow_server"})
+# Tests that use these fixtures of this file, directly or through another fixture, start Ray, a
+# head, a server or a browser: marked slow (`pytest -m 'not slow'` runs the rest, the unit tier).
+# A fixture of a test module with one of these names is another fixture (tests/test_cluster.py's
+# `cluster` is a parsed YAML file): what counts is where the fixture is defined. Test modules
+# that start them without such a fixture mark themselves; a test of the unit tier that starts
+# Ray all the same fails (`check_unit_tier`).
+SLOW_FIXTURES = frozenset({"ray_session", "ptb_base", "head", "s3_server", "mlflow_server"})
+
+
+def uses_slow_fixture(item: pytest.Item) -> bool:
+    """Whether ``item`` uses one of this file's :data:`SLOW_FIXTURES` (through pytest's fixture
+    definitions of the item, a private attribute: the last definition of a name is the one used)."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(
+        name in SLOW_FIXTURES and defs.get(name) and defs[name][-1].func.__module__ == __name__
+        for name in getattr(item, "fixturenames", ())
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SLOW_FIXTURES & fixtures:
+        if uses_slow_fixture(item):
             item.add_marker(pytest.mark.slow)
-        for group in GROUP_FIXTURES & fixtures:  # the map below must name every module that uses them
+        for group in GROUP_FIXTURES & set(getattr(item, "fixturenames", ())):  # the map below must name their modules
             if parallel_group(item.nodeid) != group:
                 raise pytest.UsageError(f"{item.nodeid} uses `{group}`: add its module to SHARED_FIXTURE_GROUPS")
     items.sort(key=lambda item: group_rank(parallel_group(item.nodeid)))
+
+
+# The unit tier starts no Ray: while a test not marked slow sets up, runs and tears down, a
+# RayWatch (tests/processes.py) looks for Ray processes started below this process, and the
+# test's teardown fails if it saw any (or if Ray is initialized in this process afterwards and
+# was not before): `check_unit_tier`, called by `pytest_runtest_teardown` below.
+RAY_WATCH = pytest.StashKey["tuple[RayWatch, bool]"]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("slow") is None:
+        item.stash[RAY_WATCH] = (RayWatch(), ray.is_initialized())
+    return (yield)
+
+
+def check_unit_tier(item: pytest.Item) -> None:
+    """Fail ``item`` if it is a test of the unit tier that started Ray (see above)."""
+    if RAY_WATCH not in item.stash:
+        return
+    watch, initialized = item.stash[RAY_WATCH]
+    started = watch.stop()
+    if ray.is_initialized() and not initialized:
+        started.append("ray.init() in this process")
+    if started:
+        pytest.fail(
+            f"a test of the unit tier (not marked slow) started Ray: {', '.join(started)}; mark it "
+            "pytest.mark.slow, or use conftest's ray_session",
+            pytrace=False,
+        )
 
 
 # --------------------------------------------------------------------------- parallel workers
@@ -296,8 +340,7 @@ def pytest_xdist_make_scheduler(config, log):
 RELEASE_EARLY = ("head",)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item, nextitem):
+def release_early(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     request = getattr(item, "_request", None)
     fixturedefs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     if request is None:
@@ -306,6 +349,16 @@ def pytest_runtest_teardown(item, nextitem):
         if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
             for fixturedef in fixturedefs.get(name, ()):
                 fixturedef.finish(request)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a test's own teardown: stop what :data:`RELEASE_EARLY` names once the next test
+    does not use it, then fail a test of the unit tier that started Ray."""
+    result = yield
+    release_early(item, nextitem)
+    check_unit_tier(item)
+    return result
 
 
 # --------------------------------------------------------------------------- a Ray head

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from conftest import REPO, TRAIN_POLL_ENV, TRAIN_POLL_S, wait_for_http
+from processes import process_table
 
 JOB_TIMEOUT_S = 600  # for all the jobs at once on a busy 2-core machine
 
@@ -57,7 +58,7 @@ def suite_jobs(storage: Path, ptb_dir: Path) -> dict[str, list[str]]:
     return {"default": default + one_worker, "ptb": ptb + one_worker, "search": search}
 
 
-# --------------------------------------------------------------------------- processes
+# --------------------------------------------------------------------------- ports
 
 
 def free_ports(n: int) -> list[int]:
@@ -76,30 +77,15 @@ def free_ports(n: int) -> list[int]:
 # --------------------------------------------------------------------------- processes
 
 
-def process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, process group, start time) of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[19])
-    return table
-
-
 def processes_of(group: int) -> dict[int, str]:
     """The processes of process group ``group`` and all their descendants (Ray's workers make
     process groups of their own under the raylet): pid -> start time."""
     table = process_table()
-    found = {pid for pid, (_, pgid, _) in table.items() if pgid == group}
+    found = {pid for pid, p in table.items() if p.group == group}
     while True:
-        more = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
+        more = {pid for pid, p in table.items() if p.ppid in found} - found
         if not more:
-            return {pid: table[pid][2] for pid in found}
+            return {pid: table[pid].started for pid in found}
         found |= more
 
 
@@ -108,7 +94,7 @@ def kill_remaining(snapshot: dict[int, str]) -> list[int]:
     table = process_table()
     killed = []
     for pid, started in snapshot.items():
-        if pid in table and table[pid][2] == started:
+        if pid in table and table[pid].started == started:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

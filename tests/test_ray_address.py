@@ -109,6 +109,7 @@ def test_a_dead_recorded_address_stops_the_job_in_one_line_before_ray_starts(ray
     assert not list((ray_tmpdir / "ray").glob("session_*"))  # no Ray instance was started
 
 
+@pytest.mark.slow  # starts a Ray instance, in a child process
 def test_a_job_that_started_ray_kills_its_autoscaler_monitor_while_the_gcs_runs(monkeypatch):
     """Ray's shutdown stops the GCS, then gives the monitor SIGTERM and a second to report its
     end to that GCS, then kills it: a second of every local run's exit. The job's exit hook kills
