@@ -62,7 +62,8 @@ class RecordNode(WorkerHook):
 class PauseOnce(WorkerHook):
     """Rank ``rank`` writes "<pid> <node id>" to ``<marker>.ready`` before step ``step`` of
     ``epoch`` and waits there until the test removes its node (the test watches for the
-    file), on the first attempt only."""
+    file), on the first attempt only. The limit only ends a run whose test failed before removing
+    the node (the test removes it as soon as the file is there)."""
 
     def __init__(self, epoch: int, step: int, marker: str, rank: int = 1, timeout_s: float = 300.0):
         self.epoch, self.step, self.marker, self.rank, self.timeout_s = epoch, step, marker, rank, timeout_s

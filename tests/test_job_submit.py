@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import RAY_LOG_LINE
+from conftest import QUICK_COMMAND_S, RAY_COMMAND_S, RAY_LOG_LINE
 from ray_head import REPO, SEARCH_LEARNING_RATES, Job, shell_env
 
 MAX_PACKAGE_BYTES = 2 * 2**20  # the repository without data, runs and environments is ~0.5 MiB
@@ -115,7 +115,7 @@ def test_a_plain_python_job_joins_the_running_head(head, jobs, tmp_path):
     assert "RAY_ADDRESS" not in head.env
     command = ["python", "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path), "--name", "plain"]
     command += ["--cpus-per-worker", "1", "--max-failures", "0"]
-    done = subprocess.run(command, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=RAY_COMMAND_S)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{head.gcs_port}\b", output)
@@ -132,7 +132,7 @@ def test_a_plain_python_job_without_the_token_mode_stops_with_one_line(head, job
     retries for about 20 s and raises a ConnectionError; the job says what to export, exit 2."""
     env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"}
     command = ["python", "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path)]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=QUICK_COMMAND_S)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert re.match(rf"error: the Ray cluster at \S+:{head.gcs_port} refused this job's connection", last), last

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import QUICK_COMMAND_S, REPO
 
 from lstm import config as cfg
 from lstm.errors import UserError
@@ -99,6 +99,7 @@ def test_a_run_that_fails_is_marked_failed(mlflow_server, ray_session, ptb_dir, 
         max_failures=0,
         data_dir=str(ptb_dir),
         mlflow_tracking_uri=mlflow_server.uri,
+        cpus_per_worker=1,
     )
     ptb = get_task("ptb")
     config = cfg.build(ptb.config_class, {**ptb.presets["test"], "learning_rate": 1e30, "train_fraction": 0.005})
@@ -133,7 +134,7 @@ def test_without_mlflow_the_uri_is_a_one_line_error(tmp_path):
         [sys.executable, "-c", code, "--config", "test", "--storage-path", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=QUICK_COMMAND_S,
         cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"},
     )
