@@ -12,7 +12,7 @@ from lstm import config as cfg
 from lstm.data import shapes
 from lstm.errors import UserError
 from lstm.models.shape import ShapeLSTM
-from lstm.tasks.rectangle import RectangleTask, ShapeConfig
+from lstm.tasks.rectangle import ShapeConfig
 from lstm.trainer import fit
 
 
@@ -72,21 +72,33 @@ def test_mdn_head_draws_diverse_shapes(ray_session, tmp_path):
     assert m["valid_width_std"] > 0.05 and m["valid_height_std"] > 0.05
 
 
-def test_two_workers_report_every_epoch_and_resume_the_same_architecture_only(ray_session, tmp_path):
+def shapes_per_epoch(config: ShapeConfig, workers: int) -> int:
+    """The shapes an epoch trains on, all workers together: each worker draws its share of
+    ``examples / epochs`` in whole batches."""
+    return workers * (config.examples // config.epochs // workers // config.batch_size * config.batch_size)
+
+
+def test_two_workers_report_every_epoch_resume_the_same_architecture_only_and_keep_one_checkpoint(
+    ray_session, tmp_path
+):
     first = ShapeConfig(examples=400, epochs=2, batch_size=4, valid_examples=32, eval_shapes=16, snapshot_at=())
-    run = settings(tmp_path, "resume", num_workers=2)
+    run = settings(tmp_path, "resume", num_workers=2, checkpoints_to_keep=1)
     a = fit("rectangle", first, run)
     assert [e["epoch"] for e in a.history] == [1, 2]
     assert all(e["workers"] == 2 for e in a.history)
-    # 400 examples over 2 epochs and 2 workers: metrics count both workers' shapes.
-    assert a.history[-1]["samples_seen"] == 400
+    # metrics count both workers' shapes (2 x 100 an epoch)
+    assert [e["samples_seen"] for e in a.history] == [shapes_per_epoch(first, 2) * e for e in (1, 2)]
 
     # Ask for a third epoch (same examples per epoch) and resume: it starts at epoch 3.
     longer = ShapeConfig(examples=600, epochs=3, batch_size=4, valid_examples=32, eval_shapes=16, snapshot_at=())
     b = fit("rectangle", longer, run, resume=True)
     assert [e["epoch"] for e in b.history] == [1, 2, 3]
     assert b.history[:2] == a.history, "the resumed run keeps the first two epochs as they were"
-    assert b.history[-1]["samples_seen"] == 600
+    assert b.history[-1]["samples_seen"] == a.history[-1]["samples_seen"] + shapes_per_epoch(longer, 2)
+    # one checkpoint kept (--checkpoints-to-keep 1): the last epoch's, which results.json names
+    kept = [p for p in (tmp_path / "resume").glob("checkpoint_*") if p.is_dir()]
+    assert [p.name for p in kept] == [Path(b.checkpoint).name]
+    assert json.loads((kept[0] / "state.json").read_text())["epoch"] == 3 == len(b.history)
 
     with pytest.raises(UserError, match="already exists"):
         fit("rectangle", first, run)
@@ -96,12 +108,3 @@ def test_two_workers_report_every_epoch_and_resume_the_same_architecture_only(ra
     wider = dataclasses.replace(longer, epochs=4, hidden_size=20)
     with pytest.raises(UserError, match="does not match this model's architecture"):
         fit("rectangle", wider, run, resume=True)
-
-
-def test_checkpoints_to_keep_prunes_the_older_checkpoints(ray_session, tmp_path):
-    """Three epochs, one checkpoint each, one kept: the last epoch's, which results.json names."""
-    config = cfg.build(ShapeConfig, {**RectangleTask.presets["test"], "epochs": 3})
-    result = fit("rectangle", config, settings(tmp_path, "kept", checkpoints_to_keep=1))
-    kept = [p for p in (tmp_path / "kept").glob("checkpoint_*") if p.is_dir()]
-    assert [p.name for p in kept] == [Path(result.checkpoint).name]
-    assert json.loads((kept[0] / "state.json").read_text())["epoch"] == 3 == len(result.history)
