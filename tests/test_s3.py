@@ -14,7 +14,7 @@ import urllib.request
 
 import boto3
 import pytest
-from conftest import REPO, S3_PORT, free_port, own_lines
+from conftest import QUICK_COMMAND_S, REPO, S3_PORT, free_port, own_lines
 from test_tracking import check_search_runs
 
 from lstm import config as cfg
@@ -125,6 +125,8 @@ def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, tmp_pa
         "tiny",
         "--max-failures",
         "0",
+        "--cpus-per-worker",
+        "1",
     ]
     assert train_main("ptb", argv) == 0
     out = capsys.readouterr().out
@@ -144,7 +146,9 @@ def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, tmp_pa
     text = tmp_path / "valid-head.txt"
     text.write_text("\n".join((ptb_dir / "ptb.valid.txt").read_text().splitlines()[:20]) + "\n")
     score = [sys.executable, "jobs/ptb.py", "score", "--checkpoint", run, "--text", str(text)]
-    done = subprocess.run(score, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        score, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=QUICK_COMMAND_S
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     scored = json.loads(done.stdout.strip().splitlines()[-1])
     assert scored["checkpoint"] == run and 0 < scored["ppl"] < 10000 and scored["tokens"] > 0
@@ -217,12 +221,24 @@ def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(
 
     with pytest.raises(UserError, match=re.escape(f"a search named 's' already exists at {folder}; pass --resume")):
         cli.main(argv)
-    cli.main(["--storage-path", root, "--name", "s", "--resume"])  # finished trials are not run again
-    assert load_spec(folder).space == load_spec(f"{plain}/s").space
+    # Resumed with its folder's options alone, the finished search runs no trial again: with the
+    # bucket versioned from here on, any object of a trial written again would get a second version.
+    boto3.client("s3").put_bucket_versioning(Bucket=s3, VersioningConfiguration={"Status": "Enabled"})
+    cli.main(["--storage-path", root, "--name", "s", "--resume"])
+    versions = boto3.client("s3").list_object_versions(Bucket=s3, Prefix="searches/s/trial_")
+    assert {v["VersionId"] for v in versions["Versions"]} == {"null"} and "DeleteMarkers" not in versions
+    trial_files = {k for k in files if k.startswith("trial_")}
+    assert {v["Key"].removeprefix("searches/s/") for v in versions["Versions"]} == trial_files
     assert read_json(s3, "searches/s/search_summary.json")["status"] == {"TERMINATED": 2}
+    # the spec it resumed is the one the command line gave, read through the printed folder
+    space = load_spec(folder).space
+    assert space.fixed == {"hidden_size": 8} and list(space.params) == ["learning_rate"]
+    assert (space.params["learning_rate"].kind, space.params["learning_rate"].values) == ("grid", (0.003, 0.0001))
 
     report = [sys.executable, "-m", "tune.report", folder]
-    done = subprocess.run(report, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        report, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=QUICK_COMMAND_S
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"best: trial {summary['best']['trial_id']} valid_consistency " in done.stdout
 

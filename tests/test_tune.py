@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import QUICK_COMMAND_S, REPO, ptb_epoch_words
 from ray.tune import Callback
 
 from lstm.cli import build_parser, resolve_configs
@@ -218,7 +218,7 @@ def test_cli_prints_one_line_error(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=QUICK_COMMAND_S,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -516,23 +516,24 @@ def test_pbt_clones_better_trials_and_mutates_the_learning_rate(tmp_path, ray_se
     # Tune's log of exploits: [target tag, source tag, target epoch, source epoch, old config, new config]
     exploits = [json.loads(line) for line in (exp / "pbt_global.txt").read_text().splitlines() if line.strip()]
     assert exploits, "PBT never cloned a trial"
-    targets = set()
-    for target_tag, source_tag, _, _, old, new in exploits:
+    cloned = {}  # target trial -> (the learning rate of the trial it cloned, its own mutated one)
+    for target_tag, source_tag, _, _, source_config, new in exploits:
         target, source = int(target_tag.split("_")[0]), int(source_tag.split("_")[0])
-        assert target != source and new["learning_rate"] != old["learning_rate"]
+        assert target != source and new["learning_rate"] != source_config["learning_rate"]
         assert PBT_LR[0] <= new["learning_rate"] <= PBT_LR[1]  # mutated, then clipped to the range
-        targets.add(target)
-    for index in targets:
+        cloned[target] = (source_config["learning_rate"], new["learning_rate"])
+    for index, (source_lr, mutated_lr) in cloned.items():
         row = by_index[index]
         run = Path(report.trial_run_dir(spec, row.trial_id))
         # a Train run (two workers) that starts from a cloned checkpoint is a new run named after it
         assert ("-from-" in run.name) == (workers == 2)
         history = json.loads((run / "results.json").read_text())["epochs"]
         assert [e["epoch"] for e in history] == [1, 2]
-        assert history[-1]["lr"] == pytest.approx(row.hparams["learning_rate"])  # it ends on the mutated lr
-        # ... and its first epoch was trained by the trial it cloned, at that trial's lr (a run
-        # that ignored the checkpoint would have trained every epoch at the mutated lr)
-        assert history[0]["lr"] != pytest.approx(history[-1]["lr"])
+        assert history[-1]["lr"] == pytest.approx(mutated_lr)  # it ends on the mutated lr, the trial's last config
+        assert mutated_lr == pytest.approx(row.hparams["learning_rate"])
+        # ... and its first epoch is the one the trial it cloned trained, at that trial's lr (a
+        # run that ignored the checkpoint would have trained every epoch at the mutated lr)
+        assert history[0]["lr"] == pytest.approx(source_lr)
 
 
 def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_dir):
@@ -604,7 +605,7 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=QUICK_COMMAND_S,
     )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
@@ -656,5 +657,7 @@ def test_one_worker_trials_two_worker_trials_and_the_job_train_alike(tmp_path, r
     assert [{k: pytest.approx(r[k], rel=1e-5) for k in keys} for r in trials[2]] == expected
     assert trials[2][-1]["test_ppl"] == pytest.approx(job.final["test_ppl"], rel=1e-5)
     assert [r["workers"] for r in trials[2]] == [2, 2]
-    # the epochs trained: a job that ignored the config would not match (its default preset is larger)
-    assert job.history[0]["train_ppl"] != job.history[1]["train_ppl"]
+    # the epochs trained the config's 1% of the words, 20 rows x 2 steps at a time (a job that
+    # ignored the config would not match: its default preset is larger)
+    words = ptb_epoch_words(ptb_dir, common["train_fraction"])
+    assert [e["samples_seen"] for e in job.history] == [words, 2 * words]
