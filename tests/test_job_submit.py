@@ -16,6 +16,8 @@ import pytest
 from conftest import QUICK_COMMAND_S, RAY_COMMAND_S, RAY_LOG_LINE
 from ray_head import REPO, SEARCH_LEARNING_RATES, Job, shell_env
 
+from lstm.tasks.ptb import PRESETS
+
 MAX_PACKAGE_BYTES = 2 * 2**20  # the repository without data, runs and environments is ~0.5 MiB
 
 
@@ -46,7 +48,8 @@ def test_the_ptb_job_runs_on_the_cluster_and_writes_its_results(jobs, head, stor
     assert f"done: ptb run in {run}" in job.output
     results = json.loads((run / "results.json").read_text())
     assert results["task"] == "ptb" and results["run_dir"] == str(run)
-    assert results["config"]["train_fraction"] == 0.01 and results["config"]["hidden_size"] == 2
+    assert results["config"]["train_fraction"] == 0.01  # as the command says, the rest the test preset's
+    assert results["config"]["hidden_size"] == PRESETS["test"]["hidden_size"]
     assert [e["epoch"] for e in results["epochs"]] == [1]
     final = results["final"]
     assert 0 < final["valid_ppl"] < 5000 and 0 < final["test_ppl"] < 5000 and final["words_per_sec"] > 0

@@ -32,7 +32,8 @@ def ptb_base(ray_session, ptb_dir, tmp_path_factory):
 def test_a_run_learns_and_writes_its_outputs(ptb_base):
     result, _, data = ptb_base
     h = result.history
-    assert [e["epoch"] for e in h] == [1, 2] and [e["lr"] for e in h] == [1.0, 0.5]
+    lr = CONFIG.learning_rate
+    assert [e["epoch"] for e in h] == [1, 2] and [e["lr"] for e in h] == [lr, lr * CONFIG.lr_decay]  # max_epoch 1
     assert h[1]["train_ppl"] < h[0]["train_ppl"] < 2000 and h[1]["valid_ppl"] < 1500
     assert "test_ppl" in h[1] and "test_ppl" not in h[0]
     words = ptb_epoch_words(data, CONFIG.train_fraction, CONFIG.batch_size, CONFIG.num_steps)

@@ -51,11 +51,12 @@ def test_a_job_logs_one_run_with_params_metrics_and_results(mlflow_server, ray_s
     settings = cfg.RunSettings(
         storage_path=str(tmp_path), name="tracked", max_failures=0, mlflow_tracking_uri=mlflow_server.uri
     )
-    result = fit("rectangle", rectangle_test_config(), settings)
+    config = rectangle_test_config()
+    result = fit("rectangle", config, settings)
     (run,) = [r for r in runs_of(mlflow_server, "lstm-ray-rectangle") if r.info.run_name == "tracked"]
     assert run.info.status == "FINISHED"
-    assert run.data.params["hidden_size"] == "10" and run.data.params["examples"] == "600"
-    assert json.loads(run.data.params["snapshot_at"]) == [100, 500]
+    assert run.data.params["hidden_size"] == str(config.hidden_size) and run.data.params["examples"] == "600"
+    assert json.loads(run.data.params["snapshot_at"]) == list(config.snapshot_at)
     epochs = [e["epoch"] for e in result.history]
     assert history(mlflow_server, run.info.run_id, METRIC) == [
         (e["epoch"], pytest.approx(e[METRIC])) for e in result.history
@@ -77,7 +78,7 @@ def check_search_runs(server, experiment: str, trials: dict[float, str], best_id
         assert run.info.status == "FINISHED" and run.data.tags["trial_id"] == trial_id
         assert float(run.data.params["learning_rate"]) == lr
         assert run.data.params["epochs"] == "2"  # the trial's whole config, not only what was searched
-        assert json.loads(run.data.params["snapshot_at"]) == [100, 500]
+        assert json.loads(run.data.params["snapshot_at"]) == list(rectangle_test_config().snapshot_at)
         steps = history(server, run.info.run_id, METRIC)
         assert [s for s, _ in steps] == [1, 2]
         assert "time_total_s" not in run.data.metrics and "config/learning_rate" not in run.data.metrics
