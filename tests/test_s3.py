@@ -94,21 +94,11 @@ def test_a_job_on_s3_writes_everything_to_the_bucket_and_resumes(ray_session, s3
     assert [e["epoch"] for e in read_json(s3, "runs/rect/results.json")["epochs"]] == [1, 2, 3]
 
 
-def test_a_uri_with_its_options_in_the_query_string(ray_session, s3, capsys):
-    """The endpoint in the URI itself, not in $AWS_ENDPOINT_URL: the run name goes into the
-    path, before the query; the folder is printed and saved with its options."""
-    root = f"s3://{s3}/q{QUERY}"
-    result = fit("rectangle", RECT, settings(root, "opts"))
-    assert result.run_dir == f"s3://{s3}/q/opts{QUERY}"
-    assert "results.json" in keys(s3, "q/opts")
-    assert f"[rectangle] run folder: s3://{s3}/q/opts{QUERY}\n" in capsys.readouterr().out
-    assert read_json(s3, "q/opts/results.json")["run_dir"] == f"s3://{s3}/q/opts{QUERY}"
-
-
 def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, tmp_path, capsys):
-    """...with the endpoint in the URI: the run folder the job prints at its start and in its
-    summary is what `jobs/ptb.py score --checkpoint` takes, as it is, in a shell without
-    $AWS_ENDPOINT_URL."""
+    """...with the endpoint in the URI, not in $AWS_ENDPOINT_URL: the run name goes into the
+    path, before the query; the run folder the job prints at its start and in its summary, and
+    saves in results.json, carries the options, and is what `jobs/ptb.py score --checkpoint`
+    takes, as it is, in a shell without $AWS_ENDPOINT_URL."""
     config = PTBConfig(**{**PRESETS["test"], "train_fraction": 0.01, "eval_num_steps": 35})
     argv = [
         "--config",
@@ -133,7 +123,7 @@ def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, tmp_pa
     run = f"s3://{s3}/ptb/tiny{QUERY}"
     assert printed(r"^\[ptb\] run folder: (.*)$", out) == printed(r"^done: ptb run in (\S+) \(valid_ppl ", out) == run
     results = read_json(s3, "ptb/tiny/results.json")
-    assert results["config"] == cfg.to_dict(config)
+    assert results["config"] == cfg.to_dict(config) and results["run_dir"] == run
     assert 0 < results["final"]["test_ppl"] < 10000
     assert "learning_curve.png" in keys(s3, "ptb/tiny")
     with pytest.raises(SystemExit) as exit_info:  # the same command again: one line, exit 2
