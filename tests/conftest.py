@@ -274,10 +274,21 @@ def rect_metrics(history: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def ptb_base(ray_session, ptb_dir, tmp_path_factory):
+    """One 1-worker PTB run of :func:`ptb_base_config` (one thread), for the PTB job's own
+    figures and as the run that trials of the same config must reproduce:
+    ``(result, storage folder, data folder)``; the run is called "base"."""
+    from lstm.trainer import fit
+
+    storage = tmp_path_factory.mktemp("ptb-base")
+    return fit("ptb", ptb_base_config(), run_settings(storage, "base", ptb_dir)), storage, ptb_dir
+
+
+@pytest.fixture(scope="session")
 def rect_base(ray_session, tmp_path_factory):
     """One uninterrupted 2-worker run of :func:`rect_base_config`, shared by the tests that
     compare against it or copy it (a worker killed mid-run, a node lost mid-run, damaged
-    checkpoints): ``(result, storage folder)``; the run is called "base"."""
+    checkpoints, a resumed run): ``(result, storage folder)``; the run is called "base"."""
     from lstm.trainer import fit
 
     storage = tmp_path_factory.mktemp("rect-base")
@@ -352,22 +363,26 @@ def check_unit_tier(item: pytest.Item) -> None:
 # after another, so that a costly fixture they share is built once, and the costliest groups
 # are handed out first, so that no long group starts last. Every process has its own session
 # Ray instance (and S3 or MLflow server when its tests need one).
-SHARED_FIXTURE_GROUPS = {  # test module -> the group of the modules sharing a session fixture
+SHARED_FIXTURE_GROUPS = {  # test module (or module::test) -> the group sharing a session fixture
     "test_dashboards": "head",  # conftest's `head` and `head_jobs`
     "test_job_submit": "head",
     "test_fault": "rect_base",  # conftest's `rect_base`
     "test_multinode": "rect_base",
+    "test_rectangle": "rect_base",
+    "test_ptb_job": "ptb_base",  # conftest's `ptb_base`
+    "test_tune::test_one_worker_trials_two_worker_trials_and_the_job_train_alike": "ptb_base",
 }
-GROUP_FIXTURES = frozenset({"head", "rect_base"})  # session fixtures that name their group
+GROUP_FIXTURES = frozenset({"head", "rect_base", "ptb_base"})  # session fixtures that name their group
 SPLIT_MODULES = frozenset({"test_tune", "test_s3"})  # independent costly tests: a group each
 GROUPS_FIRST = [
-    "head",
     "rect_base",
+    "head",
+    "test_tune::test_pbt_clones_better_trials_and_mutates_the_learning_rate",
+    "ptb_base",
+    "test_char",
     "test_tune::test_asha_search_interrupted_then_resumed",
     "test_tune::test_ptb_asha_search_and_best_config_runs_as_is",
     "test_s3::test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes",
-    "test_tune::test_pbt_clones_better_trials_and_mutates_the_learning_rate",
-    "test_char",
 ]
 
 
@@ -375,8 +390,11 @@ def parallel_group(nodeid: str) -> str:
     """The group of the test ``nodeid`` ("tests/test_x.py::test_y[param]")."""
     path, _, name = nodeid.partition("::")
     module = Path(path).stem
+    test = f"{module}::{name.split('[')[0]}"
+    if test in SHARED_FIXTURE_GROUPS:
+        return SHARED_FIXTURE_GROUPS[test]
     if module in SPLIT_MODULES:
-        return f"{module}::{name.split('[')[0]}"
+        return test
     return SHARED_FIXTURE_GROUPS.get(module, module)
 
 

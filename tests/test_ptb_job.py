@@ -18,15 +18,7 @@ from lstm.errors import UserError
 from lstm.tasks.ptb import PTBConfig, PTBTask
 from lstm.trainer import fit
 
-CONFIG = ptb_base_config()
-
-
-@pytest.fixture(scope="module")
-def ptb_base(ray_session, ptb_dir, tmp_path_factory):
-    """One 1-worker run of :data:`CONFIG`: ``(result, storage folder, data folder)``; the
-    run is called "base"."""
-    storage = tmp_path_factory.mktemp("ptb-base")
-    return fit("ptb", CONFIG, run_settings(storage, "base", ptb_dir)), storage, ptb_dir
+CONFIG = ptb_base_config()  # the config of the session's run, conftest.ptb_base
 
 
 def test_a_run_learns_and_writes_its_outputs(ptb_base):

@@ -1,12 +1,14 @@
 """The rectangle task learns, and the shared loop reports, checkpoints and resumes on real
-Ray Train workers (2 workers, DDP over gloo)."""
+Ray Train workers (2 workers, DDP over gloo: conftest's ``rect_base``, resumed here from a copy)."""
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import rect_base_config
 
 from lstm import config as cfg
 from lstm.data import shapes
@@ -79,19 +81,18 @@ def shapes_per_epoch(config: ShapeConfig, workers: int) -> int:
     return workers * (config.examples // config.epochs // workers // config.batch_size * config.batch_size)
 
 
-def test_two_workers_report_every_epoch_resume_the_same_architecture_only_and_keep_one_checkpoint(
-    ray_session, tmp_path
-):
-    first = ShapeConfig(examples=400, epochs=2, batch_size=4, valid_examples=32, eval_shapes=16, snapshot_at=())
-    run = settings(tmp_path, "resume", num_workers=2, checkpoints_to_keep=1)
-    a = fit("rectangle", first, run)
+def test_two_workers_report_every_epoch_resume_the_same_architecture_only_and_keep_one_checkpoint(rect_base, tmp_path):
+    a, storage = rect_base  # conftest's: the test config on 2 workers
+    first = rect_base_config()
     assert [e["epoch"] for e in a.history] == [1, 2]
     assert all(e["workers"] == 2 for e in a.history)
-    # metrics count both workers' shapes (2 x 100 an epoch)
+    # metrics count both workers' shapes (2 x 148 an epoch: each worker's 150 in whole batches of 4)
     assert [e["samples_seen"] for e in a.history] == [shapes_per_epoch(first, 2) * e for e in (1, 2)]
 
-    # Ask for a third epoch (same examples per epoch) and resume: it starts at epoch 3.
-    longer = ShapeConfig(examples=600, epochs=3, batch_size=4, valid_examples=32, eval_shapes=16, snapshot_at=())
+    # Ask for a third epoch (same examples per epoch) and resume a copy of it: it starts at epoch 3.
+    shutil.copytree(storage / "base", tmp_path / "resume")
+    run = settings(tmp_path, "resume", num_workers=2, checkpoints_to_keep=1)
+    longer = dataclasses.replace(first, examples=first.examples // first.epochs * 3, epochs=3)
     b = fit("rectangle", longer, run, resume=True)
     assert [e["epoch"] for e in b.history] == [1, 2, 3]
     assert b.history[:2] == a.history, "the resumed run keeps the first two epochs as they were"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_COMMAND_S, REPO, ptb_epoch_words
+from conftest import QUICK_COMMAND_S, REPO, ptb_base_config, ptb_epoch_words
 from ray.tune import Callback
 
 from lstm.cli import build_parser, resolve_configs
@@ -621,30 +621,24 @@ def test_ptb_asha_search_and_best_config_runs_as_is(tmp_path, ray_session, ptb_d
     assert (printed["max_max_epoch"], printed["train_fraction"]) == (preset_epochs, 1.0)
 
 
-def test_one_worker_trials_two_worker_trials_and_the_job_train_alike(tmp_path, ray_session, ptb_dir):
-    """The same config and seed, trained three ways: by jobs/ptb.py's fit(), by a one-worker
-    trial (in Tune's trial process) and by a two-worker trial (a Ray Train run of two ranks that
-    share each batch of 20 rows). Without dropout the three compute the same epochs: the job
-    and the one-worker trial exactly (one process, one thread each), the two ranks up to the
-    order of float sums (DDP averages the two halves' gradients; the sums are all-reduced)."""
-    from lstm import config as cfg
-    from lstm.trainer import fit
-
-    common = {"hidden_size": 8, "max_max_epoch": 2, "train_fraction": 0.01, "eval_num_steps": 35}
-    ptb = get_task("ptb")
-    job = fit(
-        "ptb",
-        cfg.build(ptb.config_class, {**ptb.presets["test"], **common}),
-        cfg.RunSettings(cpus_per_worker=1, storage_path=str(tmp_path), name="job", data_dir=str(ptb_dir)),
-    )
+def test_one_worker_trials_two_worker_trials_and_the_job_train_alike(tmp_path, ray_session, ptb_base):
+    """The same config and seed, trained three ways: by jobs/ptb.py's fit() (conftest's
+    ptb_base: the tutorial's test config on 2% of PTB, one thread), by a one-worker trial (in
+    Tune's trial process) and by a two-worker trial (a Ray Train run of two ranks that share
+    each batch of 20 rows). Without dropout the three compute the same epochs: the job and the
+    one-worker trial exactly (one process, one thread each), the two ranks up to the order of
+    float sums (DDP averages the two halves' gradients; the sums are all-reduced)."""
+    job, _, ptb_dir = ptb_base
+    config = ptb_base_config()
     trials = {}
     for workers in (1, 2):
         name = f"w{workers}"
         cli.main(
             [
-                *("--task", "ptb", "--base", "test", "--data-dir", str(ptb_dir)),
-                *("--train-fraction", "0.01", "--max-epochs", "2", "--num-samples", "1"),
-                *("--space", "hidden_size=grid:8", "keep_prob=base", "lr_decay=base", "eval_num_steps=35"),
+                *("--task", "ptb", "--base", "test", "--data-dir", str(ptb_dir), "--num-samples", "1"),
+                *("--train-fraction", str(config.train_fraction), "--max-epochs", str(config.max_max_epoch)),
+                *("--space", f"hidden_size=grid:{config.hidden_size}", "keep_prob=base", "lr_decay=base"),
+                f"eval_num_steps={config.eval_num_steps}",
                 *("--workers-per-trial", str(workers), "--storage-path", str(tmp_path), "--name", name),
             ]
         )
@@ -659,7 +653,7 @@ def test_one_worker_trials_two_worker_trials_and_the_job_train_alike(tmp_path, r
     assert [{k: pytest.approx(r[k], rel=1e-5) for k in keys} for r in trials[2]] == expected
     assert trials[2][-1]["test_ppl"] == pytest.approx(job.final["test_ppl"], rel=1e-5)
     assert [r["workers"] for r in trials[2]] == [2, 2]
-    # the epochs trained the config's 1% of the words, 20 rows x 2 steps at a time (a job that
-    # ignored the config would not match: its default preset is larger)
-    words = ptb_epoch_words(ptb_dir, common["train_fraction"])
-    assert [e["samples_seen"] for e in job.history] == [words, 2 * words]
+    # the trials trained the config's 2% of the words, 20 rows x 2 steps at a time (a search
+    # that ignored --train-fraction would not match: it trains on all the words)
+    words = ptb_epoch_words(ptb_dir, config.train_fraction)
+    assert [r["samples_seen"] for r in trials[1]] == [r["samples_seen"] for r in trials[2]] == [words, 2 * words]
