@@ -21,61 +21,62 @@ class Proc(NamedTuple):
     name: str
 
 
+def read_proc(pid: int) -> Proc | None:
+    """Process ``pid`` from /proc/<pid>/stat; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+    return Proc(int(fields[1]), int(fields[2]), fields[19], name)  # fields after "pid (name) "
+
+
+def pids() -> set[int]:
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
+
+
 def process_table() -> dict[int, Proc]:
-    """Every process of the machine, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        table[int(entry)] = Proc(int(fields[1]), int(fields[2]), fields[19], name)  # fields after "pid (name) "
-    return table
+    """Every process of the machine."""
+    return {pid: proc for pid in pids() if (proc := read_proc(pid)) is not None}
 
 
-def descends_from(pid: int, ancestor: int, table: dict[int, Proc]) -> bool:
-    while pid in table and pid > 1:
-        pid = table[pid].ppid
+def descends_from(pid: int, ancestor: int) -> bool:
+    seen = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        proc = read_proc(pid)
+        if proc is None:
+            return False
+        pid = proc.ppid
         if pid == ancestor:
             return True
     return False
 
 
-def ray_processes(ancestor: int) -> dict[tuple[int, str], str]:
-    """The Ray processes (:data:`RAY_PROCESSES`) that descend from process ``ancestor``:
-    (pid, start time) -> name."""
-    table = process_table()
-    return {
-        (pid, p.started): p.name
-        for pid, p in table.items()
-        if p.name in RAY_PROCESSES and descends_from(pid, ancestor, table)
-    }
-
-
 class RayWatch:
-    """Ray processes that descend from this process and appear while the watch runs.
+    """Ray processes (or processes of other ``names``) that descend from this process and start
+    while the watch runs.
 
-    A thread reads /proc every ``interval_s``; :meth:`stop` reads it once more. A Ray instance
-    lives for seconds (its start alone takes about 2 s on 2 busy cores, and its GCS server runs
-    from the first of them), so one that a test starts, in this process or in a child, is seen
-    at 0.2 s intervals however quickly the test stops it again. A Ray instance that this
-    process had already started (the suite's, in a full run) is not new."""
+    A thread lists /proc every ``interval_s`` and reads only the processes that were not there
+    when the watch started (a new Ray process is one of them; a Ray instance this process had
+    already started, the suite's in a full run, is not); :meth:`stop` looks once more. A Ray
+    instance lives for seconds (its start alone takes about 2 s on 2 busy cores, its GCS server
+    running from the first of them), so one that a test starts, in this process or in a child,
+    is seen at 0.2 s intervals however quickly the test stops it again."""
 
-    def __init__(self, interval_s: float = 0.2):
-        self.pid = os.getpid()
-        self.before = set(ray_processes(self.pid))
+    def __init__(self, interval_s: float = 0.2, names: frozenset[str] = RAY_PROCESSES):
+        self.pid, self.names = os.getpid(), names
+        self.old = pids()
         self.seen: dict[tuple[int, str], str] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, args=(interval_s,), name="ray-watch", daemon=True)
         self.thread.start()
 
     def _look(self) -> None:
-        for key, name in ray_processes(self.pid).items():
-            if key not in self.before:
-                self.seen[key] = name
+        for pid in pids() - self.old:
+            proc = read_proc(pid)
+            if proc is not None and proc.name in self.names and descends_from(pid, self.pid):
+                self.seen[(pid, proc.started)] = proc.name
 
     def _poll(self, interval_s: float) -> None:
         while not self.done.wait(interval_s):
