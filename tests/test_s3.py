@@ -58,6 +58,21 @@ def printed(pattern: str, out: str) -> str:
     return found[0]
 
 
+def trial_object_versions(bucket: str, prefix: str) -> tuple[dict[str, set[str]], set[str]]:
+    """The trials' objects (``trial_*``) under ``prefix`` in a versioned bucket: {key: its version
+    ids} (an object written before versioning was on has the version "null"), and the keys
+    deleted since, all relative to ``prefix``."""
+    listing = boto3.client("s3").list_object_versions(Bucket=bucket, Prefix=f"{prefix}/trial_")
+    found: dict[str, set[str]] = {}
+    for v in listing.get("Versions", []):
+        found.setdefault(v["Key"][len(prefix) + 1 :], set()).add(v["VersionId"])
+    return found, {m["Key"][len(prefix) + 1 :] for m in listing.get("DeleteMarkers", [])}
+
+
+def object_bytes(bucket: str, key: str, version: str) -> bytes:
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key, VersionId=version)["Body"].read()
+
+
 def read_json(bucket: str, key: str) -> dict:
     return json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
 
@@ -211,14 +226,18 @@ def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(
 
     with pytest.raises(UserError, match=re.escape(f"a search named 's' already exists at {folder}; pass --resume")):
         cli.main(argv)
-    # Resumed with its folder's options alone, the finished search runs no trial again: with the
-    # bucket versioned from here on, any object of a trial written again would get a second version.
+    # Resumed with its folder's options alone, the finished search runs no trial again. The bucket
+    # is versioned from here on: what is written again gets a second version, beside the first.
     boto3.client("s3").put_bucket_versioning(Bucket=s3, VersioningConfiguration={"Status": "Enabled"})
     cli.main(["--storage-path", root, "--name", "s", "--resume"])
-    versions = boto3.client("s3").list_object_versions(Bucket=s3, Prefix="searches/s/trial_")
-    assert {v["VersionId"] for v in versions["Versions"]} == {"null"} and "DeleteMarkers" not in versions
-    trial_files = {k for k in files if k.startswith("trial_")}
-    assert {v["Key"].removeprefix("searches/s/") for v in versions["Versions"]} == trial_files
+    versions, deleted = trial_object_versions(s3, "searches/s")
+    assert set(versions) == {k for k in files if k.startswith("trial_")} and not deleted  # none added or deleted
+    rewritten = {k for k, ids in versions.items() if ids != {"null"}}
+    assert not [k for k in rewritten if "/checkpoint_" in k]  # no checkpoint written: no epoch trained
+    for key in rewritten:  # Tune uploads its copy of the trials' folders again: the same bytes
+        assert {object_bytes(s3, f"searches/s/{key}", v) for v in versions[key]} == {
+            object_bytes(s3, f"searches/s/{key}", "null")
+        }, key
     assert read_json(s3, "searches/s/search_summary.json")["status"] == {"TERMINATED": 2}
     # the spec it resumed is the one the command line gave, read through the printed folder
     space = load_spec(folder).space
