@@ -22,15 +22,30 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import hooks  # noqa: E402  (tests/hooks.py: worker hooks, sent to the workers by value)
+import ray  # noqa: E402
 import ray.cloudpickle  # noqa: E402
+from processes import RayWatch  # noqa: E402
 
 from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV  # noqa: E402
+from lstm.data.download import DATASETS  # noqa: E402
 from lstm.ray_private import stop_autoscaler_monitor  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(hooks)
 
 # ../shared/data beside the checkout (tests and benchmarks only; users download the data).
 SHARED_DATA = Path(os.environ.get("LSTM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Time limits of the commands the tests run as child processes and of the waits for a server to
+# answer. They end a test that hangs, with what the command printed; none decides what passes.
+# Measured on the project's 2-core machine with other work running (load average 10 to 40):
+# * a command that stops before Ray starts (a one-line error, --print-config): 4 to 21 s, its
+#   imports of torch and Ray; `score` or `python -m tune.report` of a small run: up to 30 s;
+# * a job that starts or joins Ray and trains a test config: 25 to 60 s;
+# * moto's S3 server, the MLflow server, TensorBoard, a `ray start --head`: 2 to 30 s to answer.
+# Each limit is 10x the slowest of its kind.
+QUICK_COMMAND_S = 300
+RAY_COMMAND_S = 600
+SERVER_START_S = 300
 
 
 def free_port() -> int:
@@ -78,6 +93,20 @@ def own_lines(text: str) -> list[str]:
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
+def closed_url() -> str:
+    """An http:// URL on 127.0.0.1 where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}/closed.tgz"
+
+
+# The environment of the session's workers: an empty data cache, and every dataset's download
+# at a port where nothing listens, so that a worker that looked for data itself (a run's
+# settings reach the workers without their --data-dir) would fail.
+NO_DATA_ON_WORKERS = {
+    "LSTM_CACHE_DIR": tempfile.mkdtemp(prefix="lstm-empty-cache-"),
+    **{f"LSTM_{name.upper()}_URL": closed_url() for name in DATASETS},
+}
+
+
 def start_session_ray() -> None:
     """The suite's local Ray instance: 4 logical CPUs on this 2-core machine (a 2-worker run
     plus Ray Train's own actors fit), no dashboard.
@@ -87,6 +116,9 @@ def start_session_ray() -> None:
     "the" cluster and can pick another one on this machine (e.g. the head a job-submission
     test starts), then frees a live run's workers. Ray Train's controller polls its workers
     every 2 s by default, and every run waits on that poll a few times: here every 0.5 s.
+
+    The workers read no data (:data:`NO_DATA_ON_WORKERS`): every run of a task that reads data
+    shows that its workers take what the driver read, through Ray's object store.
 
     Without a dashboard, Ray still records 127.0.0.1:8265 as the instance's state API, so no
     test may start another instance with a dashboard on that default port while the suite runs:
@@ -102,6 +134,7 @@ def start_session_ray() -> None:
         **LOCAL_DRIVER_ENV,
         "RAY_ADDRESS": f"127.0.0.1:{port}",
         TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV],
+        **NO_DATA_ON_WORKERS,
     }
     try:
         ray.init(
@@ -135,7 +168,7 @@ def s3_server():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + SERVER_START_S
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2).close()
@@ -199,17 +232,51 @@ def ptb_base_config():
     return PTBConfig(**{**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.02, "eval_num_steps": 35})
 
 
-def run_settings(storage: Path, name: str, data_dir: Path, **kw: Any):
-    """RunSettings of a test run called ``name`` under ``storage`` (no retries unless asked)."""
+def ptb_epoch_words(data_dir: Path, fraction: float, batch_size: int = 20, num_steps: int = 2) -> int:
+    """The words one PTB epoch trains on, counted from ``ptb.train.txt`` as the tutorial's
+    reader and producer count them: every newline is a word (<eos>); the leading ``fraction``
+    of the words is cut into ``batch_size`` rows; a step takes ``num_steps`` columns, and the
+    last column of a row is only a target."""
+    words = len((data_dir / "ptb.train.txt").read_text().replace("\n", " <eos> ").split())
+    row = int(words * fraction) // batch_size
+    return batch_size * num_steps * ((row - 1) // num_steps)
+
+
+# One CPU per worker in the suite's runs unless a test asks for more: the suite's two processes
+# share 2 cores, and a worker with two threads on a small model spends its time waiting for its
+# other thread (a 2%-of-PTB run of the test config trained and evaluated 5x slower with 2
+# threads than with 1, at a load average of 15: bench/README.md).
+TEST_CPUS_PER_WORKER = 1
+
+
+def run_settings(storage: Path, name: str, data_dir: Path | None = None, **kw: Any):
+    """RunSettings of a test run called ``name`` under ``storage`` (no retries unless asked,
+    :data:`TEST_CPUS_PER_WORKER`)."""
     from lstm import config as cfg
 
-    return cfg.RunSettings(storage_path=str(storage), name=name, data_dir=str(data_dir), **{"max_failures": 0, **kw})
+    where = {"storage_path": str(storage), "name": name, "data_dir": str(data_dir or "")}
+    return cfg.RunSettings(**where, **{"max_failures": 0, "cpus_per_worker": TEST_CPUS_PER_WORKER, **kw})
+
+
+def rect_base_config():
+    """The rectangle task's test config: 2 epochs of 300 shapes."""
+    from lstm import config as cfg
+    from lstm.tasks.rectangle import RectangleTask, ShapeConfig
+
+    return cfg.build(ShapeConfig, RectangleTask.presets["test"])
+
+
+def rect_metrics(history: list[dict]) -> list[dict]:
+    """What a rectangle run's epochs computed, their timings aside: a run that trained,
+    evaluated and drew the same shapes has the same values, to the bit."""
+    keys = ("samples_seen", "train_loss", "valid_loss", "valid_consistency", "valid_width_std", "steps", "extras")
+    return [{k: e.get(k) for k in keys} for e in history]
 
 
 @pytest.fixture(scope="session")
 def ptb_base(ray_session, ptb_dir, tmp_path_factory):
-    """One uninterrupted 1-worker PTB run of :func:`ptb_base_config`, shared by the tests that
-    compare against it (2 workers on two nodes, a worker killed mid-run):
+    """One 1-worker PTB run of :func:`ptb_base_config` (one thread), for the PTB job's own
+    figures and as the run that trials of the same config must reproduce:
     ``(result, storage folder, data folder)``; the run is called "base". Its controller
     records what it imported in ``controller-imports.json`` (tests/hooks.py)."""
     from lstm.trainer import fit
@@ -219,23 +286,76 @@ def ptb_base(ray_session, ptb_dir, tmp_path_factory):
     return fit("ptb", ptb_base_config(), run_settings(storage, "base", ptb_dir), callbacks=[record]), storage, ptb_dir
 
 
+@pytest.fixture(scope="session")
+def rect_base(ray_session, tmp_path_factory):
+    """One uninterrupted 2-worker run of :func:`rect_base_config`, shared by the tests that
+    compare against it or copy it (a worker killed mid-run, a node lost mid-run, damaged
+    checkpoints, a resumed run): ``(result, storage folder)``; the run is called "base"."""
+    from lstm.trainer import fit
+
+    storage = tmp_path_factory.mktemp("rect-base")
+    return fit("rectangle", rect_base_config(), run_settings(storage, "base", num_workers=2)), storage
+
+
 # --------------------------------------------------------------------------- slow tests
 
-# Tests that use these fixtures start Ray, a head, a server or a browser: marked slow
-# (`pytest -m 'not slow'` runs the rest). Test modules that start them without a fixture
-# mark themselves.
-SLOW_FIXTURES = frozenset({"ray_session", "ptb_base", "head", "s3_server", "cluster", "mlflow_server"})
+# Tests that use these fixtures of this file, directly or through another fixture, start Ray, a
+# head, a server or a browser: marked slow (`pytest -m 'not slow'` runs the rest, the unit tier).
+# A fixture of a test module with one of these names is another fixture (tests/test_cluster.py's
+# `cluster` is a parsed YAML file): what counts is where the fixture is defined. Test modules
+# that start them without such a fixture mark themselves; a test of the unit tier that starts
+# Ray all the same fails (`check_unit_tier`).
+SLOW_FIXTURES = frozenset({"ray_session", "head", "s3_server", "mlflow_server"})
+
+
+def uses_slow_fixture(item: pytest.Item) -> bool:
+    """Whether ``item`` uses one of this file's :data:`SLOW_FIXTURES` (through pytest's fixture
+    definitions of the item, a private attribute: the last definition of a name is the one used)."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(
+        name in SLOW_FIXTURES and defs.get(name) and defs[name][-1].func.__module__ == __name__
+        for name in getattr(item, "fixturenames", ())
+    )
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SLOW_FIXTURES & fixtures:
+        if uses_slow_fixture(item):
             item.add_marker(pytest.mark.slow)
-        for group in GROUP_FIXTURES & fixtures:  # the map below must name every module that uses them
+        for group in GROUP_FIXTURES & set(getattr(item, "fixturenames", ())):  # the map below must name their modules
             if parallel_group(item.nodeid) != group:
                 raise pytest.UsageError(f"{item.nodeid} uses `{group}`: add its module to SHARED_FIXTURE_GROUPS")
     items.sort(key=lambda item: group_rank(parallel_group(item.nodeid)))
+
+
+# The unit tier starts no Ray: while a test not marked slow sets up, runs and tears down, a
+# RayWatch (tests/processes.py) looks for Ray processes started below this process, and the
+# test's teardown fails if it saw any (or if Ray is initialized in this process afterwards and
+# was not before): `check_unit_tier`, called by `pytest_runtest_teardown` below.
+RAY_WATCH = pytest.StashKey["tuple[RayWatch, bool]"]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("slow") is None:
+        item.stash[RAY_WATCH] = (RayWatch(), ray.is_initialized())
+    return (yield)
+
+
+def check_unit_tier(item: pytest.Item) -> None:
+    """Fail ``item`` if it is a test of the unit tier that started Ray (see above)."""
+    if RAY_WATCH not in item.stash:
+        return
+    watch, initialized = item.stash[RAY_WATCH]
+    started = watch.stop()
+    if ray.is_initialized() and not initialized:
+        started.append("ray.init() in this process")
+    if started:
+        pytest.fail(
+            f"a test of the unit tier (not marked slow) started Ray: {', '.join(started)}; mark it "
+            "pytest.mark.slow, or use conftest's ray_session",
+            pytrace=False,
+        )
 
 
 # --------------------------------------------------------------------------- parallel workers
@@ -245,24 +365,27 @@ def pytest_collection_modifyitems(config, items):
 # after another, so that a costly fixture they share is built once, and the costliest groups
 # are handed out first, so that no long group starts last. Every process has its own session
 # Ray instance (and S3 or MLflow server when its tests need one).
-SHARED_FIXTURE_GROUPS = {  # test module -> the group of the modules sharing a session fixture
+SHARED_FIXTURE_GROUPS = {  # test module (or module::test) -> the group sharing a session fixture
     "test_dashboards": "head",  # conftest's `head` and `head_jobs`
     "test_job_submit": "head",
-    "test_multinode": "ptb_base",  # conftest's `ptb_base`
-    "test_ptb_fault": "ptb_base",
-    "test_ptb_job": "ptb_base",
+    "test_fault": "rect_base",  # conftest's `rect_base`
+    "test_multinode": "rect_base",
+    "test_rectangle": "rect_base",
+    "test_ptb_job": "ptb_base",  # conftest's `ptb_base`
+    "test_tune::test_one_worker_trials_two_worker_trials_and_the_job_train_alike": "ptb_base",
 }
-GROUP_FIXTURES = frozenset({"head", "ptb_base"})  # session fixtures that name their group
+GROUP_FIXTURES = frozenset({"head", "rect_base", "ptb_base"})  # session fixtures that name their group
 SPLIT_MODULES = frozenset({"test_tune", "test_s3", "test_search_paths"})  # independent costly tests: a group each
 GROUPS_FIRST = [
+    "rect_base",
     "head",
+    "test_tune::test_pbt_clones_better_trials_and_mutates_the_learning_rate",
     "ptb_base",
+    "test_char",
     "test_tune::test_asha_search_interrupted_then_resumed",
     "test_tune::test_ptb_asha_search_and_best_config_runs_as_is",
     "test_s3::test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes",
-    "test_tune::test_pbt_clones_better_trials_and_mutates_the_learning_rate",
     "test_search_paths::test_a_trial_stopped_by_asha_frees_the_cpus_the_next_trial_waits_for",
-    "test_char",
 ]
 
 
@@ -270,8 +393,11 @@ def parallel_group(nodeid: str) -> str:
     """The group of the test ``nodeid`` ("tests/test_x.py::test_y[param]")."""
     path, _, name = nodeid.partition("::")
     module = Path(path).stem
+    test = f"{module}::{name.split('[')[0]}"
+    if test in SHARED_FIXTURE_GROUPS:
+        return SHARED_FIXTURE_GROUPS[test]
     if module in SPLIT_MODULES:
-        return f"{module}::{name.split('[')[0]}"
+        return test
     return SHARED_FIXTURE_GROUPS.get(module, module)
 
 
@@ -299,8 +425,7 @@ def pytest_xdist_make_scheduler(config, log):
 RELEASE_EARLY = ("head",)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item, nextitem):
+def release_early(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     request = getattr(item, "_request", None)
     fixturedefs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     if request is None:
@@ -309,6 +434,16 @@ def pytest_runtest_teardown(item, nextitem):
         if name in item.fixturenames and (nextitem is None or name not in nextitem.fixturenames):
             for fixturedef in fixturedefs.get(name, ()):
                 fixturedef.finish(request)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a test's own teardown: stop what :data:`RELEASE_EARLY` names once the next test
+    does not use it, then fail a test of the unit tier that started Ray."""
+    result = yield
+    release_early(item, nextitem)
+    check_unit_tier(item)
+    return result
 
 
 # --------------------------------------------------------------------------- a Ray head
@@ -378,7 +513,7 @@ def mlflow_server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        wait_for_http(f"{uri}/health", proc, log, timeout_s=180)
+        wait_for_http(f"{uri}/health", proc, log, timeout_s=SERVER_START_S)
         yield MlflowServer(uri, root)
     finally:
         stop_group(proc)

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from conftest import REPO, TRAIN_POLL_ENV, TRAIN_POLL_S, wait_for_http
+from conftest import QUICK_COMMAND_S, RAY_COMMAND_S, REPO, SERVER_START_S, TRAIN_POLL_ENV, TRAIN_POLL_S, wait_for_http
+from processes import process_table
 
-JOB_TIMEOUT_S = 600  # for all the jobs at once on a busy 2-core machine
+# For all the jobs at once: measured 60 to 80 s on 2 busy cores, the limit is 7x that (conftest).
+JOB_TIMEOUT_S = RAY_COMMAND_S
 
 # The jobs the suite submits to its one head (conftest's `head_jobs`), all at once:
 # * "default": the rectangle job without --storage-path nor $LSTM_RAY_STORAGE (the default place);
@@ -57,7 +59,7 @@ def suite_jobs(storage: Path, ptb_dir: Path) -> dict[str, list[str]]:
     return {"default": default + one_worker, "ptb": ptb + one_worker, "search": search}
 
 
-# --------------------------------------------------------------------------- processes
+# --------------------------------------------------------------------------- ports
 
 
 def free_ports(n: int) -> list[int]:
@@ -76,30 +78,15 @@ def free_ports(n: int) -> list[int]:
 # --------------------------------------------------------------------------- processes
 
 
-def process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, process group, start time) of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[19])
-    return table
-
-
 def processes_of(group: int) -> dict[int, str]:
     """The processes of process group ``group`` and all their descendants (Ray's workers make
     process groups of their own under the raylet): pid -> start time."""
     table = process_table()
-    found = {pid for pid, (_, pgid, _) in table.items() if pgid == group}
+    found = {pid for pid, p in table.items() if p.group == group}
     while True:
-        more = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
+        more = {pid for pid, p in table.items() if p.ppid in found} - found
         if not more:
-            return {pid: table[pid][2] for pid in found}
+            return {pid: table[pid].started for pid in found}
         found |= more
 
 
@@ -108,7 +95,7 @@ def kill_remaining(snapshot: dict[int, str]) -> list[int]:
     table = process_table()
     killed = []
     for pid, started in snapshot.items():
-        if pid in table and table[pid][2] == started:
+        if pid in table and table[pid].started == started:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -129,7 +116,9 @@ class Head:
     token_file: Path
     proc: subprocess.Popen
 
-    def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    def ray(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = QUICK_COMMAND_S
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             ["ray", *args], env=env or self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
         )
@@ -165,7 +154,7 @@ def make_bin(bin_dir: Path) -> None:
         (bin_dir / name).chmod(0o755)
 
 
-def wait_until_ready(proc: subprocess.Popen, url: str, token: str, log: Path, timeout: float = 120) -> None:
+def wait_until_ready(proc: subprocess.Popen, url: str, token: str, log: Path, timeout: float = SERVER_START_S) -> None:
     """Until the head's jobs API answers (conftest.wait_for_http, with the token)."""
     wait_for_http(f"{url}/api/jobs/", proc, log, timeout, headers={"Authorization": f"Bearer {token}"})
 

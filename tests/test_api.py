@@ -5,6 +5,7 @@ loaded model scores as `jobs/ptb.py score` does, and a search returns what its r
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import REPO, own_lines
+from conftest import REPO, TEST_CPUS_PER_WORKER, own_lines
 
 import lstm
 import tune
@@ -32,24 +33,28 @@ def doc_blocks(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def docs_run(ray_session, ptb_dir, tmp_path_factory, one_torch_thread) -> tuple[dict, str, Path]:
+def docs_run(ray_session, ptb_dir, tmp_path_factory, one_torch_thread) -> tuple[dict, str, Path, tuple[str, str]]:
     """docs/api.md, block after block in one namespace, as a notebook runs them (the doc's
     `ray.init()` finds the suite's instance already up): (the namespace, what it printed,
-    the storage folder)."""
+    the storage folder, the address of the caller's Ray before and after the blocks)."""
     storage = tmp_path_factory.mktemp("api-docs")
     printed = io.StringIO()
+    before = ray.get_runtime_context().gcs_address
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setenv("LSTM_RAY_STORAGE", str(storage))
         mp.setenv("LSTM_DATA_DIR", str(ptb_dir))
         mp.setattr(ray, "init", lambda *a, **k: None)
+        # one CPU a worker, as the suite's other runs (conftest.TEST_CPUS_PER_WORKER)
+        mp.setattr(lstm, "train", functools.partial(lstm.train, cpus_per_worker=TEST_CPUS_PER_WORKER))
         namespace: dict = {}
         for block in doc_blocks(REPO / "docs" / "api.md"):
             exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the doc's own code
-    return namespace, printed.getvalue(), storage
+    after = ray.get_runtime_context().gcs_address if ray.is_initialized() else ""
+    return namespace, printed.getvalue(), storage, (before, after)
 
 
 def test_the_docs_examples_run_as_written(docs_run):
-    namespace, printed, storage = docs_run
+    namespace, printed, storage, _ = docs_run
     assert "--gpus-per-worker needs --gpu" in printed
     run, result, model = namespace["run"], namespace["result"], namespace["model"]
     assert run.final == run.history[-1] and run.run_dir == str(storage / "api-ptb")
@@ -58,10 +63,12 @@ def test_the_docs_examples_run_as_written(docs_run):
     assert model.score("the company said it expects to report a loss")["tokens"] == 8
 
 
-def test_train_joins_the_callers_ray_and_leaves_it_running(ray_session, tmp_path):
-    address = ray.get_runtime_context().gcs_address
-    run = lstm.train("rectangle", "test", epochs=1, storage_path=str(tmp_path), name="joined")
-    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == address
+def test_train_joins_the_callers_ray_and_leaves_it_running(docs_run):
+    """The doc's calls (lstm.train, tune.search) ran on the instance the caller had up, which
+    is still up, the same one, after them."""
+    namespace, _, _, (before, after) = docs_run
+    assert after == before
+    run = namespace["shapes"]  # lstm.train("rectangle", ...)
     assert isinstance(run, lstm.Run) and run.checkpoint.startswith(run.run_dir + "/checkpoint_")
     assert json.loads(Path(run.results_path).read_text())["final"] == run.final
 
@@ -115,18 +122,8 @@ def test_an_unknown_keyword_names_the_known_ones():
         tune.search("rectangle", colour="red")
 
 
-def test_a_search_returns_the_best_config_its_results_md_names(ray_session, tmp_path):
-    from ray import tune as rtune
-
-    result = tune.search(
-        "rectangle",
-        base="test",
-        space={"hidden_size": rtune.grid_search([4, 8])},
-        num_samples=1,
-        max_epochs=1,
-        storage_path=str(tmp_path),
-        name="s",
-    )
+def test_a_search_returns_the_best_config_its_results_md_names(docs_run):
+    result = docs_run[0]["result"]  # the doc's tune.search over hidden_size and learning_rate, 2 trials
     markdown = Path(result.files["markdown"]).read_text()
     best_row = next(line for line in markdown.splitlines() if line.startswith("| 1 |"))
     assert f"| {result.best_trial} |" in best_row
@@ -134,6 +131,7 @@ def test_a_search_returns_the_best_config_its_results_md_names(ray_session, tmp_
     assert result.best_config["hidden_size"] == result.rows[0]["hidden_size"]
     assert result.best_checkpoint.startswith(result.folder) and "checkpoint_" in result.best_checkpoint
     assert list(result.dataframe()["trial"]) == [row["trial"] for row in result.rows]
+    assert len(result.rows) == 2
 
 
 def test_a_loaded_model_scores_and_generates_as_the_command_line_does(docs_run, tmp_path, capsys):
@@ -177,7 +175,7 @@ def test_the_stop_button_ends_the_run_and_it_resumes(ray_session, tmp_path):
         api.get_task("rectangle").config_class, {**api.get_task("rectangle").presets["test"], "epochs": 3}
     )
 
-    def press_stop() -> None:
+    def press_stop() -> None:  # once the worker waits at epoch 2 (about 15 s in; the limit only ends a hung test)
         deadline = time.monotonic() + 300
         while not Path(marker + ".ready").exists() and time.monotonic() < deadline:
             time.sleep(0.1)

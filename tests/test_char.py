@@ -223,7 +223,8 @@ def trained(ray_session, tmp_path_factory):
         pytest.skip(f"char corpora not found at {char_dir}")
     storage = tmp_path_factory.mktemp("char_runs")
     config = CharConfig(corpus=str(char_dir / "nietzsche.txt"), **LEARN)
-    result = fit("char", config, cfg.RunSettings(storage_path=str(storage), name="learn", max_failures=0))
+    settings = cfg.RunSettings(storage_path=str(storage), name="learn", max_failures=0, cpus_per_worker=1)
+    result = fit("char", config, settings)
     return config, result
 
 

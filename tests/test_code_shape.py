@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
-
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 PACKAGES = ("lstm", "tune")
 MAX_FUNCTION_LINES = 60
@@ -259,9 +259,20 @@ def test_every_third_party_import_is_a_declared_dependency():
 
 
 def _stdlib() -> frozenset[str]:
-    import sys
-
     return frozenset(sys.stdlib_module_names)
+
+
+def test_the_supported_pythons_are_the_ones_the_suite_and_the_cluster_run():
+    """requires-python's floor is the Python that cluster.yaml installs and the README's setup
+    names, ruff checks the code for it, and the suite runs on a supported Python (so these
+    tests, which read pyproject.toml with tomllib, run on every supported version)."""
+    floor = re.fullmatch(r">=(3\.\d+)", project()["requires-python"]).group(1)
+    setup = "\n".join(yaml.safe_load((REPO / "cluster.yaml").read_text())["setup_commands"])
+    assert re.findall(r"uv venv --python (3\.\d+)", setup) == [floor]
+    assert f"Python {floor} and pip" in (REPO / "README.md").read_text()
+    ruff = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["ruff"]["target-version"]
+    assert ruff == "py" + floor.replace(".", "")
+    assert sys.version_info[:2] >= version_tuple(floor)
 
 
 def readme_commands() -> list[str]:

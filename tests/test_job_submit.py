@@ -13,8 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import RAY_LOG_LINE
+from conftest import QUICK_COMMAND_S, RAY_COMMAND_S, RAY_LOG_LINE
 from ray_head import REPO, SEARCH_LEARNING_RATES, Job, shell_env
+
+from lstm.tasks.ptb import PRESETS
 
 MAX_PACKAGE_BYTES = 2 * 2**20  # the repository without data, runs and environments is ~0.5 MiB
 
@@ -46,7 +48,8 @@ def test_the_ptb_job_runs_on_the_cluster_and_writes_its_results(jobs, head, stor
     assert f"done: ptb run in {run}" in job.output
     results = json.loads((run / "results.json").read_text())
     assert results["task"] == "ptb" and results["run_dir"] == str(run)
-    assert results["config"]["train_fraction"] == 0.01 and results["config"]["hidden_size"] == 2
+    assert results["config"]["train_fraction"] == 0.01  # as the command says, the rest the test preset's
+    assert results["config"]["hidden_size"] == PRESETS["test"]["hidden_size"]
     assert [e["epoch"] for e in results["epochs"]] == [1]
     final = results["final"]
     assert 0 < final["valid_ppl"] < 5000 and 0 < final["test_ppl"] < 5000 and final["words_per_sec"] > 0
@@ -115,7 +118,7 @@ def test_a_plain_python_job_joins_the_running_head(head, jobs, tmp_path):
     assert "RAY_ADDRESS" not in head.env
     command = ["python", "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path), "--name", "plain"]
     command += ["--cpus-per-worker", "1", "--max-failures", "0"]
-    done = subprocess.run(command, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=RAY_COMMAND_S)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{head.gcs_port}\b", output)
@@ -132,7 +135,7 @@ def test_a_plain_python_job_without_the_token_mode_stops_with_one_line(head, job
     retries for about 20 s and raises a ConnectionError; the job says what to export, exit 2."""
     env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"}
     command = ["python", "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path)]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=QUICK_COMMAND_S)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert re.match(rf"error: the Ray cluster at \S+:{head.gcs_port} refused this job's connection", last), last

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import QUICK_COMMAND_S, REPO
 
 from lstm import config as cfg
 from lstm.data import ptb
@@ -167,9 +167,8 @@ def test_keep_prob_outside_zero_one_is_a_one_line_error(keep_prob):
 
 
 def test_unknown_config_name_is_a_one_line_error_from_the_job():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "ptb.py"), "--config", "huge"], capture_output=True, text=True, timeout=120
-    )
+    command = [sys.executable, str(REPO / "jobs" / "ptb.py"), "--config", "huge"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=QUICK_COMMAND_S)
     assert proc.returncode == 2
     assert (
         proc.stderr.strip() == "error: unknown config 'huge'; choose one of: small, medium, large, test, awd, small-reg"

@@ -1,5 +1,5 @@
 """A diverging loss on 2 Ray Train workers stops both with one line. (That 2 workers reproduce
-the 1-worker run is tests/test_multinode.py's, with the two workers on two nodes.)"""
+the 1-worker run is tests/test_tune.py's: the job, a one-worker and a two-worker trial.)"""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import REPO
+from conftest import QUICK_COMMAND_S, RAY_COMMAND_S, REPO
 
 from lstm.cluster import check_address, ray_address
 from lstm.errors import UserError
@@ -100,7 +100,7 @@ def test_a_dead_recorded_address_stops_the_job_in_one_line_before_ray_starts(ray
     record_ray_start(ray_tmpdir, f"127.0.0.1:{port}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "jobs/rectangle.py", "--config", "test", "--storage-path", str(tmp_path / "runs")]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=QUICK_COMMAND_S)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.splitlines()[-1].startswith(
         f"error: no Ray cluster answers at 127.0.0.1:{port}, the address the latest `ray start` on this machine left"
@@ -109,6 +109,7 @@ def test_a_dead_recorded_address_stops_the_job_in_one_line_before_ray_starts(ray
     assert not list((ray_tmpdir / "ray").glob("session_*"))  # no Ray instance was started
 
 
+@pytest.mark.slow  # starts a Ray instance, in a child process
 def test_a_job_that_started_ray_kills_its_autoscaler_monitor_while_the_gcs_runs(monkeypatch):
     """Ray's shutdown stops the GCS, then gives the monitor SIGTERM and a second to report its
     end to that GCS, then kills it: a second of every local run's exit. The job's exit hook kills
@@ -135,7 +136,9 @@ def test_a_job_that_started_ray_kills_its_autoscaler_monitor_while_the_gcs_runs(
     # Ray's socket paths must stay under 108 bytes; its processes may still be exiting at cleanup.
     with tempfile.TemporaryDirectory(dir="/tmp", ignore_cleanup_errors=True) as short:
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": short}
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=RAY_COMMAND_S
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith(("running:", "at exit:"))]
     assert lines == ["running: None", "at exit: -9 None"]  # the monitor killed, the GCS still up
@@ -177,7 +180,9 @@ def run_own_instance_job(*argv: str) -> subprocess.CompletedProcess:
     the order they were written."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
     command = [sys.executable, "-c", NO_DASHBOARD_JOB, *argv]
-    return subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=RAY_COMMAND_S
+    )
 
 
 def test_a_job_beside_another_ray_instance_runs_quietly(ray_session, tmp_path):

@@ -53,7 +53,8 @@ def test_ray_trains_actor_factories_are_where_they_were():
 
 
 def test_the_autoscalers_status_lists_the_live_node(ray_session):
-    """Ray's monitor writes its first report a few seconds after the instance starts."""
+    """Ray's monitor writes its first report a few seconds after the instance starts (the
+    limit, 60 s, only ends a test where it never comes)."""
     deadline = time.monotonic() + 60
     while (status := ray_private.reach_autoscaler_status()) is None and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -1,18 +1,20 @@
 """The rectangle task learns, and the shared loop reports, checkpoints and resumes on real
-Ray Train workers (2 workers, DDP over gloo)."""
+Ray Train workers (2 workers, DDP over gloo: conftest's ``rect_base``, resumed here from a copy)."""
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import rect_base_config
 
 from lstm import config as cfg
 from lstm.data import shapes
 from lstm.errors import UserError
 from lstm.models.shape import ShapeLSTM
-from lstm.tasks.rectangle import RectangleTask, ShapeConfig
+from lstm.tasks.rectangle import ShapeConfig
 from lstm.trainer import fit
 
 
@@ -47,7 +49,8 @@ def test_rectangle_model_learns(ray_session, tmp_path):
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
     # Outputs: results.json redraws the plots; PNGs exist; snapshots were taken at 100 and 1000.
     results = json.loads(Path(result.results_path).read_text())
-    assert [s["snapshot"] for e in results["epochs"] for s in e.get("steps", []) if "snapshot" in s] == [100, 1000]
+    snapshots = [s["snapshot"] for e in results["epochs"] for s in e.get("steps", []) if "snapshot" in s]
+    assert snapshots == list(config.snapshot_at)
     assert {Path(p).name for p in result.plots} == {"shapes_grid.png", "learning_curve.png"}
     assert all(Path(p).stat().st_size > 5000 for p in result.plots)
     assert (Path(result.run_dir) / "tensorboard").is_dir()
@@ -72,21 +75,32 @@ def test_mdn_head_draws_diverse_shapes(ray_session, tmp_path):
     assert m["valid_width_std"] > 0.05 and m["valid_height_std"] > 0.05
 
 
-def test_two_workers_report_every_epoch_and_resume_the_same_architecture_only(ray_session, tmp_path):
-    first = ShapeConfig(examples=400, epochs=2, batch_size=4, valid_examples=32, eval_shapes=16, snapshot_at=())
-    run = settings(tmp_path, "resume", num_workers=2)
-    a = fit("rectangle", first, run)
+def shapes_per_epoch(config: ShapeConfig, workers: int) -> int:
+    """The shapes an epoch trains on, all workers together: each worker draws its share of
+    ``examples / epochs`` in whole batches."""
+    return workers * (config.examples // config.epochs // workers // config.batch_size * config.batch_size)
+
+
+def test_two_workers_report_every_epoch_resume_the_same_architecture_only_and_keep_one_checkpoint(rect_base, tmp_path):
+    a, storage = rect_base  # conftest's: the test config on 2 workers
+    first = rect_base_config()
     assert [e["epoch"] for e in a.history] == [1, 2]
     assert all(e["workers"] == 2 for e in a.history)
-    # 400 examples over 2 epochs and 2 workers: metrics count both workers' shapes.
-    assert a.history[-1]["samples_seen"] == 400
+    # metrics count both workers' shapes (2 x 148 an epoch: each worker's 150 in whole batches of 4)
+    assert [e["samples_seen"] for e in a.history] == [shapes_per_epoch(first, 2) * e for e in (1, 2)]
 
-    # Ask for a third epoch (same examples per epoch) and resume: it starts at epoch 3.
-    longer = ShapeConfig(examples=600, epochs=3, batch_size=4, valid_examples=32, eval_shapes=16, snapshot_at=())
+    # Ask for a third epoch (same examples per epoch) and resume a copy of it: it starts at epoch 3.
+    shutil.copytree(storage / "base", tmp_path / "resume")
+    run = settings(tmp_path, "resume", num_workers=2, checkpoints_to_keep=1)
+    longer = dataclasses.replace(first, examples=first.examples // first.epochs * 3, epochs=3)
     b = fit("rectangle", longer, run, resume=True)
     assert [e["epoch"] for e in b.history] == [1, 2, 3]
     assert b.history[:2] == a.history, "the resumed run keeps the first two epochs as they were"
-    assert b.history[-1]["samples_seen"] == 600
+    assert b.history[-1]["samples_seen"] == a.history[-1]["samples_seen"] + shapes_per_epoch(longer, 2)
+    # one checkpoint kept (--checkpoints-to-keep 1): the last epoch's, which results.json names
+    kept = [p for p in (tmp_path / "resume").glob("checkpoint_*") if p.is_dir()]
+    assert [p.name for p in kept] == [Path(b.checkpoint).name]
+    assert json.loads((kept[0] / "state.json").read_text())["epoch"] == 3 == len(b.history)
 
     with pytest.raises(UserError, match="already exists"):
         fit("rectangle", first, run)
@@ -96,12 +110,3 @@ def test_two_workers_report_every_epoch_and_resume_the_same_architecture_only(ra
     wider = dataclasses.replace(longer, epochs=4, hidden_size=20)
     with pytest.raises(UserError, match="does not match this model's architecture"):
         fit("rectangle", wider, run, resume=True)
-
-
-def test_checkpoints_to_keep_prunes_the_older_checkpoints(ray_session, tmp_path):
-    """Three epochs, one checkpoint each, one kept: the last epoch's, which results.json names."""
-    config = cfg.build(ShapeConfig, {**RectangleTask.presets["test"], "epochs": 3})
-    result = fit("rectangle", config, settings(tmp_path, "kept", checkpoints_to_keep=1))
-    kept = [p for p in (tmp_path / "kept").glob("checkpoint_*") if p.is_dir()]
-    assert [p.name for p in kept] == [Path(result.checkpoint).name]
-    assert json.loads((kept[0] / "state.json").read_text())["epoch"] == 3 == len(result.history)

@@ -14,7 +14,7 @@ import urllib.request
 
 import boto3
 import pytest
-from conftest import REPO, S3_PORT, free_port, own_lines
+from conftest import QUICK_COMMAND_S, REPO, S3_PORT, free_port, own_lines
 from test_tracking import check_search_runs
 
 from lstm import config as cfg
@@ -58,6 +58,21 @@ def printed(pattern: str, out: str) -> str:
     return found[0]
 
 
+def trial_object_versions(bucket: str, prefix: str) -> tuple[dict[str, set[str]], set[str]]:
+    """The trials' objects (``trial_*``) under ``prefix`` in a versioned bucket: {key: its version
+    ids} (an object written before versioning was on has the version "null"), and the keys
+    deleted since, all relative to ``prefix``."""
+    listing = boto3.client("s3").list_object_versions(Bucket=bucket, Prefix=f"{prefix}/trial_")
+    found: dict[str, set[str]] = {}
+    for v in listing.get("Versions", []):
+        found.setdefault(v["Key"][len(prefix) + 1 :], set()).add(v["VersionId"])
+    return found, {m["Key"][len(prefix) + 1 :] for m in listing.get("DeleteMarkers", [])}
+
+
+def object_bytes(bucket: str, key: str, version: str) -> bytes:
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key, VersionId=version)["Body"].read()
+
+
 def read_json(bucket: str, key: str) -> dict:
     return json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
 
@@ -94,21 +109,11 @@ def test_a_job_on_s3_writes_everything_to_the_bucket_and_resumes(ray_session, s3
     assert [e["epoch"] for e in read_json(s3, "runs/rect/results.json")["epochs"]] == [1, 2, 3]
 
 
-def test_a_uri_with_its_options_in_the_query_string(ray_session, s3, capsys):
-    """The endpoint in the URI itself, not in $AWS_ENDPOINT_URL: the run name goes into the
-    path, before the query; the folder is printed and saved with its options."""
-    root = f"s3://{s3}/q{QUERY}"
-    result = fit("rectangle", RECT, settings(root, "opts"))
-    assert result.run_dir == f"s3://{s3}/q/opts{QUERY}"
-    assert "results.json" in keys(s3, "q/opts")
-    assert f"[rectangle] run folder: s3://{s3}/q/opts{QUERY}\n" in capsys.readouterr().out
-    assert read_json(s3, "q/opts/results.json")["run_dir"] == f"s3://{s3}/q/opts{QUERY}"
-
-
 def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, tmp_path, capsys):
-    """...with the endpoint in the URI: the run folder the job prints at its start and in its
-    summary is what `jobs/ptb.py score --checkpoint` takes, as it is, in a shell without
-    $AWS_ENDPOINT_URL."""
+    """...with the endpoint in the URI, not in $AWS_ENDPOINT_URL: the run name goes into the
+    path, before the query; the run folder the job prints at its start and in its summary, and
+    saves in results.json, carries the options, and is what `jobs/ptb.py score --checkpoint`
+    takes, as it is, in a shell without $AWS_ENDPOINT_URL."""
     config = PTBConfig(**{**PRESETS["test"], "train_fraction": 0.01, "eval_num_steps": 35})
     argv = [
         "--config",
@@ -125,13 +130,15 @@ def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, tmp_pa
         "tiny",
         "--max-failures",
         "0",
+        "--cpus-per-worker",
+        "1",
     ]
     assert train_main("ptb", argv) == 0
     out = capsys.readouterr().out
     run = f"s3://{s3}/ptb/tiny{QUERY}"
     assert printed(r"^\[ptb\] run folder: (.*)$", out) == printed(r"^done: ptb run in (\S+) \(valid_ppl ", out) == run
     results = read_json(s3, "ptb/tiny/results.json")
-    assert results["config"] == cfg.to_dict(config)
+    assert results["config"] == cfg.to_dict(config) and results["run_dir"] == run
     assert 0 < results["final"]["test_ppl"] < 10000
     assert "learning_curve.png" in keys(s3, "ptb/tiny")
     with pytest.raises(SystemExit) as exit_info:  # the same command again: one line, exit 2
@@ -144,7 +151,9 @@ def test_the_ptb_job_and_its_command_line_on_s3(ray_session, s3, ptb_dir, tmp_pa
     text = tmp_path / "valid-head.txt"
     text.write_text("\n".join((ptb_dir / "ptb.valid.txt").read_text().splitlines()[:20]) + "\n")
     score = [sys.executable, "jobs/ptb.py", "score", "--checkpoint", run, "--text", str(text)]
-    done = subprocess.run(score, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        score, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=QUICK_COMMAND_S
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     scored = json.loads(done.stdout.strip().splitlines()[-1])
     assert scored["checkpoint"] == run and 0 < scored["ppl"] < 10000 and scored["tokens"] > 0
@@ -217,12 +226,28 @@ def test_a_search_on_s3_writes_its_report_to_the_bucket_and_resumes(
 
     with pytest.raises(UserError, match=re.escape(f"a search named 's' already exists at {folder}; pass --resume")):
         cli.main(argv)
-    cli.main(["--storage-path", root, "--name", "s", "--resume"])  # finished trials are not run again
-    assert load_spec(folder).space == load_spec(f"{plain}/s").space
+    # Resumed with its folder's options alone, the finished search runs no trial again. The bucket
+    # is versioned from here on: what is written again gets a second version, beside the first.
+    boto3.client("s3").put_bucket_versioning(Bucket=s3, VersioningConfiguration={"Status": "Enabled"})
+    cli.main(["--storage-path", root, "--name", "s", "--resume"])
+    versions, deleted = trial_object_versions(s3, "searches/s")
+    assert set(versions) == {k for k in files if k.startswith("trial_")} and not deleted  # none added or deleted
+    rewritten = {k for k, ids in versions.items() if ids != {"null"}}
+    assert not [k for k in rewritten if "/checkpoint_" in k]  # no checkpoint written: no epoch trained
+    for key in rewritten:  # Tune uploads its copy of the trials' folders again: the same bytes
+        assert {object_bytes(s3, f"searches/s/{key}", v) for v in versions[key]} == {
+            object_bytes(s3, f"searches/s/{key}", "null")
+        }, key
     assert read_json(s3, "searches/s/search_summary.json")["status"] == {"TERMINATED": 2}
+    # the spec it resumed is the one the command line gave, read through the printed folder
+    space = load_spec(folder).space
+    assert space.fixed == {"hidden_size": 8} and list(space.params) == ["learning_rate"]
+    assert (space.params["learning_rate"].kind, space.params["learning_rate"].values) == ("grid", (0.003, 0.0001))
 
     report = [sys.executable, "-m", "tune.report", folder]
-    done = subprocess.run(report, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        report, cwd=REPO, env=without_endpoint_env(), capture_output=True, text=True, timeout=QUICK_COMMAND_S
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"best: trial {summary['best']['trial_id']} valid_consistency " in done.stdout
 

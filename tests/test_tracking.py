@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import QUICK_COMMAND_S, REPO
 
 from lstm import config as cfg
 from lstm.errors import UserError
@@ -51,11 +51,12 @@ def test_a_job_logs_one_run_with_params_metrics_and_results(mlflow_server, ray_s
     settings = cfg.RunSettings(
         storage_path=str(tmp_path), name="tracked", max_failures=0, mlflow_tracking_uri=mlflow_server.uri
     )
-    result = fit("rectangle", rectangle_test_config(), settings)
+    config = rectangle_test_config()
+    result = fit("rectangle", config, settings)
     (run,) = [r for r in runs_of(mlflow_server, "lstm-ray-rectangle") if r.info.run_name == "tracked"]
     assert run.info.status == "FINISHED"
-    assert run.data.params["hidden_size"] == "10" and run.data.params["examples"] == "600"
-    assert json.loads(run.data.params["snapshot_at"]) == [100, 500]
+    assert run.data.params["hidden_size"] == str(config.hidden_size) and run.data.params["examples"] == "600"
+    assert json.loads(run.data.params["snapshot_at"]) == list(config.snapshot_at)
     epochs = [e["epoch"] for e in result.history]
     assert history(mlflow_server, run.info.run_id, METRIC) == [
         (e["epoch"], pytest.approx(e[METRIC])) for e in result.history
@@ -77,7 +78,7 @@ def check_search_runs(server, experiment: str, trials: dict[float, str], best_id
         assert run.info.status == "FINISHED" and run.data.tags["trial_id"] == trial_id
         assert float(run.data.params["learning_rate"]) == lr
         assert run.data.params["epochs"] == "2"  # the trial's whole config, not only what was searched
-        assert json.loads(run.data.params["snapshot_at"]) == [100, 500]
+        assert json.loads(run.data.params["snapshot_at"]) == list(rectangle_test_config().snapshot_at)
         steps = history(server, run.info.run_id, METRIC)
         assert [s for s, _ in steps] == [1, 2]
         assert "time_total_s" not in run.data.metrics and "config/learning_rate" not in run.data.metrics
@@ -99,6 +100,7 @@ def test_a_run_that_fails_is_marked_failed(mlflow_server, ray_session, ptb_dir, 
         max_failures=0,
         data_dir=str(ptb_dir),
         mlflow_tracking_uri=mlflow_server.uri,
+        cpus_per_worker=1,
     )
     ptb = get_task("ptb")
     config = cfg.build(ptb.config_class, {**ptb.presets["test"], "learning_rate": 1e30, "train_fraction": 0.005})
@@ -133,7 +135,7 @@ def test_without_mlflow_the_uri_is_a_one_line_error(tmp_path):
         [sys.executable, "-c", code, "--config", "test", "--storage-path", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=QUICK_COMMAND_S,
         cwd=REPO,
         env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"},
     )
