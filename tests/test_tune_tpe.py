@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from test_tune import InterruptAfter, max_overlap, trial_footprint
+from test_tune import Concurrency, InterruptAfter, trial_footprint
 
 import tune as tune_api
 from lstm.errors import UserError
@@ -130,7 +130,8 @@ def test_a_tpe_search_interrupted_then_resumed_keeps_its_study(tmp_path, ray_ses
     both runs, each told its final metric: TPE after the resume learns from the trials before it."""
     exp = tmp_path / "tpe"
     argv = [*TPE_SEARCH, "--storage-path", str(tmp_path), "--name", "tpe"]
-    cli.main(argv, callbacks=[InterruptAfter(1, str(tmp_path / "interrupted"))])
+    concurrency = Concurrency()
+    cli.main(argv, callbacks=[InterruptAfter(1, str(tmp_path / "interrupted")), concurrency])
 
     before = report.read_rows(load_spec(str(exp)))
     finished = [r for r in before if r.status == "TERMINATED"]
@@ -139,13 +140,14 @@ def test_a_tpe_search_interrupted_then_resumed_keeps_its_study(tmp_path, ray_ses
     asked_before = len(newest_study(exp).trials)
     assert asked_before == len(before)
 
-    cli.main(["--storage-path", str(tmp_path), "--name", "tpe", "--resume"])
+    resumed = Concurrency()
+    cli.main(["--storage-path", str(tmp_path), "--name", "tpe", "--resume"], callbacks=[resumed])
 
     rows = report.read_rows(load_spec(str(exp)))
     assert len(rows) == 4 and all(r.status == "TERMINATED" for r in rows), rows
     for trial_id, footprint in footprints.items():
         assert trial_footprint(exp, trial_id) == footprint
-    assert max_overlap(rows, exp) <= 2
+    assert concurrency.most <= 2 and resumed.most <= 2  # two at a time, counted from Tune's events
     study = newest_study(exp)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     told = sorted((t.params["learning_rate"], t.params["hidden_size"], t.value) for t in study.trials)
