@@ -244,8 +244,8 @@ def ptb_epoch_words(data_dir: Path, fraction: float, batch_size: int = 20, num_s
 
 # One CPU per worker in the suite's runs unless a test asks for more: the suite's two processes
 # share 2 cores, and a worker with two threads on a small model spends its time waiting for its
-# other thread (a 2%-of-PTB run of the test config trained and evaluated 5x slower with 2
-# threads than with 1, at a load average of 15: bench/README.md).
+# other thread (bench/README.md, `bench/worker_threads.py`: ptb_base_config's run trained and
+# evaluated 8.6x slower with 2 threads than with 1 on the busy 2-core machine).
 TEST_CPUS_PER_WORKER = 1
 
 
