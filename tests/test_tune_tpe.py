@@ -118,8 +118,10 @@ def test_the_tpe_searcher_is_seeded_and_holds_the_concurrency_limit(tmp_path):
 
 
 def newest_study(exp: Path):
-    """The Optuna study in the newest searcher state Tune saved in the search's folder."""
-    newest = max(exp.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime_ns)
+    """The Optuna study a resume restores: Tune names each run's searcher state by its start
+    time and restores the last name (``ray.tune.utils.util._load_newest_checkpoint``). File
+    times do not order them: syncing to the storage path copies the earlier runs' files again."""
+    newest = max(exp.glob("searcher-state-*.pkl"), key=lambda p: p.name)
     return pickle.loads(newest.read_bytes())["_ot_study"]
 
 
