@@ -124,7 +124,11 @@ def init_ray(address: Optional[str], env: dict[str, str]) -> None:
     import ray
 
     try:
-        ray.init(address=address or "local", runtime_env={"env_vars": env})
+        if address is None:
+            with ray_private.dashboard_alongside_raylet():
+                ray.init(address="local", runtime_env={"env_vars": env})
+        else:
+            ray.init(address=address, runtime_env={"env_vars": env})
     except ConnectionError as e:
         if address and token_refused(e):
             mode = os.environ.get("RAY_AUTH_MODE", "unset")

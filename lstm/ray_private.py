@@ -5,17 +5,20 @@ accessor (``reach_*``) that raises instead, which tests/test_ray_private.py call
 upgrade that breaks a workaround fails a test. They save: a Ray Data actor per run, torch in
 a one-CPU-worker run's controller, and on a job's own instance a placement-group cleaner and an
 autoscaling coordinator (:func:`slim_trainer`); an INFO line per report, a second at a local
-instance's exit, the wait for Ray Train's actors; they find the latest ``ray start`` and an
+instance's exit, the wait for Ray Train's actors, a local instance's wait for its dashboard
+before its raylet; they find the latest ``ray start`` and an
 autoscaler, and free a search's stopped trials' workers without a dashboard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +188,65 @@ def latest_ray_start_address() -> Optional[str]:
         _warn_once("could not look for a running Ray cluster", e)
         return os.environ.get("RAY_ADDRESS")
     return lookup(None, None)
+
+
+def reach_head_node_starts() -> type:
+    """Ray's head node, whose constructor starts the dashboard (``start_api_server``, which
+    waits until the dashboard writes its address) and only then the raylet
+    (``start_ray_processes``)."""
+    from ray._private.node import Node
+
+    for method in ("start_api_server", "start_ray_processes"):
+        if not callable(getattr(Node, method, None)):
+            raise ImportError(f"ray._private.node.Node has no {method}")
+    return Node
+
+
+@contextlib.contextmanager
+def dashboard_alongside_raylet() -> Iterator[None]:
+    """While the body starts a local instance (``ray.init``), its head node starts the
+    dashboard in a thread and the raylet meanwhile, then waits for both: the dashboard's nine
+    module processes need about as long as the raylet and its agents, and Ray runs them one
+    after the other. The dashboard is the same; only the wait for it overlaps the raylet's
+    start. A dashboard that fails to start raises as before, at the wait."""
+    try:
+        node = reach_head_node_starts()
+    except ImportError as e:
+        _warn_once("could not start the dashboard alongside the raylet", e)
+        yield
+        return
+    start_api_server, start_ray_processes = node.start_api_server, node.start_ray_processes
+
+    def start_api_server_in_thread(self: Any, **kwargs: Any) -> None:
+        started, failure = threading.Event(), []
+
+        def start() -> None:
+            try:
+                start_api_server(self, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - raised again in the constructor's thread
+                failure.append(e)
+            started.set()
+            # Ray starts the dashboard with a parent-death signal, which Linux sends when the
+            # *thread* that started it ends: this one lives as long as the process.
+            threading.Event().wait()
+
+        threading.Thread(target=start, name="ray-dashboard-start", daemon=True).start()
+        self._lstm_dashboard_start = (started, failure)
+
+    def start_ray_processes_then_wait_for_dashboard(self: Any) -> None:
+        start_ray_processes(self)
+        started, failure = self.__dict__.pop("_lstm_dashboard_start", (None, []))
+        if started is not None:
+            started.wait()
+        if failure:
+            raise failure[0]
+
+    node.start_api_server = start_api_server_in_thread
+    node.start_ray_processes = start_ray_processes_then_wait_for_dashboard
+    try:
+        yield
+    finally:
+        node.start_api_server, node.start_ray_processes = start_api_server, start_ray_processes
 
 
 def reach_monitor_processes() -> list[Any]:

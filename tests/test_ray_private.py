@@ -4,7 +4,10 @@ when a Ray upgrade moves it, where the workaround itself would only warn."""
 from __future__ import annotations
 
 import logging
+import os
 import time
+
+import pytest
 
 from lstm import ray_private
 
@@ -100,3 +103,55 @@ def test_the_policy_without_coordinator_places_workers_without_asking_it():
     policy.after_controller_start(None)
     decision = policy.make_decision_for_non_running_worker_group()  # Ray's would assert a client
     assert decision.num_workers == 2 and policy._coordinator_client is None
+
+
+DASHBOARD_ALONGSIDE_RAYLET = """
+import json, threading, urllib.error, urllib.request
+import ray
+from lstm import ray_private
+
+node = ray_private.reach_head_node_starts()
+order = []
+for name in ("start_api_server", "start_ray_processes"):
+    def record(self, *args, _original=getattr(node, name), _name=name, **kwargs):
+        order.append((_name, threading.current_thread().name))
+        return _original(self, *args, **kwargs)
+    setattr(node, name, record)
+with ray_private.dashboard_alongside_raylet():
+    context = ray.init(address="local", num_cpus=1, include_dashboard=True)
+url = context.dashboard_url
+try:  # the dashboard answers HTTP (401 without this instance's token)
+    status = urllib.request.urlopen(f"http://{url}/api/version", timeout=30).status
+except urllib.error.HTTPError as e:
+    status = e.code
+pid = ray.get(ray.remote(lambda: __import__("os").getpid()).remote(), timeout=120)
+print(json.dumps({"order": order, "url": url, "status": status, "worker": pid}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow  # starts a local instance of its own, in a subprocess
+def test_the_dashboard_starts_alongside_the_raylet_and_serves():
+    """A local instance started under the workaround: Ray's node starts its dashboard in a
+    thread of its own and its raylet in the constructor's thread; the dashboard answers at the
+    address ray.init returns, and a task runs."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import QUICK_COMMAND_S, REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_GCS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", DASHBOARD_ALONGSIDE_RAYLET],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=QUICK_COMMAND_S,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    started_in = dict(result["order"])  # which thread called each (their order is the threads' race)
+    assert started_in == {"start_api_server": "ray-dashboard-start", "start_ray_processes": "MainThread"}
+    assert result["url"] and result["status"] in (200, 401) and result["worker"] > 0
