@@ -125,7 +125,7 @@ def init_ray(address: Optional[str], env: dict[str, str]) -> None:
 
     try:
         if address is None:
-            with ray_private.dashboard_alongside_raylet():
+            with ray_private.local_instance_start():
                 ray.init(address="local", runtime_env={"env_vars": env})
         else:
             ray.init(address=address, runtime_env={"env_vars": env})

@@ -5,8 +5,8 @@ accessor (``reach_*``) that raises instead, which tests/test_ray_private.py call
 upgrade that breaks a workaround fails a test. They save: a Ray Data actor per run, torch in
 a one-CPU-worker run's controller, and on a job's own instance a placement-group cleaner and an
 autoscaling coordinator (:func:`slim_trainer`); an INFO line per report, a second at a local
-instance's exit, the wait for Ray Train's actors, a local instance's wait for its dashboard
-before its raylet; they find the latest ``ray start`` and an
+instance's exit, the wait for Ray Train's actors, and a local instance's waits for its dashboard and for a
+port another instance holds; they find the latest ``ray start`` and an
 autoscaler, and free a search's stopped trials' workers without a dashboard.
 """
 
@@ -192,27 +192,35 @@ def latest_ray_start_address() -> Optional[str]:
 
 def reach_head_node_starts() -> type:
     """Ray's head node, whose constructor starts the dashboard (``start_api_server``, which
-    waits until the dashboard writes its address) and only then the raylet
-    (``start_ray_processes``)."""
+    waits until the dashboard writes its address) and only then the raylet and its agents
+    (``start_ray_processes``, with the ports of its ``_ray_params``)."""
     from ray._private.node import Node
 
     for method in ("start_api_server", "start_ray_processes"):
         if not callable(getattr(Node, method, None)):
             raise ImportError(f"ray._private.node.Node has no {method}")
+    from ray._private.parameter import RayParams
+
+    if "dashboard_agent_listen_port" not in vars(RayParams()):
+        raise ImportError("ray._private.parameter.RayParams has no dashboard_agent_listen_port")
     return Node
 
 
 @contextlib.contextmanager
-def dashboard_alongside_raylet() -> Iterator[None]:
-    """While the body starts a local instance (``ray.init``), its head node starts the
-    dashboard in a thread and the raylet meanwhile, then waits for both: the dashboard's nine
-    module processes need about as long as the raylet and its agents, and Ray runs them one
-    after the other. The dashboard is the same; only the wait for it overlaps the raylet's
-    start. A dashboard that fails to start raises as before, at the wait."""
+def local_instance_start() -> Iterator[None]:
+    """While the body starts a local instance (``ray.init``), its head node:
+
+    * starts the dashboard in a thread and the raylet meanwhile, then waits for both: Ray
+      waits for the dashboard's module processes before it starts the raylet, and each takes
+      seconds. The dashboard is the same; a dashboard that fails to start raises at the wait.
+    * lets the OS pick the dashboard agent's HTTP port: Ray's fixed 52365 is taken wherever
+      another instance runs on the machine (another job, a search, the test suite's), and
+      the agent then retries it for 3.4 s before it gives up. The dashboard finds the agent
+      through the GCS, as on any node."""
     try:
         node = reach_head_node_starts()
     except ImportError as e:
-        _warn_once("could not start the dashboard alongside the raylet", e)
+        _warn_once("could not speed up the start of the local Ray instance", e)
         yield
         return
     start_api_server, start_ray_processes = node.start_api_server, node.start_ray_processes
@@ -234,6 +242,7 @@ def dashboard_alongside_raylet() -> Iterator[None]:
         self._lstm_dashboard_start = (started, failure)
 
     def start_ray_processes_then_wait_for_dashboard(self: Any) -> None:
+        self._ray_params.dashboard_agent_listen_port = 0
         start_ray_processes(self)
         started, failure = self.__dict__.pop("_lstm_dashboard_start", (None, []))
         if started is not None:

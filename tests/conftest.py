@@ -26,6 +26,7 @@ import ray  # noqa: E402
 import ray.cloudpickle  # noqa: E402
 from processes import RayWatch  # noqa: E402
 
+from lstm import ray_private  # noqa: E402
 from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV  # noqa: E402
 from lstm.data.download import DATASETS  # noqa: E402
 from lstm.ray_private import stop_autoscaler_monitor  # noqa: E402
@@ -137,9 +138,14 @@ def start_session_ray() -> None:
         **NO_DATA_ON_WORKERS,
     }
     try:
-        ray.init(
-            address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env}
-        )
+        with ray_private.local_instance_start():  # as a job starts its own: the agent on a free port
+            ray.init(
+                address="local",
+                num_cpus=4,
+                include_dashboard=False,
+                logging_level="WARNING",
+                runtime_env={"env_vars": env},
+            )
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
 

@@ -105,11 +105,18 @@ def test_the_policy_without_coordinator_places_workers_without_asking_it():
     assert decision.num_workers == 2 and policy._coordinator_client is None
 
 
-DASHBOARD_ALONGSIDE_RAYLET = """
-import json, threading, urllib.error, urllib.request
+LOCAL_INSTANCE_START = """
+import json, socket, threading, urllib.error, urllib.request
 import ray
 from lstm import ray_private
 
+holder = socket.socket()  # Ray's fixed agent port, as another instance on the machine holds it
+holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    holder.bind(("0.0.0.0", 52365))
+    holder.listen()
+except OSError:  # another instance holds it already
+    pass
 node = ray_private.reach_head_node_starts()
 order = []
 for name in ("start_api_server", "start_ray_processes"):
@@ -117,7 +124,7 @@ for name in ("start_api_server", "start_ray_processes"):
         order.append((_name, threading.current_thread().name))
         return _original(self, *args, **kwargs)
     setattr(node, name, record)
-with ray_private.dashboard_alongside_raylet():
+with ray_private.local_instance_start():
     context = ray.init(address="local", num_cpus=1, include_dashboard=True)
 url = context.dashboard_url
 try:  # the dashboard answers HTTP (401 without this instance's token)
@@ -125,16 +132,20 @@ try:  # the dashboard answers HTTP (401 without this instance's token)
 except urllib.error.HTTPError as e:
     status = e.code
 pid = ray.get(ray.remote(lambda: __import__("os").getpid()).remote(), timeout=120)
-print(json.dumps({"order": order, "url": url, "status": status, "worker": pid}))
+agent = ray.nodes()[0]["DashboardAgentListenPort"]
+log = open(f"{context.address_info['session_dir']}/logs/dashboard_agent.log").read()
+retried = "Failed to bind" in log
+print(json.dumps({"order": order, "url": url, "status": status, "worker": pid, "agent": agent, "retried": retried}))
 ray.shutdown()
 """
 
 
 @pytest.mark.slow  # starts a local instance of its own, in a subprocess
-def test_the_dashboard_starts_alongside_the_raylet_and_serves():
-    """A local instance started under the workaround: Ray's node starts its dashboard in a
-    thread of its own and its raylet in the constructor's thread; the dashboard answers at the
-    address ray.init returns, and a task runs."""
+def test_a_local_instance_starts_its_dashboard_alongside_its_raylet_and_its_agent_on_a_free_port():
+    """A local instance started under the workaround while Ray's fixed agent port is taken:
+    its node starts the dashboard in a thread of its own and the raylet in the constructor's
+    thread; the dashboard answers at the address ray.init returns, a task runs, and the agent
+    listens on a port the OS chose, without retrying the taken one."""
     import json
     import subprocess
     import sys
@@ -143,7 +154,7 @@ def test_the_dashboard_starts_alongside_the_raylet_and_serves():
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_GCS")}
     proc = subprocess.run(
-        [sys.executable, "-c", DASHBOARD_ALONGSIDE_RAYLET],
+        [sys.executable, "-c", LOCAL_INSTANCE_START],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -155,3 +166,4 @@ def test_the_dashboard_starts_alongside_the_raylet_and_serves():
     started_in = dict(result["order"])  # which thread called each (their order is the threads' race)
     assert started_in == {"start_api_server": "ray-dashboard-start", "start_ray_processes": "MainThread"}
     assert result["url"] and result["status"] in (200, 401) and result["worker"] > 0
+    assert result["agent"] not in (0, 52365) and not result["retried"]
