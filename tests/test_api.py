@@ -25,7 +25,7 @@ from lstm import api
 from lstm import config as cfg
 from lstm.cli import train_main
 from lstm.errors import UserError, run_cli
-from lstm.tasks.ptb import PRESETS, PTBConfig
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 
 
 def doc_blocks(path: Path) -> list[str]:
