@@ -37,7 +37,7 @@ def main() -> None:
     from lstm import dynamic_eval
     from lstm.data import ptb
     from lstm.task import perplexity
-    from lstm.tasks.ptb_checkpoint import load_trained, score_ids
+    from lstm.tasks.ptb_trained import load_trained, score_ids
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)

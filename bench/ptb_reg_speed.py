@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from lstm import config as cfg  # noqa: E402
 from lstm.data import ptb  # noqa: E402
 from lstm.step import DivergenceGuard, StepModule, Stepper  # noqa: E402
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask  # noqa: E402
+from lstm.tasks.ptb import PTBTask  # noqa: E402
+from lstm.tasks.ptb_config import PRESETS, PTBConfig  # noqa: E402
 
 
 class Runner:

@@ -70,7 +70,8 @@ from lstm.step import (  # noqa: E402
     make_stepper,
 )
 from lstm.task import WorkerInfo  # noqa: E402
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask, evaluate_rows  # noqa: E402
+from lstm.tasks.ptb import PTBTask, evaluate_rows  # noqa: E402
+from lstm.tasks.ptb_config import PRESETS, PTBConfig  # noqa: E402
 
 Trainer = Callable[[int], float]  # run(steps) -> words/sec
 log = logging.getLogger("ptb_speed")

@@ -76,7 +76,7 @@ def step_products(batch_size: int, num_steps: int, hidden: int, vocab: int, laye
 
 
 def config_products(config) -> list[Product]:
-    """:func:`step_products` of a :class:`lstm.tasks.ptb.PTBConfig`."""
+    """:func:`step_products` of a :class:`lstm.tasks.ptb_config.PTBConfig`."""
     return step_products(config.batch_size, config.num_steps, config.hidden_size, config.vocab_size, config.num_layers)
 
 

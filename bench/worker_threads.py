@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lstm import config as cfg  # noqa: E402
-from lstm.tasks.ptb import PRESETS, PTBConfig  # noqa: E402
+from lstm.tasks.ptb_config import PRESETS, PTBConfig  # noqa: E402
 
 CONFIG = {**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.02, "eval_num_steps": 35}
 

@@ -20,7 +20,7 @@ from lstm.errors import run_cli  # noqa: E402
 
 def sample_main(argv: Sequence[str]) -> int:
     """``sample``: continue a seed text from a saved run and print it."""
-    from lstm.tasks.char import sample_from_checkpoint
+    from lstm.tasks.char_trained import sample_from_checkpoint
 
     p = argparse.ArgumentParser(
         prog="jobs/char.py sample",

@@ -34,7 +34,7 @@ def score_main(argv: Sequence[str]) -> int:
     """``score``: perplexity of a text file under a saved run; the last line printed is JSON."""
     from lstm import config as cfg
     from lstm import dynamic_eval
-    from lstm.tasks.ptb_checkpoint import score_text
+    from lstm.tasks.ptb_trained import score_text
 
     p = argparse.ArgumentParser(
         prog="jobs/ptb.py score",
@@ -59,7 +59,7 @@ def score_main(argv: Sequence[str]) -> int:
 
 def generate_main(argv: Sequence[str]) -> int:
     """``generate``: sample words after a prompt from a saved run."""
-    from lstm.tasks.ptb_checkpoint import generate_text, render
+    from lstm.tasks.ptb_trained import generate_text, render
 
     p = argparse.ArgumentParser(
         prog="jobs/ptb.py generate",

@@ -142,17 +142,17 @@ class WordModel(Model):
     def score(self, text: str, batch_size: int = 1) -> dict[str, Any]:
         """The figures of ``jobs/ptb.py score`` for ``text`` (the text itself, not a path)."""
         from lstm.data import ptb
-        from lstm.tasks import ptb_checkpoint
+        from lstm.tasks import ptb_trained
 
-        words = ptb_checkpoint.enough_words(ptb.tokenize(text), "the text")
-        return ptb_checkpoint.score_words(self.trained, words, batch_size, text="")
+        words = ptb_trained.enough_words(ptb.tokenize(text), "the text")
+        return ptb_trained.score_words(self.trained, words, batch_size, text="")
 
     def generate(self, prompt: str, length: int = 50, temperature: float = 1.0, seed: int = 0) -> str:
         """``length`` words after ``prompt``, each ``<eos>`` a line break (``jobs/ptb.py generate``)."""
-        from lstm.tasks import ptb_checkpoint
+        from lstm.tasks import ptb_trained
 
-        words = ptb_checkpoint.generate_words(self.trained, prompt, length=length, temperature=temperature, seed=seed)
-        return ptb_checkpoint.render(words)
+        words = ptb_trained.generate_words(self.trained, prompt, length=length, temperature=temperature, seed=seed)
+        return ptb_trained.render(words)
 
 
 class CharModel(Model):
@@ -161,9 +161,9 @@ class CharModel(Model):
     task = "char"
 
     def sample(self, seed_text: str, temperature: float = 0.5, length: int = 400, seed: int = 0) -> str:
-        from lstm.tasks import char
+        from lstm.tasks import char_trained
 
-        return char.sample(self.trained, seed_text, temperature=temperature, length=length, seed=seed)
+        return char_trained.sample(self.trained, seed_text, temperature=temperature, length=length, seed=seed)
 
 
 class ShapeModel(Model):
@@ -172,19 +172,23 @@ class ShapeModel(Model):
     task = "rectangle"
 
     def draw(self, n: int = 6, sample: bool = True, seed: int = 0) -> list[list[list[float]]]:
-        from lstm.tasks import rectangle
+        from lstm.tasks import rectangle_trained
 
-        return rectangle.draw(self.trained, n, sample=sample, seed=seed)
+        return rectangle_trained.draw(self.trained, n, sample=sample, seed=seed)
 
 
 def load(checkpoint: Union[str, "os.PathLike[str]"]) -> Model:
     """A trained run's model: ``checkpoint`` is a run folder, a ``checkpoint_*`` folder, or an s3:// URI of either."""
     from lstm import checkpoint as ckpt
-    from lstm.tasks import char, ptb_checkpoint, rectangle
+    from lstm.tasks import char_trained, ptb_trained, rectangle_trained
 
     contents = ckpt.load(checkpoint, label="load", optimizer=True)  # PTB's NT-ASGD averages are in the optimizer
     task = contents.state["task"]
-    loaders = {"ptb": (ptb_checkpoint, WordModel), "char": (char, CharModel), "rectangle": (rectangle, ShapeModel)}
+    loaders = {
+        "ptb": (ptb_trained, WordModel),
+        "char": (char_trained, CharModel),
+        "rectangle": (rectangle_trained, ShapeModel),
+    }
     if task not in loaders:
         raise UserError(f"{contents.location} is a checkpoint of task {task!r}, which lstm.load does not know")
     module, model_class = loaders[task]

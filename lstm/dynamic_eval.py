@@ -230,7 +230,7 @@ def training_ids(vocab: Vocabulary, train_fraction: float, data_dir: Optional[st
 
 
 def score_trained(trained: Any, ids: np.ndarray, settings: DynamicSettings) -> tuple[float, int]:
-    """:func:`score_dynamic` of a loaded checkpoint (``lstm.tasks.ptb_checkpoint.TrainedLM``),
+    """:func:`score_dynamic` of a loaded checkpoint (``lstm.tasks.ptb_trained.TrainedLM``),
     its training text read for the rms rule."""
     train = None
     if settings.rule == "rms":

@@ -187,7 +187,7 @@ class Loop:
             {**metrics, **({"extras": extras} if extras else {}), **({"steps": records} if records else {})}
         )
         if worker.is_chief:
-            print(task.format_epoch_line(metrics), flush=True)
+            print(task.display.epoch_line(metrics), flush=True)
             for line in extras.get("print", []):
                 print(line, flush=True)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}

@@ -53,7 +53,7 @@ def collect(
         **(extra or {}),
     }
     with storage.staging(run_dir) as out:
-        plots = [p.name for p in task.plot(results, out)]
+        plots = [p.name for p in task.display.plot(results, out)]
     if timings:
         results["timings"] = timings(history)
         results["wall_time_s"] = results["timings"]["total_s"]

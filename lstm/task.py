@@ -1,10 +1,11 @@
 """The contract between a task and the loop that trains it, and the registry of tasks.
 
-A task says what differs between workloads (data, model, loss, metrics, plots, its search)
-and nothing of Ray, DDP, devices, checkpoints or reporting, which :mod:`lstm.loop` does once.
-Its class methods run once on the driver (``read_data``'s result reaches the workers through
-the object store); an instance per worker runs the rest, always on the task's own model,
-never a DDP wrapper (``train_step`` runs inside DDP's forward: :class:`lstm.step.StepModule`).
+A task says what differs between workloads (data, model, loss, metrics) and nothing of Ray,
+DDP, devices, checkpoints or reporting, which :mod:`lstm.loop` does once. Its class methods
+run once on the driver (``read_data``'s result reaches the workers through the object store);
+an instance per worker runs the rest, always on the task's own model, never a DDP wrapper
+(``train_step`` runs inside DDP's forward: :class:`lstm.step.StepModule`). Beside the hooks a
+task names how a search explores it (:class:`Search`) and how its runs are shown (:class:`Display`).
 
 The loop relies on: the same number of ``train_batches`` on every rank (DDP's lock-step);
 *sums* from ``train_step`` and ``evaluate``, which it adds over steps and workers, so metrics
@@ -17,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -55,8 +56,31 @@ class WorkerInfo:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class Search:
+    """How a search (tune/) explores a task."""
+
+    epochs_field: str  # the config field that sets a run's epochs (what --max-epochs sets)
+    metric: str  # what a search minimises (or maximises, with mode "max")
+    mode: str = "min"
+    space: Mapping[str, str] = field(default_factory=dict)  # default --space entries, NAME -> SPEC
+    pbt_mutations: tuple[str, ...] = ()  # fields PopulationBasedTraining perturbs
+
+
+def no_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    return []
+
+
+@dataclass(frozen=True)
+class Display:
+    """How a task's runs are shown: a progress line per epoch (rank 0), PNGs of a finished run (driver)."""
+
+    epoch_line: Callable[[Mapping[str, Any]], str]  # one epoch's metrics -> one line
+    plot: Callable[[Mapping[str, Any], Path], list[Path]] = no_plots  # results.json's content, folder -> PNGs
+
+
 class Task(ABC):
-    """Base class of a task: set the class attributes, implement the abstract methods."""
+    """Base class of a task: set the class attributes (``search``, ``display`` too), implement the abstract methods."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[TaskConfig]]
@@ -68,12 +92,8 @@ class Task(ABC):
     # Most intra-op threads a CPU worker uses (None: all its CPUs); a tiny model runs faster on one.
     max_threads: ClassVar[Optional[int]] = None
 
-    # ---- how a search explores the task (tune/)
-    epochs_field: ClassVar[str]  # the config field that sets a run's epochs (what --max-epochs sets)
-    primary_metric: ClassVar[str]  # what a search minimises (or maximises, see metric_mode)
-    metric_mode: ClassVar[str] = "min"
-    search_space: ClassVar[Mapping[str, str]] = {}  # default --space entries, NAME -> SPEC
-    pbt_mutations: ClassVar[tuple[str, ...]] = ()  # fields PopulationBasedTraining perturbs
+    search: ClassVar[Search]
+    display: ClassVar[Display]
 
     def __init__(self, config: TaskConfig, worker: WorkerInfo = WorkerInfo()):
         self.config = config
@@ -91,17 +111,7 @@ class Task(ABC):
 
     @classmethod
     def num_epochs(cls, config: TaskConfig) -> int:
-        return int(getattr(config, cls.epochs_field))
-
-    @classmethod
-    def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-        """Draw PNGs from a results dict (the content of results.json); returns their paths."""
-        return []
-
-    @staticmethod
-    @abstractmethod
-    def format_epoch_line(metrics: Mapping[str, Any]) -> str:
-        """One progress line per epoch, from that epoch's metrics."""
+        return int(getattr(config, cls.search.epochs_field))
 
     # ------------------------------------------------------------------ worker side
     @abstractmethod
@@ -191,20 +201,25 @@ _TASKS: dict[str, type[Task]] = {}
 
 def register(cls: type[Task]) -> type[Task]:
     """Class decorator: make a task available by name to the loop, the jobs and Tune."""
+    missing = [a for a in ("name", "config_class", "search", "display") if not hasattr(cls, a)]
+    if missing:
+        raise TypeError(f"task {cls.__name__} does not set {', '.join(missing)}")
     _TASKS[cls.name] = cls
     return cls
 
 
 def get_task(name: str) -> type[Task]:
     """The task class called ``name`` (importing the built-in tasks on first use)."""
-    import lstm.tasks  # noqa: F401 - registers the built-in tasks (the registry's lazy import)
+    import lstm.tasks  # the registry's lazy import
 
+    lstm.tasks.register_builtin()
     if name not in _TASKS:
         raise UserError(f"unknown task {name!r}; choose one of: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]
 
 
 def task_names() -> list[str]:
-    import lstm.tasks  # noqa: F401
+    import lstm.tasks
 
+    lstm.tasks.register_builtin()
     return sorted(_TASKS)

@@ -233,7 +233,7 @@ def char_dir() -> Path:
 def ptb_base_config():
     """The tutorial's test config on 2% of the training words (18.6k words, 464 steps per
     epoch), two epochs so that the second runs at lr * lr_decay; evaluation in steps of 35 words."""
-    from lstm.tasks.ptb import PRESETS, PTBConfig
+    from lstm.tasks.ptb_config import PRESETS, PTBConfig
 
     return PTBConfig(**{**PRESETS["test"], "max_max_epoch": 2, "train_fraction": 0.02, "eval_num_steps": 35})
 

@@ -25,7 +25,7 @@ from lstm import api
 from lstm import config as cfg
 from lstm.cli import train_main
 from lstm.errors import UserError, run_cli
-from lstm.tasks.ptb import PRESETS, PTBConfig
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 
 
 def doc_blocks(path: Path) -> list[str]:
@@ -159,6 +159,48 @@ def test_load_refuses_what_is_not_a_run_in_one_line(tmp_path):
         lstm.load(tmp_path / "nothing")
     with pytest.raises(UserError, match="holds no checkpoint"):
         lstm.load(tmp_path)
+
+
+def write_run(folder: Path, task: str, config: cfg.TaskConfig, model, meta: dict) -> Path:
+    """A run folder with one checkpoint of ``model``, written as the loop writes it (no Ray)."""
+    import torch
+
+    from lstm import checkpoint as ckpt
+
+    (folder / "checkpoint_000000").mkdir(parents=True)
+    state = {"task": task, "config": cfg.to_dict(config), "epoch": 1, "meta": meta, "history": []}
+    ckpt.save(folder / "checkpoint_000000", model, torch.optim.SGD(model.parameters(), lr=0.1), state)
+    return folder
+
+
+def test_a_loaded_rectangle_run_draws_and_a_loaded_char_run_samples_as_their_models_do(tmp_path):
+    import torch
+
+    from lstm.data.vocab import Vocabulary
+    from lstm.models.char import CharLSTM
+    from lstm.tasks import char_trained, rectangle_trained
+    from lstm.tasks.char import CharConfig, CharTask
+    from lstm.tasks.rectangle import RectangleTask, ShapeConfig, points_per_shape
+
+    shape_config = cfg.build(ShapeConfig, RectangleTask.presets["test"])
+    torch.manual_seed(5)  # weights no fresh model of the default seed has
+    drawer = RectangleTask(shape_config).build_model().eval()
+    shapes = lstm.load(write_run(tmp_path / "shapes", "rectangle", shape_config, drawer, {}))
+    assert shapes.task == "rectangle" and shapes.config == shape_config
+    mean_shapes = shapes.draw(2, sample=False)
+    assert mean_shapes == rectangle_trained.draw(rectangle_trained.TrainedShapes(drawer, shape_config), 2, sample=False)
+    assert len(mean_shapes[0]) == points_per_shape(shape_config)
+
+    char_config = cfg.build(CharConfig, {**CharTask.presets["test"], "hidden_size": 8})
+    vocab = Vocabulary.sorted_set("abc de")
+    torch.manual_seed(5)
+    writer = CharLSTM(len(vocab), 8).eval()
+    text = lstm.load(write_run(tmp_path / "chars", "char", char_config, writer, {"vocab": list(vocab.tokens)}))
+    assert text.task == "char"
+    sampled = text.sample("a b", temperature=0.7, length=20, seed=3)
+    expected = char_trained.TrainedCharLM(writer, vocab, char_config)
+    assert sampled == char_trained.sample(expected, "a b", temperature=0.7, length=20, seed=3)
+    assert len(sampled) == 20 and set(sampled) <= set(vocab.tokens)
 
 
 def test_the_stop_button_ends_the_run_and_it_resumes(ray_session, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.tasks.ptb import PRESETS, PTBConfig
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))

@@ -22,8 +22,9 @@ from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError, run_cli
 from lstm.models.char import CharLSTM, sample_with_temperature
 from lstm.task import WorkerInfo
-from lstm.tasks.char import CharConfig, CharTask, sample_from_checkpoint
+from lstm.tasks.char import CharConfig, CharTask
 from lstm.tasks.char import corpus_of as char_corpus_of
+from lstm.tasks.char_trained import sample_from_checkpoint
 from lstm.trainer import fit
 
 # As conftest's char_dir fixture (which is per test; the trained run is shared by a module).

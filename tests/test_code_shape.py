@@ -1,10 +1,13 @@
 """The shape of the code, checked on every run: short functions, layers that point one way,
-private Ray modules only behind a guard, and dependency pins that agree with each other."""
+private Ray modules only behind a guard, a task contract every task keeps, and dependency pins
+that agree with each other."""
 
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import sys
 import tomllib
 from importlib import metadata
@@ -110,6 +113,36 @@ def test_tasks_and_models_do_not_depend_on_the_loop_or_ray():
             assert not deps & {"lstm.loop", "lstm.trainer", "lstm.step", "lstm.cluster", "lstm.cli"}, module
             source = modules()[module].read_text()
             assert not re.search(r"^\s*(import|from) ray\b", source, re.M), f"{module} imports ray"
+
+
+def test_ptb_config_reads_without_torch():
+    """PTB's config and presets import without torch or the PTB task (the tasks package imports no task)."""
+    code = "import sys, lstm.tasks.ptb_config; print([m for m in ('torch', 'lstm.tasks.ptb') if m in sys.modules])"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_task_declares_its_search_over_its_own_fields_and_a_display():
+    from lstm import config as cfg
+    from lstm.task import Display, Search, Task, get_task, register, task_names
+
+    assert task_names() == ["char", "ptb", "rectangle"]
+    for name in task_names():
+        task = get_task(name)
+        fields = cfg.scalar_fields(task.config_class)
+        assert isinstance(task.search, Search) and isinstance(task.display, Display), name
+        assert task.search.epochs_field in fields and task.search.mode in ("min", "max"), name
+        assert set(task.search.space) | set(task.search.pbt_mutations) <= set(fields), name
+
+    class NoDisplay(Task):
+        name = "no-display"
+        config_class = get_task("rectangle").config_class
+        search = Search("epochs", "valid_loss")
+
+    with pytest.raises(TypeError, match="NoDisplay does not set display"):
+        register(NoDisplay)
+    assert "no-display" not in task_names()
 
 
 PRIVATE_RAY = re.compile(r"ray(\.\w+)*\._(private|internal)\b|ray\.experimental\b")

@@ -18,8 +18,8 @@ from test_ptb_score import run_job
 from lstm import dynamic_eval
 from lstm.data import ptb
 from lstm.dynamic_eval import DynamicSettings, adapter_for
-from lstm.tasks.ptb import PRESETS, PTBConfig
-from lstm.tasks.ptb_checkpoint import load_trained, one_thread, score_ids
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
+from lstm.tasks.ptb_trained import load_trained, one_thread, score_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -120,7 +120,7 @@ def test_one_step_lowers_the_loss_of_its_segment_and_the_decay_pulls_back(tutori
 def test_dynamic_evaluation_lowers_the_perplexity_and_leaves_the_model_as_it_was(tutorial, valid_head, ptb_dir):
     """The default rule and settings on 2,000 words of validation text: a lower perplexity
     than the static one (this tiny model learns the text's vocabulary), from a copy of the model."""
-    from lstm.tasks.ptb_checkpoint import score_words
+    from lstm.tasks.ptb_trained import score_words
 
     trained = load_trained(tutorial)
     weights = {k: v.clone() for k, v in trained.model.state_dict().items()}

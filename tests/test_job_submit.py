@@ -16,7 +16,7 @@ import pytest
 from conftest import QUICK_COMMAND_S, RAY_COMMAND_S, RAY_LOG_LINE
 from ray_head import REPO, SEARCH_LEARNING_RATES, Job, shell_env
 
-from lstm.tasks.ptb import PRESETS
+from lstm.tasks.ptb_config import PRESETS
 
 MAX_PACKAGE_BYTES = 2 * 2**20  # the repository without data, runs and environments is ~0.5 MiB
 

@@ -15,8 +15,9 @@ from test_ptb_errors import train
 from lstm import config as cfg
 from lstm.data import ptb
 from lstm.optim import NTASGD
-from lstm.tasks.ptb import PTBConfig, evaluate_rows
-from lstm.tasks.ptb_checkpoint import load_trained
+from lstm.tasks.ptb import evaluate_rows
+from lstm.tasks.ptb_config import PTBConfig
+from lstm.tasks.ptb_trained import load_trained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

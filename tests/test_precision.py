@@ -23,7 +23,8 @@ from lstm.models.char import CharLSTM
 from lstm.models.shape import ShapeLSTM
 from lstm.step import autocast
 from lstm.task import StepOutput, get_task
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 from lstm.tasks.rectangle import RectangleTask, ShapeConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

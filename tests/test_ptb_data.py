@@ -15,7 +15,8 @@ from conftest import QUICK_COMMAND_S, REPO
 from lstm import config as cfg
 from lstm.data import ptb
 from lstm.errors import UserError
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 
 TRAIN = " the cat sat on the mat \n the dog sat \n a cat ran \n"
 VALID = " the cat ran \n a zebra sat \n"

@@ -14,7 +14,8 @@ import pytest
 
 from lstm.data import download, ptb
 from lstm.errors import UserError
-from lstm.tasks.ptb import PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PTBConfig
 
 
 def build_tgz(ptb_dir: Path, corrupt: str = "") -> bytes:

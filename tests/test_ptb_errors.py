@@ -19,7 +19,8 @@ from lstm.errors import UserError
 from lstm.loop import run_training
 from lstm.session import Session
 from lstm.task import WorkerInfo
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 
 CONFIG = PTBConfig(**{**PRESETS["test"], "train_fraction": 0.005, "eval_batch_size": 20, "eval_num_steps": 35})
 

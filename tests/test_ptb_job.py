@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lstm import config as cfg
 from lstm.checkpoint import read_state
 from lstm.errors import UserError
-from lstm.tasks.ptb import PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PTBConfig
 from lstm.trainer import fit
 
 CONFIG = ptb_base_config()  # the config of the session's run, conftest.ptb_base
@@ -53,7 +54,7 @@ def test_a_run_learns_and_writes_its_outputs(ptb_base):
 
 
 def test_the_epoch_line_shows_lr_perplexities_speed_and_time(ptb_base):
-    line = PTBTask.format_epoch_line(ptb_base[0].history[-1])
+    line = PTBTask.display.epoch_line(ptb_base[0].history[-1])
     for part in ("epoch  2/2", "lr 0.5", "train ppl ", "valid ppl ", "test ppl ", "words/sec ", "elapsed "):
         assert part in line
 

@@ -16,7 +16,8 @@ from lstm.data import ptb
 from lstm.models.linear_ce import linear_cross_entropy
 from lstm.models.word import WordLM, detach_state
 from lstm.task import WorkerInfo
-from lstm.tasks.ptb import PTBConfig, PTBTask, evaluate_rows
+from lstm.tasks.ptb import PTBTask, evaluate_rows
+from lstm.tasks.ptb_config import PTBConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

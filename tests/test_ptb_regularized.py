@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from lstm import config as cfg
 from lstm.data import ptb
 from lstm.errors import UserError
-from lstm.models.awd import Regularization, RegularizedLM, embedding_dropout, locked_dropout
+from lstm.models.awd import RegularizedLM, embedding_dropout, locked_dropout
 from lstm.models.word import WordLM, detach_state
 from lstm.step import DivergenceGuard, StepModule, Stepper
 from lstm.task import WorkerInfo
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 from tune.space import parse_space
 
 VOCAB = 30
@@ -93,7 +94,7 @@ def test_the_default_config_trains_the_tutorial_model_exactly_as_before(corpus):
         assert type(PTBTask(config).build_model()) is WordLM
         assert task_losses(config, corpus) == reference_losses(config, corpus)
     for preset in ("small", "medium", "large", "test"):
-        assert Regularization.of(cfg.build(PTBConfig, PRESETS[preset])).is_neutral(), preset
+        assert not cfg.build(PTBConfig, PRESETS[preset]).regularized, preset
 
 
 def test_the_regularized_model_with_neutral_fields_computes_wordlm():
@@ -116,7 +117,7 @@ def test_the_regularized_model_with_neutral_fields_computes_wordlm():
     torch.manual_seed(3)
     word = WordLM(50, 8, 2)
     torch.manual_seed(3)
-    regularized = RegularizedLM(50, 8, 2)
+    regularized = RegularizedLM(PTBConfig(vocab_size=50, hidden_size=8, num_layers=2))
     assert [p.shape for p in word.parameters()] == [p.shape for p in regularized.parameters()]
     assert losses(word) == losses(regularized)
 
@@ -162,7 +163,7 @@ def test_each_regularizer_changes_training_only_when_switched_on(corpus, name):
 
 def tiny_model(**reg) -> RegularizedLM:
     torch.manual_seed(0)
-    return RegularizedLM(VOCAB, 8, 2, Regularization(**reg))
+    return RegularizedLM(PTBConfig(vocab_size=VOCAB, hidden_size=8, num_layers=2, **reg))
 
 
 def test_tying_shares_one_tensor_and_the_fused_loss_sums_both_gradients():
@@ -360,15 +361,14 @@ def test_the_awd_preset_is_awd_lstms_ptb_command(capsys):
 
 def test_small_reg_is_a_tied_regularized_2x200_model():
     config = cfg.build(PTBConfig, PRESETS["small-reg"])
-    reg = Regularization.of(config)
-    assert (config.num_layers, config.hidden_size, reg.tied) == (2, 200, True) and not reg.is_neutral()
+    assert (config.num_layers, config.hidden_size, config.tied) == (2, 200, True) and config.regularized
     torch.manual_seed(0)
     model = PTBTask(config).build_model()
     assert type(model) is RegularizedLM and model.decoder.weight is model.embedding.weight
 
 
 def test_regularization_fields_are_searchable_and_the_default_space_is_unchanged():
-    assert PTBTask.search_space.keys() == {"keep_prob", "hidden_size", "lr_decay"}
+    assert PTBTask.search.space.keys() == {"keep_prob", "hidden_size", "lr_decay"}
     entries = [  # docs/ptb-regularized.md's example search of the small-reg family
         "keep_prob=base",
         "tied=true,false",
@@ -379,7 +379,7 @@ def test_regularization_fields_are_searchable_and_the_default_space_is_unchanged
         "tar=0,1,2",
     ]
     space = parse_space(
-        PTBConfig, entries, base_values=PRESETS["small-reg"], task_name="ptb", defaults=PTBTask.search_space
+        PTBConfig, entries, base_values=PRESETS["small-reg"], task_name="ptb", defaults=PTBTask.search.space
     )
     assert set(space.params) == {
         "tied",
@@ -393,4 +393,4 @@ def test_regularization_fields_are_searchable_and_the_default_space_is_unchanged
     }
     assert space.params["tied"].values == (True, False)
     with pytest.raises(UserError, match=r"^--space keep_prob: the value 0.3 is not usable: .*--space keep_prob=base"):
-        parse_space(PTBConfig, [], base_values=PRESETS["small-reg"], task_name="ptb", defaults=PTBTask.search_space)
+        parse_space(PTBConfig, [], base_values=PRESETS["small-reg"], task_name="ptb", defaults=PTBTask.search.space)

@@ -8,7 +8,8 @@ import math
 from conftest import run_settings
 
 from lstm.data import ptb
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 from lstm.trainer import fit
 
 CONFIG = PTBConfig(

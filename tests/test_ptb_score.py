@@ -21,8 +21,8 @@ from test_ptb_errors import train
 from lstm import checkpoint as ckpt
 from lstm import storage
 from lstm.errors import run_cli
-from lstm.tasks.ptb import PRESETS, PTBConfig
-from lstm.tasks.ptb_checkpoint import generate_text, render, score_text
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
+from lstm.tasks.ptb_trained import generate_text, render, score_text
 
 REGULARIZED = dict(
     PRESETS["test"],

@@ -9,7 +9,7 @@ from test_ptb_errors import DIVERGED
 
 from lstm import config as cfg
 from lstm.errors import UserError
-from lstm.tasks.ptb import PTBConfig
+from lstm.tasks.ptb_config import PTBConfig
 from lstm.trainer import fit
 
 

@@ -21,7 +21,7 @@ from lstm import config as cfg
 from lstm import storage
 from lstm.cli import train_main
 from lstm.errors import UserError, run_cli
-from lstm.tasks.ptb import PRESETS, PTBConfig
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 from lstm.tasks.rectangle import ShapeConfig
 from lstm.trainer import fit
 from tune import cli

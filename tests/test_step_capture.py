@@ -24,7 +24,8 @@ from lstm.step import (
     make_stepper,
 )
 from lstm.task import WorkerInfo
-from lstm.tasks.ptb import PRESETS, PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PRESETS, PTBConfig
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 TINY = PTBConfig(

@@ -54,7 +54,7 @@ def rect_space(*entries: str) -> SearchSpace:
         list(entries),
         base_values=dict(task.presets["test"]),
         task_name="rectangle",
-        defaults=task.search_space,
+        defaults=task.search.space,
     )
 
 
@@ -80,7 +80,7 @@ def test_space_syntax_and_defaults():
     assert (defaults.params["learning_rate"].kind, defaults.params["learning_rate"].high) == ("loguniform", 0.01)
     ptb = get_task("ptb")
     assert list(
-        parse_space(ptb.config_class, [], base_values=ptb.presets["small"], defaults=ptb.search_space).params
+        parse_space(ptb.config_class, [], base_values=ptb.presets["small"], defaults=ptb.search.space).params
     ) == ["keep_prob", "hidden_size", "lr_decay"]
     # "base" takes a default entry out of the search
     with pytest.raises(UserError, match="search space is empty"):
@@ -115,7 +115,7 @@ def test_space_errors_are_one_line(entry, message):
 def test_pbt_mutations_stay_in_range():
     task = get_task("rectangle")
     space = rect_space("learning_rate=0.001:0.01", "hidden_size=16")
-    mutations, clip = pbt_mutations(space, task.pbt_mutations)
+    mutations, clip = pbt_mutations(space, task.search.pbt_mutations)
     assert list(mutations) == ["learning_rate"]
     assert clip({"learning_rate": 0.012})["learning_rate"] == 0.01  # 0.01 * 1.2, clipped
     assert clip({"learning_rate": 0.0008})["learning_rate"] == 0.001

@@ -221,7 +221,7 @@ def budget_of(args: argparse.Namespace, task: type[Task]) -> dict[str, Any]:
     """The config fields the budget flags set: the epochs field and train_fraction."""
     budget: dict[str, Any] = {}
     if args.max_epochs is not None:
-        budget[task.epochs_field] = args.max_epochs
+        budget[task.search.epochs_field] = args.max_epochs
     if args.train_fraction is not None:
         if "train_fraction" not in cfg.scalar_fields(task.config_class):
             raise UserError(f"--train-fraction applies to tasks with a train_fraction field (ptb), not {task.name}")
@@ -234,7 +234,7 @@ def budget_of(args: argparse.Namespace, task: type[Task]) -> dict[str, Any]:
 def check_budget_space(budget: dict[str, Any], space: SearchSpace, task: type[Task]) -> None:
     """UserError for a budget flag whose field --space sets to something else: the trials
     would train the space's values, not the flag's."""
-    flags = {task.epochs_field: "--max-epochs", "train_fraction": "--train-fraction"}
+    flags = {task.search.epochs_field: "--max-epochs", "train_fraction": "--train-fraction"}
     for name, value in budget.items():
         if name in space.params or space.fixed.get(name, value) != value:
             raise UserError(
@@ -257,7 +257,7 @@ def spec_from_args(args: argparse.Namespace, given: Collection[str] = ()) -> Sea
     budget = budget_of(args, task)
     base_values = {**preset_values, **budget}
     space = parse_space(
-        task.config_class, args.space, base_values=base_values, task_name=task.name, defaults=task.search_space
+        task.config_class, args.space, base_values=base_values, task_name=task.name, defaults=task.search.space
     )
     check_budget_space(budget, space, task)
     if args.scheduler == "pbt":

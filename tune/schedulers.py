@@ -1,7 +1,7 @@
 """Trial schedulers on the task's primary metric, with the epoch as their clock: ``asha``
 (asynchronous successive halving, :class:`ResumableASHA`) and ``pbt`` (:class:`FinishingPBT`:
 a trial in the bottom quantile takes the checkpoint and config of one in the top quantile and
-perturbs the task's ``pbt_mutations``; with ``synch``, at every interval). Tune does not save a
+perturbs the task's ``search.pbt_mutations``; with ``synch``, at every interval). Tune does not save a
 scheduler's state, so :class:`ResumableASHA` replays the trials' results from disk: resumed
 and new trials face the cut-offs of before the interruption.
 """
@@ -90,7 +90,7 @@ def make_scheduler(spec: Any) -> TrialScheduler:
             last_epoch=epochs,
         )
     if spec.scheduler == "pbt":
-        mutations, clip = pbt_mutations(spec.space, task.pbt_mutations)
+        mutations, clip = pbt_mutations(spec.space, task.search.pbt_mutations)
         return FinishingPBT(
             time_attr=TIME_ATTR,
             metric=spec.metric,
@@ -149,8 +149,8 @@ class _Clip:
 
 def check_pbt_space(space: SearchSpace, task: Any) -> None:
     """PBT needs at least one of the fields it mutates in the search space."""
-    if not any(n in space.params for n in task.pbt_mutations):
+    if not any(n in space.params for n in task.search.pbt_mutations):
         raise UserError(
-            f"--scheduler pbt mutates {' and '.join(task.pbt_mutations)}, and none is searched for task "
+            f"--scheduler pbt mutates {' and '.join(task.search.pbt_mutations)}, and none is searched for task "
             f"{task.name}; add e.g. --space learning_rate=log:0.0005:0.05"
         )

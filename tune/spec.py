@@ -85,11 +85,11 @@ class SearchSpec:
 
     @property
     def metric(self) -> str:
-        return self.task_class.primary_metric
+        return self.task_class.search.metric
 
     @property
     def mode(self) -> str:
-        return self.task_class.metric_mode
+        return self.task_class.search.mode
 
     @property
     def num_trials(self) -> int:

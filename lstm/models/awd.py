@@ -3,14 +3,13 @@ dropout, locked (variational) dropout on the input, between layers and on the ou
 DropConnect on each hidden-to-hidden matrix, a softmax tied to the embedding (the last layer
 has ``embedding_size`` units to meet it), AR/TAR per token. Weight drop runs each layer's fused
 ``nn.LSTM`` on the dropped matrix through ``functional_call``, never a loop over time steps.
-With every field neutral it computes what :class:`lstm.models.word.WordLM` does.
+It reads its fields from PTB's config (:class:`lstm.tasks.ptb_config.PTBConfig`); with every
+regularizer off it computes what :class:`lstm.models.word.WordLM` does.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,39 +17,10 @@ from torch import nn
 from torch.func import functional_call
 
 from lstm.models.linear_ce import linear_cross_entropy
+from lstm.tasks.ptb_config import PTBConfig
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # (h, c) of one layer, each (1, batch, units)
 State = tuple[LayerState, ...]
-INITS = ("uniform", "awd")
-
-
-@dataclass(frozen=True)
-class Regularization:
-    """The model's regularization fields, neutral by default; the PTB config has the same names."""
-
-    tied: bool = False  # the softmax weight is the embedding
-    embedding_size: int = 0  # E; 0 = hidden_size
-    keep_prob: float = 1.0  # the tutorial's dropout (not a regularizer of this model's own)
-    locked_dropout_input: float = 0.0  # on the embedding output
-    locked_dropout_hidden: float = 0.0  # between LSTM layers
-    locked_dropout_output: float = 0.0  # on the last layer's output
-    embedding_dropout: float = 0.0  # drops whole words (rows of the embedding)
-    weight_drop: float = 0.0  # DropConnect on each layer's hidden-to-hidden matrix
-    ar: float = 0.0  # activation regularization (alpha)
-    tar: float = 0.0  # temporal activation regularization (beta)
-    init: str = "uniform"  # uniform: every weight U(+-init_scale); awd: AWD-LSTM's init
-
-    @classmethod
-    def of(cls, config: Any) -> "Regularization":
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
-
-    def is_neutral(self) -> bool:
-        """Whether the tutorial's model (``WordLM``) computes the same thing."""
-        return self == Regularization(keep_prob=self.keep_prob)
-
-    @property
-    def locked(self) -> tuple[float, float, float]:
-        return self.locked_dropout_input, self.locked_dropout_hidden, self.locked_dropout_output
 
 
 def locked_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -79,54 +49,48 @@ def run_layer(layer: nn.LSTM, x: torch.Tensor, state: Optional[LayerState], weig
 
 
 class RegularizedLM(nn.Module):
-    """Embedding -> LSTM layers -> softmax, regularized as :class:`Regularization` says."""
+    """Embedding -> LSTM layers -> softmax, sized and regularized by the config's fields."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_size: int,
-        num_layers: int,
-        reg: Regularization = Regularization(),
-        init_scale: float = 0.1,
-    ):
+    def __init__(self, config: PTBConfig):
         super().__init__()
-        self.vocab_size, self.num_layers, self.reg = vocab_size, num_layers, reg
-        self.output_size = reg.embedding_size or hidden_size
-        self.embedding = nn.Embedding(vocab_size, self.output_size)
-        sizes = [self.output_size] + [hidden_size] * (num_layers - 1) + [self.output_size]
-        self.layers = nn.ModuleList(nn.LSTM(sizes[i], sizes[i + 1]) for i in range(num_layers))
-        self.decoder = nn.Linear(self.output_size, vocab_size)
-        if reg.tied:
+        self.config, self.vocab_size, self.num_layers = config, config.vocab_size, config.num_layers
+        self.output_size = config.embedding_size or config.hidden_size
+        self.embedding = nn.Embedding(config.vocab_size, self.output_size)
+        sizes = [self.output_size] + [config.hidden_size] * (config.num_layers - 1) + [self.output_size]
+        self.layers = nn.ModuleList(nn.LSTM(sizes[i], sizes[i + 1]) for i in range(config.num_layers))
+        self.decoder = nn.Linear(self.output_size, config.vocab_size)
+        if config.tied:
             self.decoder.weight = self.embedding.weight
-        self._initialize(init_scale)
+        self._initialize(config.init_scale)
 
     def _initialize(self, init_scale: float) -> None:
-        if self.reg.init == "uniform":  # WordLM's: every parameter, in the same order
+        if self.config.init == "uniform":  # WordLM's: every parameter, in the same order
             for param in self.parameters():
                 nn.init.uniform_(param, -init_scale, init_scale)
             return
         # AWD-LSTM: embedding and softmax weights U(+-init_scale), softmax bias 0, and each
         # LSTM PyTorch's default U(+-1/sqrt(units)), which nn.LSTM already drew.
         nn.init.uniform_(self.embedding.weight, -init_scale, init_scale)
-        if not self.reg.tied:
+        if not self.config.tied:
             nn.init.uniform_(self.decoder.weight, -init_scale, init_scale)
         nn.init.zeros_(self.decoder.bias)
 
     def _drop(self, x: torch.Tensor, locked_p: float) -> torch.Tensor:
         if not self.training:
             return x
-        if self.reg.keep_prob < 1.0:
-            return F.dropout(x, 1.0 - self.reg.keep_prob, training=True)
+        if self.config.keep_prob < 1.0:
+            return F.dropout(x, 1.0 - self.config.keep_prob, training=True)
         return locked_dropout(x, locked_p)
 
     def run(self, inputs: torch.Tensor, state: Optional[State] = None):
         """(the last layer's dropped output, the final state, its raw output) of (batch, T) word ids."""
-        p_in, p_hidden, p_out = self.reg.locked
-        p_words = self.reg.embedding_dropout if self.training else 0.0
+        c = self.config
+        p_in, p_hidden, p_out = c.locked_dropout_input, c.locked_dropout_hidden, c.locked_dropout_output
+        p_words = c.embedding_dropout if self.training else 0.0
         x = self._drop(embedding_dropout(self.embedding, inputs.t(), p_words), p_in)
         new_state = []
         for i, layer in enumerate(self.layers):
-            x, layer_state = run_layer(layer, x, None if state is None else state[i], self.reg.weight_drop)
+            x, layer_state = run_layer(layer, x, None if state is None else state[i], c.weight_drop)
             new_state.append(layer_state)
             raw = x
             x = self._drop(x, p_hidden if i < self.num_layers - 1 else p_out)
@@ -139,17 +103,17 @@ class RegularizedLM(nn.Module):
         out, state, raw = self.run(inputs, state)
         h = out.reshape(-1, self.output_size)
         loss, loss_sum = linear_cross_entropy(h, self.decoder.weight, self.decoder.bias, targets.t().reshape(-1), scale)
-        if self.training and (self.reg.ar or self.reg.tar):
+        if self.training and (self.config.ar or self.config.tar):
             loss = loss + scale * targets.numel() * self.activation_penalty(out, raw)
         return loss, loss_sum, state
 
     def activation_penalty(self, dropped: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """AR + TAR per token (AWD-LSTM's ``alpha`` and ``beta`` terms)."""
         penalty = dropped.new_zeros(())
-        if self.reg.ar:
-            penalty = penalty + self.reg.ar * dropped.pow(2).mean()
-        if self.reg.tar and raw.shape[0] > 1:
-            penalty = penalty + self.reg.tar * (raw[1:] - raw[:-1]).pow(2).mean()
+        if self.config.ar:
+            penalty = penalty + self.config.ar * dropped.pow(2).mean()
+        if self.config.tar and raw.shape[0] > 1:
+            penalty = penalty + self.config.tar * (raw[1:] - raw[:-1]).pow(2).mean()
         return penalty
 
     @torch.no_grad()

@@ -1,7 +1,10 @@
-"""Built-in tasks; importing this package registers them."""
+"""Built-in tasks. :func:`register_builtin` imports them, which registers them; importing this
+package alone imports none, so that a task's config module (``ptb_config``) reads without torch."""
 
-from lstm.tasks import (
-    char,  # noqa: F401
-    ptb,  # noqa: F401
-    rectangle,  # noqa: F401
-)
+
+def register_builtin() -> None:
+    from lstm.tasks import (
+        char,  # noqa: F401
+        ptb,  # noqa: F401
+        rectangle,  # noqa: F401
+    )

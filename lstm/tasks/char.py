@@ -3,8 +3,8 @@
 As the example: the lower-cased corpus in 40-character windows every 3, each predicting the
 next character; LSTM(128), softmax, Adam (lr 0.01), batch 128; samples at four diversities
 after every epoch. Beyond it: windows are indexed, never one-hot arrays; the tail 10% is held
-out (bits per character each epoch); a checkpoint carries its vocabulary, so
-:func:`sample_from_checkpoint` needs no corpus. ``batch_size`` is global: each rank takes its
+out (bits per character each epoch); a checkpoint carries its vocabulary, so sampling it
+(:mod:`lstm.tasks.char_trained`) needs no corpus. ``batch_size`` is global: each rank takes its
 share of one epoch-wide permutation, the same number of steps on every rank.
 """
 
@@ -21,14 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lstm import checkpoint as ckpt
 from lstm import config as cfg
 from lstm.config import TaskConfig, check_fields, positive_finite
 from lstm.data import text as textdata
-from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
 from lstm.models.char import CharLSTM
-from lstm.task import StepOutput, Task, register
+from lstm.task import Display, Search, StepOutput, Task, register
 
 LN2 = math.log(2.0)
 SAMPLE_SEED_OFFSET = 7_777  # keeps the sampling generators apart from the data-order ones
@@ -125,6 +123,29 @@ class CharData:
 LOSS_LIMIT_TIMES_UNIFORM = 10  # a mean loss this many times a uniform guess's (ln chars) has diverged
 
 
+def epoch_line(m: Mapping[str, Any]) -> str:
+    return (
+        f"epoch {m['epoch']:>3}/{m['epochs']} | train_bpc {m['train_bpc']:.4f} | "
+        f"valid_bpc {m['valid_bpc']:.4f} | windows/sec {m.get('windows_per_sec', 0):,.0f} | "
+        f"train {m.get('train_s', 0):.1f}s | elapsed {m.get('elapsed_s', 0):.1f}s"
+    )
+
+
+def plot(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    from lstm import plots
+
+    config = results.get("config", {})
+    source = config.get("corpus") or config.get("corpus_name", "")
+    return [
+        plots.learning_curves(
+            results["epochs"],
+            [("bits per char", ["train_bpc", "valid_bpc"])],
+            out_dir / "learning_curve.png",
+            title=f"char LSTM({config.get('hidden_size')}) on {os.path.basename(source)}",
+        )
+    ]
+
+
 @register
 class CharTask(Task):
     name = "char"
@@ -135,11 +156,14 @@ class CharTask(Task):
     }
     default_preset = "keras"
     sample_unit = "windows"
-    epochs_field = "epochs"
-    primary_metric = "valid_bpc"
     # Around the Keras example's LSTM(128) and Adam at 0.01.
-    search_space = {"hidden_size": "64,128,256", "learning_rate": "log:0.002:0.02"}
-    pbt_mutations = ("learning_rate",)
+    search = Search(
+        "epochs",
+        "valid_bpc",
+        space={"hidden_size": "64,128,256", "learning_rate": "log:0.002:0.02"},
+        pbt_mutations=("learning_rate",),
+    )
+    display = Display(epoch_line, plot)
     config: CharConfig
 
     # ------------------------------------------------------------------ driver side
@@ -164,29 +188,6 @@ class CharTask(Task):
                 f"the corpus has {windows} training windows, fewer than the {num_workers} workers; "
                 "use a longer corpus or fewer workers"
             )
-
-    @staticmethod
-    def format_epoch_line(m: Mapping[str, Any]) -> str:
-        return (
-            f"epoch {m['epoch']:>3}/{m['epochs']} | train_bpc {m['train_bpc']:.4f} | "
-            f"valid_bpc {m['valid_bpc']:.4f} | windows/sec {m.get('windows_per_sec', 0):,.0f} | "
-            f"train {m.get('train_s', 0):.1f}s | elapsed {m.get('elapsed_s', 0):.1f}s"
-        )
-
-    @classmethod
-    def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-        from lstm import plots
-
-        config = results.get("config", {})
-        source = config.get("corpus") or config.get("corpus_name", "")
-        return [
-            plots.learning_curves(
-                results["epochs"],
-                [("bits per char", ["train_bpc", "valid_bpc"])],
-                out_dir / "learning_curve.png",
-                title=f"char LSTM({config.get('hidden_size')}) on {os.path.basename(source)}",
-            )
-        ]
 
     # ------------------------------------------------------------------ data
     def setup(self, data: str) -> None:
@@ -281,66 +282,3 @@ class CharTask(Task):
                 f"new: {''.join(extra)!r}, missing: {''.join(lacking)!r}); resume with the corpus it was "
                 "trained on, or start a new run with another --name"
             )
-
-
-# --------------------------------------------------------------------------- sampling a saved run
-
-
-@dataclass
-class TrainedCharLM:
-    """A char run's model, loaded to sample from."""
-
-    model: CharLSTM
-    vocab: Vocabulary
-    config: CharConfig
-
-
-def load_trained(location: str | os.PathLike) -> TrainedCharLM:
-    """The model of a char checkpoint (:func:`lstm.checkpoint.load`); one-line UserError for anything else."""
-    return trained_from(ckpt.load(location, label=CharTask.name))
-
-
-def trained_from(contents: ckpt.Contents) -> TrainedCharLM:
-    """:func:`load_trained` of a checkpoint already read."""
-    config = ckpt.task_config(contents, CharTask)
-    vocab = ckpt.vocabulary(contents, CharTask.name)
-    model = CharLSTM(len(vocab), config.hidden_size)
-    ckpt.load_model(model, contents)
-    return TrainedCharLM(model.eval(), vocab, config)
-
-
-def check_sampling(seed_text: str, temperature: float, length: int) -> None:
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise UserError(f"--temperature must be positive (got {temperature})")
-    if length <= 0:
-        raise UserError(f"--length must be positive (got {length})")
-    if not seed_text:
-        raise UserError("--seed-text is empty; pass some text for the model to continue")
-
-
-def sample_from_checkpoint(
-    location: str | os.PathLike, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
-) -> str:
-    """``length`` characters continuing ``seed_text``, from a run folder or checkpoint
-    (:func:`lstm.checkpoint.load`); UserError for another task's checkpoint, a bad
-    temperature or length, or characters the vocabulary lacks."""
-    check_sampling(seed_text, temperature, length)
-    return sample(load_trained(location), seed_text, temperature=temperature, length=length, seed=seed)
-
-
-def sample(
-    trained: TrainedCharLM, seed_text: str, *, temperature: float = 0.5, length: int = 400, seed: int = 0
-) -> str:
-    """:func:`sample_from_checkpoint` with a model already loaded."""
-    check_sampling(seed_text, temperature, length)
-    config, vocab = trained.config, trained.vocab
-    text = seed_text.lower() if config.lowercase else seed_text
-    codes = torch.from_numpy(vocab.encode(list(text), what="--seed-text", unit="character"))
-    gen = torch.Generator().manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one window at a time: extra threads only contend (100x slower on a busy CPU)
-    try:
-        out = trained.model.generate(codes[None], [temperature], length, window=config.window, generator=gen)
-    finally:
-        torch.set_num_threads(threads)
-    return "".join(vocab.decode(out[0].tolist()))

@@ -11,7 +11,6 @@ they are (``valid_width_std``/``valid_height_std``: 0 for the dense head, > 0 fo
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -20,12 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lstm import checkpoint as ckpt
 from lstm.config import TaskConfig, check_fields, positive_finite
 from lstm.data import shapes
 from lstm.errors import UserError
 from lstm.models.shape import ShapeLSTM
-from lstm.task import StepOutput, Task, register
+from lstm.task import Display, Search, StepOutput, Task, register
 
 VALID_SEED_OFFSET = 1_000_003
 
@@ -100,6 +98,52 @@ class ShapeData:
 LOSS_LIMIT = 1000.0  # per point: an MAE or NLL no training model of unit-square shapes reaches
 
 
+def epoch_line(m: Mapping[str, Any]) -> str:
+    return (
+        f"epoch {m['epoch']:>2}/{m['epochs']} | train_loss {m['train_loss']:.4f} | "
+        f"valid_loss {m['valid_loss']:.4f} | consistency {m['valid_consistency']:.4f} | "
+        f"width_std {m['valid_width_std']:.3f} height_std {m['valid_height_std']:.3f} | "
+        f"shapes/sec {m['shapes_per_sec']:,.0f} | elapsed {m['elapsed_s']:.1f}s"
+    )
+
+
+def plot(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    from lstm import plots
+
+    config, epochs = results["config"], results["epochs"]
+    steps = [s for e in epochs for s in e.get("steps", [])]
+    rows = [(f"after {s['snapshot']:,}", s["shapes"]) for s in steps if "snapshot" in s]
+    if epochs and epochs[-1].get("extras", {}).get("shapes"):
+        rows.append((f"final ({epochs[-1]['samples_seen']:,})", epochs[-1]["extras"]["shapes"]))
+    limits = shape_limits(config["shape"])
+    made = []
+    title = f"{config['shape']} ({config['head']} head): generated from [0, 0]"
+    if rows and config["head"] == "dense":  # deterministic: every draw is the same shape
+        made.append(
+            plots.shape_series([(label, s[0]) for label, s in rows], out_dir / "shapes_grid.png", limits, title=title)
+        )
+    elif rows:
+        made.append(plots.shape_grid(rows, out_dir / "shapes_grid.png", limits, title=title))
+    dense = config["head"] == "dense"
+    made.append(
+        plots.xy_curve(
+            {
+                "consistency error (64 generated shapes)": [(s["examples"], s["consistency"]) for s in steps],
+                "valid consistency (per epoch)": [(e["samples_seen"], e["valid_consistency"]) for e in epochs],
+                "train loss": [(e["samples_seen"], e["train_loss"]) for e in epochs] if dense else [],
+                "valid loss": [(e["samples_seen"], e["valid_loss"]) for e in epochs] if dense else [],
+            },
+            out_dir / "learning_curve.png",
+            xlabel="training examples",
+            ylabel="error",
+            title=f"{config['shape']} learning curve",
+            log_x=True,
+            log_y=True,
+        )
+    )
+    return made
+
+
 @register
 class RectangleTask(Task):
     name = "rectangle"
@@ -120,11 +164,14 @@ class RectangleTask(Task):
     default_preset = "chapter"
     sample_unit = "shapes"
     max_threads = 1  # one shape of a few points at a time: a second thread only adds overhead (65 s -> 49 s)
-    epochs_field = "epochs"
-    primary_metric = "valid_consistency"
     # A 10-unit model of a few points: small hidden sizes, and Adam's learning rate around the chapter's.
-    search_space = {"hidden_size": "4,8,16,32", "learning_rate": "log:0.0003:0.01"}
-    pbt_mutations = ("learning_rate",)
+    search = Search(
+        "epochs",
+        "valid_consistency",
+        space={"hidden_size": "4,8,16,32", "learning_rate": "log:0.0003:0.01"},
+        pbt_mutations=("learning_rate",),
+    )
+    display = Display(epoch_line, plot)
     config: ShapeConfig
 
     @classmethod
@@ -134,15 +181,6 @@ class RectangleTask(Task):
                 f"{config.examples} examples over {config.epochs} epochs and {num_workers} workers leave "
                 f"fewer than one batch of {config.batch_size} per worker; raise --examples"
             )
-
-    @staticmethod
-    def format_epoch_line(m: Mapping[str, Any]) -> str:
-        return (
-            f"epoch {m['epoch']:>2}/{m['epochs']} | train_loss {m['train_loss']:.4f} | "
-            f"valid_loss {m['valid_loss']:.4f} | consistency {m['valid_consistency']:.4f} | "
-            f"width_std {m['valid_width_std']:.3f} height_std {m['valid_height_std']:.3f} | "
-            f"shapes/sec {m['shapes_per_sec']:,.0f} | elapsed {m['elapsed_s']:.1f}s"
-        )
 
     # ------------------------------------------------------------------ data
     def setup(self, data: Any) -> None:
@@ -257,46 +295,6 @@ class RectangleTask(Task):
         pts = model.generate(6, self.data.length, sample=True, generator=gen, device=self.worker.device).cpu().numpy()
         return {"shapes": np.round(pts, 4).tolist()}
 
-    # ------------------------------------------------------------------ plots (driver)
-    @classmethod
-    def plot(cls, results: Mapping[str, Any], out_dir: Path) -> list[Path]:
-        from lstm import plots
-
-        config, epochs = results["config"], results["epochs"]
-        steps = [s for e in epochs for s in e.get("steps", [])]
-        rows = [(f"after {s['snapshot']:,}", s["shapes"]) for s in steps if "snapshot" in s]
-        if epochs and epochs[-1].get("extras", {}).get("shapes"):
-            rows.append((f"final ({epochs[-1]['samples_seen']:,})", epochs[-1]["extras"]["shapes"]))
-        limits = shape_limits(config["shape"])
-        made = []
-        title = f"{config['shape']} ({config['head']} head): generated from [0, 0]"
-        if rows and config["head"] == "dense":  # deterministic: every draw is the same shape
-            made.append(
-                plots.shape_series(
-                    [(label, s[0]) for label, s in rows], out_dir / "shapes_grid.png", limits, title=title
-                )
-            )
-        elif rows:
-            made.append(plots.shape_grid(rows, out_dir / "shapes_grid.png", limits, title=title))
-        dense = config["head"] == "dense"
-        made.append(
-            plots.xy_curve(
-                {
-                    "consistency error (64 generated shapes)": [(s["examples"], s["consistency"]) for s in steps],
-                    "valid consistency (per epoch)": [(e["samples_seen"], e["valid_consistency"]) for e in epochs],
-                    "train loss": [(e["samples_seen"], e["train_loss"]) for e in epochs] if dense else [],
-                    "valid loss": [(e["samples_seen"], e["valid_loss"]) for e in epochs] if dense else [],
-                },
-                out_dir / "learning_curve.png",
-                xlabel="training examples",
-                ylabel="error",
-                title=f"{config['shape']} learning curve",
-                log_x=True,
-                log_y=True,
-            )
-        )
-        return made
-
 
 def rectangle_terms_torch(points: torch.Tensor) -> torch.Tensor:
     """Differentiable :func:`lstm.data.shapes.rectangle_terms` for the auxiliary loss."""
@@ -317,36 +315,3 @@ def points_per_shape(config: ShapeConfig) -> int:
     """How many points one shape of ``config`` has (its outline, from [0, 0] back to it)."""
     family = shapes.get_family(config.shape)
     return len(family.outline(family.sample_params(np.random.default_rng(0), 1), config.points_per_edge)[0])
-
-
-# --------------------------------------------------------------------------- drawing from a saved run
-
-
-@dataclass
-class TrainedShapes:
-    """A rectangle run's model, loaded to draw with."""
-
-    model: ShapeLSTM
-    config: ShapeConfig
-
-
-def load_trained(location: str | os.PathLike) -> TrainedShapes:
-    """The model of a rectangle checkpoint (:func:`lstm.checkpoint.load`); one-line UserError otherwise."""
-    return trained_from(ckpt.load(location, label=RectangleTask.name))
-
-
-def trained_from(contents: ckpt.Contents) -> TrainedShapes:
-    """:func:`load_trained` of a checkpoint already read."""
-    config = ckpt.task_config(contents, RectangleTask)
-    model = RectangleTask(config).build_model()
-    ckpt.load_model(model, contents)
-    return TrainedShapes(model.eval(), config)
-
-
-def draw(trained: TrainedShapes, n: int = 6, *, sample: bool = True, seed: int = 0) -> list[list[list[float]]]:
-    """``n`` shapes drawn from [0, 0] as lists of [x, y] (``sample=False``: the head's mean shape)."""
-    if n < 1:
-        raise UserError(f"n must be >= 1 (got {n})")
-    generator = torch.Generator().manual_seed(seed)
-    points = trained.model.generate(n, points_per_shape(trained.config), sample=sample, generator=generator)
-    return np.round(points.numpy(), 6).tolist()

@@ -29,7 +29,8 @@ from lstm.errors import UserError
 from lstm.models.char import sample_with_temperature
 from lstm.optim import load_averages
 from lstm.task import perplexity
-from lstm.tasks.ptb import PTBConfig, PTBTask
+from lstm.tasks.ptb import PTBTask
+from lstm.tasks.ptb_config import PTBConfig
 
 UNK = "<unk>"
 
