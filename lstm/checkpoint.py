@@ -22,7 +22,8 @@ from lstm import config as cfg
 from lstm import storage
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
-from lstm.io import atomic_torch_save, atomic_write_json, sha256_file
+from lstm.storage import atomic_torch_save, atomic_write_json
+from lstm.user_files import sha256_file
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"

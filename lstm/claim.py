@@ -73,7 +73,7 @@ def claims(folder: str) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     claims_dir = storage.join(folder, CLAIMS_DIR)
     for name in storage.list_dir(claims_dir):
-        if name.startswith("."):  # a local claim still being written (lstm.io.atomic_write)
+        if name.startswith("."):  # a local claim still being written (lstm.storage.atomic_write)
             continue
         location = storage.join(claims_dir, name)
         try:

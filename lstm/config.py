@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Collection, Mapping, Optional, Sequence, Type, TypeVar
 
-from lstm import io
+from lstm import user_files
 from lstm.errors import UserError
 from lstm.storage import NAME_RULE
 
@@ -225,7 +225,7 @@ JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON config file (a dict of field -> value; optional 'task' and 'preset')."""
     p = Path(path).expanduser()
-    text = io.read_text(p, what="config file", fix=CONFIG_FILE_FIX)
+    text = user_files.read_text(p, what="config file", fix=CONFIG_FILE_FIX)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

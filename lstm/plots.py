@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import PathPatch  # noqa: E402
 from matplotlib.path import Path as MplPath  # noqa: E402
 
-from lstm.io import atomic_write  # noqa: E402
+from lstm.storage import atomic_write  # noqa: E402
 
 
 def save(fig: "plt.Figure", path: Path) -> Path:

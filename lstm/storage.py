@@ -1,9 +1,12 @@
-"""Run and search folders, local or remote (``s3://``): naming them, every read and write in them.
+"""Where the project writes: run and search folders, local or remote (``s3://``), naming them and
+every read and write in them, and the atomic local writes beneath them.
 
-All of it goes through :mod:`pyarrow.fs`, as Ray's ``storage_path`` does, query options
+A folder's reads and writes go through :mod:`pyarrow.fs`, as Ray's ``storage_path`` does, query options
 included (:func:`display` prints them, so a printed folder can be passed back). A URI carrying
 credentials is refused; S3 errors of a known cause are one line; a write is whole or absent.
 The default root is absolute, so a job under ``ray job submit`` writes where its user finds it.
+An atomic local write goes to a temporary file beside its target, is fsynced and renamed over
+it, so a reader sees the old file or the new one.
 """
 
 from __future__ import annotations
@@ -18,17 +21,65 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lstm.errors import UserError
-from lstm.io import atomic_write, jsonable
 
 DEFAULT_ROOT = "~/lstm-ray/runs"
 STORAGE_ENV = "LSTM_RAY_STORAGE"
+
+
+# --------------------------------------------------------------------------- atomic local writes
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=jsonable) + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def jsonable(obj: Any) -> Any:
+    """``json.dumps`` default for numpy/torch scalars and arrays, and paths."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------- run and search folders
 
 
 def is_remote(path: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, own_lines
 
-from lstm import cluster, io
+from lstm import cluster, user_files
 from lstm import config as cfg
 from lstm.cli import train_main
 from lstm.errors import UserError, run_cli
@@ -293,14 +293,14 @@ def test_lstm_data_dir_is_named_when_it_is_a_file(files, capsys, monkeypatch):
 def test_read_text_drops_a_byte_order_mark_and_reports_an_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "bom.txt"
     path.write_bytes(b"\xef\xbb\xbfword\r\n")
-    assert io.read_text(path, what="x", fix="y") == "word\n"
+    assert user_files.read_text(path, what="x", fix="y") == "word\n"
 
     def denied(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(UserError, match=r"^cannot read --text \S+ \(Permission denied\); check its permissions, or y$"):
-        io.read_text(path, what="--text", fix="y")
+        user_files.read_text(path, what="--text", fix="y")
 
 
 GPU_FIX = "needs --gpu (without it the workers use no GPU); add --gpu, or drop --gpus-per-worker"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lstm import io
+from lstm import user_files
 from lstm.errors import UserError
 
 CHUNK = 1 << 20
@@ -100,7 +100,7 @@ def locate(
         ds = dataclasses.replace(ds, url=mirror)
     explicit = data_dir or os.environ.get("LSTM_DATA_DIR")
     if explicit:
-        folder = io.existing_folder(
+        folder = user_files.existing_folder(
             explicit,
             what="--data-dir" if data_dir else "$LSTM_DATA_DIR",
             fix=f"pass --data-dir with a folder that holds {', '.join(ds.files)}, or omit it to download {ds.url}",
@@ -134,13 +134,13 @@ def fetch(ds: Dataset, target: Path, *, timeout: float = 60.0) -> None:
         out = staging / "files"
         out.mkdir()
         if ds.archive_members:
-            if ds.archive_sha256 and io.sha256_file(blob) != ds.archive_sha256:
+            if ds.archive_sha256 and user_files.sha256_file(blob) != ds.archive_sha256:
                 raise UserError(f"the download of {ds.url} is corrupt (sha256 mismatch); try again or pass --data-dir")
             _extract(blob, ds, out)
         else:
             (out / next(iter(ds.files))).write_bytes(normalise_text(blob.read_bytes()))
         for name, digest in ds.files.items():
-            got = io.sha256_file(out / name)
+            got = user_files.sha256_file(out / name)
             if got != digest:
                 raise UserError(
                     f"the download of {ds.url} is corrupt: {name} has sha256 {got[:12]}..., "

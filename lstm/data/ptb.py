@@ -15,7 +15,7 @@ from typing import Iterator, TypeVar
 
 import numpy as np
 
-from lstm import io
+from lstm import user_files
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
 
@@ -36,7 +36,7 @@ def file_name(split: str) -> str:
 def read_text(path: str | os.PathLike, *, require_newline: bool = False) -> str:
     """The text of a data file, with one-line errors for a missing, empty or unreadable file."""
     fix = f"pass --data-dir with a folder holding plain-text {', '.join(file_name(s) for s in SPLITS)}"
-    text = io.read_text(path, what="data file", fix=fix)
+    text = user_files.read_text(path, what="data file", fix=fix)
     if not text.split():
         raise UserError(f"data file {path} is empty; pass --data-dir with a folder of non-empty PTB files")
     if require_newline and "\n" not in text:

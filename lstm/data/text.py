@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from lstm import io
+from lstm import user_files
 from lstm.data.download import locate
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
@@ -41,7 +41,7 @@ def corpus_path(corpus: str, corpus_name: str, data_dir: Optional[str | os.PathL
 
 def read_corpus(path: str | os.PathLike) -> str:
     """The text of ``path`` (UTF-8, without a BOM). UserError if it is missing, unreadable or empty."""
-    text = io.read_text(
+    text = user_files.read_text(
         path, what="corpus file", fix="pass --corpus with a text file (or omit it to use the Nietzsche text)"
     )
     if not text:

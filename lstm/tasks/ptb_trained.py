@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lstm import checkpoint as ckpt
-from lstm import dynamic_eval, io, storage
+from lstm import dynamic_eval, storage, user_files
 from lstm.data import ptb
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
@@ -72,7 +72,7 @@ def one_thread() -> Iterator[None]:
 
 def read_words(path: str | os.PathLike) -> list[str]:
     """The PTB tokens of a text file (one-line errors for a missing, unreadable or empty file)."""
-    text = io.read_text(path, what="--text", fix="pass the path of a UTF-8 text file to score")
+    text = user_files.read_text(path, what="--text", fix="pass the path of a UTF-8 text file to score")
     return enough_words(ptb.tokenize(text), f"--text {path}")
 
 

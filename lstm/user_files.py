@@ -1,17 +1,10 @@
-"""Local files: those a user names, read with one-line errors, and atomic writes.
-
-An atomic write goes to a temporary file beside its target, is fsynced and renamed over it,
-so a reader sees the old file or the new one.
-"""
+"""Files a user names (data files, texts, config files): read with one-line errors, checksummed."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 from lstm.errors import UserError
 
@@ -44,38 +37,6 @@ def existing_folder(path: str | os.PathLike, *, what: str, fix: str) -> Path:
     return p
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text), mode="w")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=jsonable) + "\n")
-
-
-def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
-    import torch
-
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def sha256_file(path: str | os.PathLike) -> str:
     """The hex SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
@@ -83,14 +44,3 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def jsonable(obj: Any) -> Any:
-    """``json.dumps`` default for numpy/torch scalars and arrays, and paths."""
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
