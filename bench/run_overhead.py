@@ -216,7 +216,7 @@ def medians(rows: list[dict[str, float]]) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="the folder of ptb.{train,valid,test}.txt")
     p.add_argument("--repeats", type=int, default=2, help="ABBA blocks (each runs every mode twice)")
@@ -231,6 +231,11 @@ def main() -> None:
     args = p.parse_args()
     if args.baseline and not (args.baseline / "jobs" / "ptb.py").is_file():
         sys.exit(f"error: --baseline {args.baseline} has no jobs/ptb.py; pass a checkout of this project")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     temp_dir = Path(tempfile.mkdtemp(prefix="lstm-oh-", dir="/tmp"))  # short: Ray's socket paths
     token = temp_dir / "auth_token"
     token.write_text(secrets.token_hex(32))

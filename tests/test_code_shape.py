@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO
 
 PACKAGES = ("lstm", "tune")
+SCRIPTS = ("bench",)  # checked for function length and private Ray imports as well
 MAX_FUNCTION_LINES = 60
 
 
@@ -28,6 +29,10 @@ def modules() -> dict[str, Path]:
             parts = list(path.relative_to(REPO).with_suffix("").parts)
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
+
+
+def scripts() -> dict[str, Path]:
+    return {p.relative_to(REPO).as_posix(): p for folder in SCRIPTS for p in (REPO / folder).rglob("*.py")}
 
 
 def parsed(path: Path) -> ast.Module:
@@ -86,7 +91,7 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 def test_no_function_is_longer_than_a_screen():
     long = [
         (f"{m}.{node.name}", node.end_lineno - node.lineno + 1)
-        for m, p in modules().items()
+        for m, p in {**modules(), **scripts()}.items()
         for node in ast.walk(parsed(p))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
@@ -181,7 +186,7 @@ def test_private_ray_modules_are_reached_only_through_lstm_ray_private_behind_a_
     """Private Ray modules are imported in lstm/ray_private.py alone, inside its strict
     accessors (``reach_*``), and the library calls those only inside a ``try`` that degrades to
     a warning (tests/test_ray_private.py calls them strictly)."""
-    imports = {m: found for m, p in modules().items() if (found := private_ray_imports(parsed(p)))}
+    imports = {m: found for m, p in {**modules(), **scripts()}.items() if (found := private_ray_imports(parsed(p)))}
     assert set(imports) == {"lstm.ray_private"}
     assert {name for _, name in imports["lstm.ray_private"]} <= {
         name for name in dir(__import__("lstm.ray_private", fromlist=["x"])) if name.startswith("reach_")
