@@ -50,8 +50,11 @@ PAUSE_LIMIT_S, RUN_LIMIT_S = 150, 600
 def cluster(rect_base):
     """The cluster, once the single-node run it is compared with is done."""
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    # Each node's dashboard agent listens on a port the OS picks: on Ray's fixed 52365 all but
+    # one would retry for 3.4 s before their node registers.
+    free_agent_port = {"dashboard_agent_listen_port": 0}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **free_agent_port})
+    nodes = [cluster.add_node(num_cpus=1, **free_agent_port) for _ in range(3)]
     cluster.wait_for_nodes()
     env = {**WORKER_ENV, TRAIN_POLL_ENV: TRAIN_POLL_S, "RAY_ADDRESS": cluster.address}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, logging_level="WARNING")
