@@ -49,12 +49,33 @@ RAY_COMMAND_S = 600
 SERVER_START_S = 300
 
 
-def free_port() -> int:
+# Ports a test server or Ray instance is told to use come from below Linux's ephemeral range
+# (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default): a port the kernel handed out
+# for bind(0) is free again once closed, and any process's next bind(0) or outgoing connection
+# may take it before the server binds it (a Ray head then loses a process and stops).
+UNEPHEMERAL_PORTS = range(20000, 32000)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports below the ephemeral range that nothing on 127.0.0.1 holds now."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    found: list[int] = []
+    while len(found) < n:
+        port = random.choice(UNEPHEMERAL_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in found:
+            found.append(port)
+    return found
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 # Each test process (pytest-xdist runs two) keeps its Ray files under a temp dir of its own. A

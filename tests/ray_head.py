@@ -32,7 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from conftest import QUICK_COMMAND_S, RAY_COMMAND_S, REPO, SERVER_START_S, TRAIN_POLL_ENV, TRAIN_POLL_S, wait_for_http
+from conftest import (
+    QUICK_COMMAND_S,
+    RAY_COMMAND_S,
+    REPO,
+    SERVER_START_S,
+    TRAIN_POLL_ENV,
+    TRAIN_POLL_S,
+    free_ports,
+    wait_for_http,
+)
 from processes import process_table
 
 # For all the jobs at once: measured 60 to 80 s on 2 busy cores, the limit is 7x that (conftest).
@@ -60,19 +69,6 @@ def suite_jobs(storage: Path, ptb_dir: Path) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- ports
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 # --------------------------------------------------------------------------- processes
