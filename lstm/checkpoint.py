@@ -22,7 +22,7 @@ from lstm import config as cfg
 from lstm import storage
 from lstm.data.vocab import Vocabulary
 from lstm.errors import UserError
-from lstm.storage import atomic_torch_save, atomic_write_json
+from lstm.storage import atomic_torch_save, write_json
 from lstm.user_files import sha256_file
 
 MODEL_FILE = "model.pt"
@@ -66,7 +66,7 @@ def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, st
     """Write model, optimizer and state into the local folder ``directory``, then the manifest."""
     atomic_torch_save(directory / MODEL_FILE, unwrap(model).state_dict())
     atomic_torch_save(directory / OPTIMIZER_FILE, optimizer.state_dict())
-    atomic_write_json(directory / STATE_FILE, state)
+    write_json(str(directory / STATE_FILE), state)
     write_manifest(directory, int(state["epoch"]))
 
 
@@ -75,7 +75,7 @@ def write_manifest(directory: Path, epoch: int) -> None:
     files = {
         name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)} for name in FILES
     }
-    atomic_write_json(directory / MANIFEST_FILE, {"format": FORMAT, "epoch": epoch, "files": files})
+    write_json(str(directory / MANIFEST_FILE), {"format": FORMAT, "epoch": epoch, "files": files})
 
 
 # --------------------------------------------------------------------------- reading one folder

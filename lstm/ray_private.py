@@ -13,6 +13,7 @@ autoscaler, and free a search's stopped trials' workers without a dashboard.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -201,7 +202,7 @@ def reach_head_node_starts() -> type:
             raise ImportError(f"ray._private.node.Node has no {method}")
     from ray._private.parameter import RayParams
 
-    if "dashboard_agent_listen_port" not in vars(RayParams()):
+    if "dashboard_agent_listen_port" not in inspect.signature(RayParams).parameters:
         raise ImportError("ray._private.parameter.RayParams has no dashboard_agent_listen_port")
     return Node
 
