@@ -4,7 +4,8 @@ Each degrades to one warning if a Ray upgrade moves what it relies on, and has a
 accessor (``reach_*``) that raises instead, which tests/test_ray_private.py calls, so an
 upgrade that breaks a workaround fails a test. They save: a Ray Data actor per run, torch in
 a one-CPU-worker run's controller, and on a job's own instance a placement-group cleaner and an
-autoscaling coordinator (:func:`slim_trainer`); an INFO line per report, a second at a local
+autoscaling coordinator (:func:`slim_trainer`); the epochs a search trial reported since the
+last sync when it starts again (tune.trial_logs); an INFO line per report, a second at a local
 instance's exit, the wait for Ray Train's actors, and a local instance's waits for its dashboard and for a
 port another instance holds; they find the latest ``ray start`` and an
 autoscaler, and free a search's stopped trials' workers without a dashboard.
@@ -32,6 +33,29 @@ def _warn_once(what: str, error: BaseException) -> None:
     if what not in _warned:
         _warned.add(what)
         logger.warning("%s (%s: %s)", what, type(error).__name__, error)
+
+
+# --------------------------------------------------------------------------- Tune's trial files
+
+
+def reach_trial_log_restore() -> str:
+    """The method of Tune's ``result.json`` and ``progress.csv`` writers that copies a trial's
+    file from the storage path when the trial starts from a checkpoint (tune.trial_logs
+    overrides it to keep the driver's newer copy)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    name = "_restore_from_remote"
+    for writer in (JsonLoggerCallback, CSVLoggerCallback):
+        if not callable(getattr(writer, name, None)):
+            raise ImportError(f"{writer.__name__}.{name} is gone")
+    return name
+
+
+def check_trial_log_restore() -> None:
+    try:
+        reach_trial_log_restore()
+    except ImportError as e:
+        _warn_once("a search trial that starts again may lose the epochs reported since the last sync", e)
 
 
 # --------------------------------------------------------------------------- Ray Train's driver

@@ -167,3 +167,7 @@ def test_a_local_instance_starts_its_dashboard_alongside_its_raylet_and_its_agen
     assert started_in == {"start_api_server": "ray-dashboard-start", "start_ray_processes": "MainThread"}
     assert result["url"] and result["status"] in (200, 401) and result["worker"] > 0
     assert result["agent"] not in (0, 52365) and not result["retried"]
+
+
+def test_tunes_trial_file_writers_still_restore_through_the_method_the_search_overrides():
+    assert ray_private.reach_trial_log_restore() == "_restore_from_remote"

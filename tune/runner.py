@@ -34,6 +34,7 @@ from tune.bridge import Mailbox, relay_reports
 from tune.schedulers import make_scheduler
 from tune.searchers import make_search_alg
 from tune.spec import SearchSpec, save_spec, train_run_name, trial_folder_name
+from tune.trial_logs import trial_log_writers
 
 TRIAL_DRIVER_MEMORY = 512 * 2**20  # bytes reserved per trial driver (it holds no CPU)
 PBT_CHECKPOINTS_TO_KEEP = 4
@@ -227,6 +228,7 @@ def make_tuner(
             checkpoint_config=rtune.CheckpointConfig(num_to_keep=keep) if keep else None,
             callbacks=[
                 *([] if in_process else [ReleaseOrphans()]),
+                *trial_log_writers(),
                 SearchBoard(spec),
                 TrialLines(spec.metric),
                 *mlflow_callbacks(spec),
