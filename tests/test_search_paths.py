@@ -108,7 +108,8 @@ def test_a_pbt_search_interrupted_then_resumed_finishes_and_exploits_at_its_inte
     would exploit there too) nor at epoch 3, the last. The search is interrupted as the first
     trial finishes (InterruptAfter), which by construction is after the exploit, and resumed
     with --resume: the finished trial is not run again, the other one ends, and no trial
-    reports an epoch twice."""
+    reports an epoch twice (where the interrupt falls after the other trial reported epoch 3
+    but before Tune registered its checkpoint, it runs epoch 3 again: its file holds it once)."""
     exp = tmp_path / "pbt"
     cli.main(
         [

@@ -1,8 +1,8 @@
-"""Tune's per-trial result files across a trial that starts again from a checkpoint in the same
-search (a PBT pause or exploit, a retry): the search's writers (tune.trial_logs) keep the epochs
-the driver wrote since its last sync to the storage path, which Tune's own writers overwrite
-with the lagging storage copy; a driver that resumes the search, with no copy of its own,
-still starts from the storage copy."""
+"""Tune's per-trial result files across a trial that starts again from a checkpoint (a PBT
+pause or exploit, a retry, ``--resume``): the search's writers (tune.trial_logs) keep the
+epochs the driver wrote since its last sync to the storage path, which Tune's own writers
+overwrite with the lagging storage copy; a new driver that resumes starts from the storage
+copy; and the epochs after the checkpoint's, which the trial reports again, are there once."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pyarrow.fs
 import pytest
+import torch
+from ray.train import Checkpoint
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+from lstm import checkpoint as ckpt
 from tune.trial_logs import TrialProgress, TrialResults, trial_log_writers
 
 WRITERS = {  # (the search's writer, Tune's own): the file they write
@@ -25,14 +29,21 @@ WRITERS = {  # (the search's writer, Tune's own): the file they write
 
 class Trial:
     """What Tune's writers read of a trial: its files are written in ``tmp_path/folder`` and
-    synced to ``tmp_path/storage``; ``restarted``: it starts from a checkpoint."""
+    synced to ``tmp_path/storage``; ``start_epoch``: the epoch of the checkpoint it starts
+    from (a checkpoint folder as a run writes it), None for a new trial."""
 
-    def __init__(self, tmp_path: Path, folder: str, *, restarted: bool):
+    def __init__(self, tmp_path: Path, folder: str, *, start_epoch: Optional[int] = None):
         self.local_path, self.config = str(tmp_path / folder), {}
-        self.checkpoint = object() if restarted else None
         self.storage = SimpleNamespace(
             trial_fs_path=str(tmp_path / "storage"), storage_filesystem=pyarrow.fs.LocalFileSystem()
         )
+        self.checkpoint = None
+        if start_epoch is not None:
+            directory = tmp_path / f"checkpoint_epoch{start_epoch}"
+            directory.mkdir(exist_ok=True)
+            model = torch.nn.Linear(2, 2)
+            ckpt.save(directory, model, torch.optim.SGD(model.parameters(), lr=0.1), {"epoch": start_epoch})
+            self.checkpoint = Checkpoint.from_directory(str(directory))
 
     def init_local_path(self) -> None:
         Path(self.local_path).mkdir(parents=True, exist_ok=True)
@@ -57,24 +68,35 @@ def epochs_in(folder: Path, name: str) -> list[int]:
 @pytest.mark.parametrize("writers", WRITERS, ids=WRITERS.values())
 def test_a_trial_that_starts_again_keeps_the_epochs_since_the_last_sync(tmp_path, writers):
     """The storage copy was synced after epoch 1, the driver's holds epochs 1 and 2, and the
-    trial starts again and reports epoch 3: the search's writer keeps all three; Tune's own
-    loses epoch 2 (the defect the search's writer exists for)."""
+    trial starts again from its epoch-2 checkpoint and reports epoch 3: the search's writer
+    keeps all three; Tune's own loses epoch 2 (the defect the search's writer exists for)."""
     name = WRITERS[writers]
     for writer_class in writers:
         run = tmp_path / writer_class.__name__
-        report(writer_class, Trial(run, "storage", restarted=False), [1])  # the last sync
-        report(writer_class, Trial(run, "driver", restarted=False), [1, 2])
-        report(writer_class, Trial(run, "driver", restarted=True), [3])
+        report(writer_class, Trial(run, "storage"), [1])  # the last sync
+        report(writer_class, Trial(run, "driver"), [1, 2])
+        report(writer_class, Trial(run, "driver", start_epoch=2), [3])
     ours, tunes = writers
     assert epochs_in(tmp_path / ours.__name__ / "driver", name) == [1, 2, 3]
     assert epochs_in(tmp_path / tunes.__name__ / "driver", name) == [1, 3]
 
 
 @pytest.mark.parametrize("writers", WRITERS, ids=WRITERS.values())
+def test_epochs_after_the_checkpoint_a_trial_starts_from_are_reported_once(tmp_path, writers):
+    """The search was interrupted after the trial reported epoch 3 but before Tune registered
+    its checkpoint: it starts again from epoch 2's and reports epoch 3 again, which replaces
+    the first."""
+    name, (ours, _) = WRITERS[writers], writers
+    report(ours, Trial(tmp_path, "driver"), [1, 2, 3])
+    report(ours, Trial(tmp_path, "driver", start_epoch=2), [3])
+    assert epochs_in(tmp_path / "driver", name) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("writers", WRITERS, ids=WRITERS.values())
 def test_a_resuming_driver_starts_from_the_storage_copy(tmp_path, writers):
     ours, _ = writers
-    report(ours, Trial(tmp_path, "storage", restarted=False), [1, 2])
-    report(ours, Trial(tmp_path, "new-driver", restarted=True), [3])
+    report(ours, Trial(tmp_path, "storage"), [1, 2])
+    report(ours, Trial(tmp_path, "new-driver", start_epoch=2), [3])
     assert epochs_in(tmp_path / "new-driver", WRITERS[writers]) == [1, 2, 3]
 
 
