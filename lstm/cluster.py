@@ -32,8 +32,13 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", STATE_TRACKING: "1", "RAY_tas
 DRIVER_ENV = {STATE_TRACKING: "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # On the job's own local instance: a poll every 0.1 s, and no preemption watcher (nothing drains it).
 LOCAL_DRIVER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Where the project starts a Ray head (a job's own instance, cluster.yaml, the suite's head):
+# its dashboard waits 10 s, not Ray's 1 s, for a dead worker's last task events before it marks
+# that worker's unfinished tasks FAILED. Tune ends a trial's actor right after its last call;
+# on a busy head that call's FINISHED event can take more than a second to arrive.
+HEAD_RAY_CONFIG = {"RAY_gcs_mark_task_failed_on_worker_dead_delay_ms": "10000"}
 # No idle workers prestarted for the first driver: a run's actors get processes of their own.
-LOCAL_RAY_CONFIG = {"RAY_prestart_worker_first_driver": "0"}
+LOCAL_RAY_CONFIG = {"RAY_prestart_worker_first_driver": "0", **HEAD_RAY_CONFIG}
 AUTOSCALER_WAIT_S = 600.0  # --wait-for-workers-s -1 (auto) on a cluster with an autoscaler
 PROGRESS_EVERY_S = 15.0
 
@@ -94,7 +99,7 @@ def ensure_ray() -> bool:
     # The job's actors get them too: a search's trials call fit() in theirs.
     env = {**WORKER_ENV, **{key: os.environ[key] for key in driver_env}}
     if address is None:
-        set_defaults(LOCAL_RAY_CONFIG)  # read by the raylet this process starts
+        set_defaults(LOCAL_RAY_CONFIG)  # read by the raylet and the dashboard this process starts
     else:
         check_address(address)
         if is_gcs_address(address):

@@ -44,6 +44,8 @@ from conftest import (
 )
 from processes import process_table
 
+from lstm.cluster import HEAD_RAY_CONFIG
+
 # For all the jobs at once: measured 60 to 80 s on 2 busy cores, the limit is 7x that (conftest).
 JOB_TIMEOUT_S = RAY_COMMAND_S
 
@@ -187,6 +189,7 @@ def running_head(num_cpus: int) -> Iterator[Head]:
         RAY_AUTH_TOKEN_PATH=str(token_file),
         HOME=str(temp_dir / "home"),
         RAY_TMPDIR=str(temp_dir),
+        **HEAD_RAY_CONFIG,  # as cluster.yaml starts its head
     )
     gcs, dashboard, agent, client = free_ports(4)
     url = f"http://127.0.0.1:{dashboard}"

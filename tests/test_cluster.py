@@ -5,15 +5,18 @@ path on a multi-node cluster."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
 import yaml
 from conftest import REPO, own_lines
 
-from lstm.cluster import SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
+from lstm.cluster import HEAD_RAY_CONFIG, SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
 from lstm.errors import UserError
 from lstm.storage import is_remote
 
@@ -177,6 +180,19 @@ def test_token_auth_reaches_every_node_the_way_rays_docs_say(cluster):
     # the jobs API is reached through `ray dashboard`'s SSH tunnel, not an open port
     head_start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "--dashboard-port=8265" in head_start
+
+
+def test_the_head_starts_with_the_dashboards_wait_for_a_dead_workers_last_events(cluster):
+    """cluster.yaml's head gets lstm/cluster.py's HEAD_RAY_CONFIG, each a setting Ray reads from
+    the environment (a misspelt one would be ignored)."""
+    head_start = " ".join(c for c in cluster["head_start_ray_commands"] if "ray start --head" in c)
+    assert all(f"{name}={value} " in head_start for name, value in HEAD_RAY_CONFIG.items())
+    settings = [name.removeprefix("RAY_") for name in HEAD_RAY_CONFIG]
+    code = f"import ray; print([getattr(ray._config, name)() for name in {settings!r}])"
+    read = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **HEAD_RAY_CONFIG}, capture_output=True, text=True, timeout=300
+    )
+    assert read.stdout.strip() == str([int(value) for value in HEAD_RAY_CONFIG.values()]), read.stderr[-2000:]
 
 
 def test_no_credentials_in_the_file():

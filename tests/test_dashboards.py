@@ -21,6 +21,7 @@ Selenium is missing: the README's test command installs them as root.
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import subprocess
@@ -30,6 +31,9 @@ from pathlib import Path
 import pytest
 from conftest import SERVER_START_S, free_port, stop_group, wait_for_http
 from ray_head import SEARCH_LEARNING_RATES as LEARNING_RATES
+from ray_head import processes_of
+
+from lstm.cluster import HEAD_RAY_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")]
 
@@ -213,6 +217,21 @@ def results(folder: Path) -> dict[str, dict[str, str]]:
 
 
 # --------------------------------------------------------------------------- the tests
+
+
+def test_the_heads_dashboard_waits_for_a_dead_workers_last_task_events(head):
+    """The head's dashboard process runs with HEAD_RAY_CONFIG (lstm/cluster.py), as cluster.yaml
+    starts it: a trial actor that ends right after its last call does not count it FAILED."""
+    environs = {}
+    for pid in processes_of(os.getpgid(head.proc.pid)):
+        try:
+            if b"dashboard/dashboard.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                variables = Path(f"/proc/{pid}/environ").read_text().split("\0")
+                environs[pid] = dict(v.split("=", 1) for v in variables if "=" in v)
+        except OSError:  # a process that ended meanwhile
+            continue
+    assert environs, "no dashboard process under the head"
+    assert all(env.items() >= HEAD_RAY_CONFIG.items() for env in environs.values())
 
 
 def test_the_job_page_shows_the_search_succeeded_without_failed_tasks(search, browser, screenshots):
