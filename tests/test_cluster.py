@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import REPO, own_lines
+from conftest import QUICK_COMMAND_S, REPO, own_lines
 
 from lstm.cluster import HEAD_RAY_CONFIG, SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
 from lstm.errors import UserError
@@ -189,9 +189,9 @@ def test_the_head_starts_with_the_dashboards_wait_for_a_dead_workers_last_events
     assert all(f"{name}={value} " in head_start for name, value in HEAD_RAY_CONFIG.items())
     settings = [name.removeprefix("RAY_") for name in HEAD_RAY_CONFIG]
     code = f"import ray; print([getattr(ray._config, name)() for name in {settings!r}])"
-    read = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **HEAD_RAY_CONFIG}, capture_output=True, text=True, timeout=300
-    )
+    env = {**os.environ, **HEAD_RAY_CONFIG}
+    command = [sys.executable, "-c", code]
+    read = subprocess.run(command, env=env, capture_output=True, text=True, timeout=QUICK_COMMAND_S)
     assert read.stdout.strip() == str([int(value) for value in HEAD_RAY_CONFIG.values()]), read.stderr[-2000:]
 
 
