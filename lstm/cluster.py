@@ -6,6 +6,7 @@ on several nodes (checkpoints would be scattered over them)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from lstm import errors, ray_private, storage
 from lstm.errors import UserError
@@ -124,16 +125,16 @@ def set_defaults(env: dict[str, str]) -> None:
         os.environ.setdefault(key, value)
 
 
-def init_ray(address: Optional[str], env: dict[str, str]) -> None:
-    """``ray.init`` on ``address`` (None: a local instance); a cluster refusing this process's token is one line."""
+def init_ray(address: Optional[str], env: dict[str, str]) -> Any:
+    """``ray.init`` on ``address`` (None: a local instance, which inherits ``env``), else with ``env``
+    as the job's runtime env; Ray's context. A cluster refusing this process's token is one line."""
     import ray
 
     try:
         if address is None:
-            with ray_private.local_instance_start():
-                ray.init(address="local", runtime_env={"env_vars": env})
-        else:
-            ray.init(address=address, runtime_env={"env_vars": env})
+            with ray_private.local_instance_start(), environment(env):
+                return ray.init(address="local")
+        return ray.init(address=address, runtime_env={"env_vars": env})
     except ConnectionError as e:
         if address and token_refused(e):
             mode = os.environ.get("RAY_AUTH_MODE", "unset")
@@ -143,6 +144,22 @@ def init_ray(address: Optional[str], env: dict[str, str]) -> None:
                 "~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN (docs/cluster.md, Token authentication)"
             ) from None
         raise
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` set while the body runs, then as it was: a local instance ``ray.init`` starts, and its
+    workers, inherit it; with a runtime env instead, Ray starts each process twice (bench/actor_start.py)."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def token_refused(error: BaseException) -> bool:

@@ -27,7 +27,7 @@ import ray.cloudpickle  # noqa: E402
 from processes import RayWatch  # noqa: E402
 
 from lstm import ray_private  # noqa: E402
-from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV  # noqa: E402
+from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV, environment  # noqa: E402
 from lstm.data.download import DATASETS  # noqa: E402
 from lstm.ray_private import stop_autoscaler_monitor  # noqa: E402
 
@@ -159,14 +159,9 @@ def start_session_ray() -> None:
         **NO_DATA_ON_WORKERS,
     }
     try:
-        with ray_private.local_instance_start():  # as a job starts its own: the agent on a free port
-            ray.init(
-                address="local",
-                num_cpus=4,
-                include_dashboard=False,
-                logging_level="WARNING",
-                runtime_env={"env_vars": env},
-            )
+        # as a job starts its own: the agent on a free port, the workers' environment inherited
+        with ray_private.local_instance_start(), environment(env):
+            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
 

@@ -16,7 +16,14 @@ import pytest
 import yaml
 from conftest import QUICK_COMMAND_S, REPO, own_lines
 
-from lstm.cluster import HEAD_RAY_CONFIG, SHARED_FILESYSTEMS, alive_nodes, check_shared_storage, filesystem_type
+from lstm.cluster import (
+    HEAD_RAY_CONFIG,
+    SHARED_FILESYSTEMS,
+    alive_nodes,
+    check_shared_storage,
+    environment,
+    filesystem_type,
+)
 from lstm.errors import UserError
 from lstm.storage import is_remote
 
@@ -327,3 +334,14 @@ def test_the_job_refuses_a_local_path_before_training(monkeypatch, tmp_path, cap
         "--storage-path s3://bucket/prefix (or a folder on shared storage such as NFS mounted on every node)"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_environment_given_to_a_local_instance_is_undone_in_the_driver(monkeypatch):
+    """lstm.cluster.environment: set while Ray starts its processes, then each variable as it
+    was (changed ones back, new ones gone), an error in the body included."""
+    monkeypatch.setenv("LSTM_TEST_CHANGED", "before")
+    monkeypatch.delenv("LSTM_TEST_NEW", raising=False)
+    with pytest.raises(RuntimeError), environment({"LSTM_TEST_CHANGED": "during", "LSTM_TEST_NEW": "during"}):
+        assert os.environ["LSTM_TEST_CHANGED"] == os.environ["LSTM_TEST_NEW"] == "during"
+        raise RuntimeError("ray.init failed")
+    assert os.environ["LSTM_TEST_CHANGED"] == "before" and "LSTM_TEST_NEW" not in os.environ

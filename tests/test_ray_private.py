@@ -106,9 +106,9 @@ def test_the_policy_without_coordinator_places_workers_without_asking_it():
 
 
 LOCAL_INSTANCE_START = """
-import json, socket, threading, urllib.error, urllib.request
+import json, os, socket, threading, urllib.error, urllib.request
 import ray
-from lstm import ray_private
+from lstm import cluster, ray_private
 
 holder = socket.socket()  # Ray's fixed agent port, as another instance on the machine holds it
 holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -124,28 +124,34 @@ for name in ("start_api_server", "start_ray_processes"):
         order.append((_name, threading.current_thread().name))
         return _original(self, *args, **kwargs)
     setattr(node, name, record)
-with ray_private.local_instance_start():
-    context = ray.init(address="local", num_cpus=1, include_dashboard=True)
+context = cluster.init_ray(None, {"LSTM_PROBE": "inherited"})  # as a job starts its own instance
 url = context.dashboard_url
 try:  # the dashboard answers HTTP (401 without this instance's token)
     status = urllib.request.urlopen(f"http://{url}/api/version", timeout=30).status
 except urllib.error.HTTPError as e:
     status = e.code
-pid = ray.get(ray.remote(lambda: __import__("os").getpid()).remote(), timeout=120)
+@ray.remote
+def probe():
+    return os.getpid(), dict(ray.get_runtime_context().runtime_env), os.environ.get("LSTM_PROBE")
+pid, runtime_env, probed = ray.get(probe.remote(), timeout=120)
 agent = ray.nodes()[0]["DashboardAgentListenPort"]
 log = open(f"{context.address_info['session_dir']}/logs/dashboard_agent.log").read()
 retried = "Failed to bind" in log
-print(json.dumps({"order": order, "url": url, "status": status, "worker": pid, "agent": agent, "retried": retried}))
+env = {"worker": probed, "runtime_env": runtime_env, "driver": os.environ.get("LSTM_PROBE")}
+result = {"order": order, "url": url, "status": status, "worker": pid, "agent": agent, "retried": retried}
+print(json.dumps({**result, "env": env}))
 ray.shutdown()
 """
 
 
 @pytest.mark.slow  # starts a local instance of its own, in a subprocess
 def test_a_local_instance_starts_its_dashboard_alongside_its_raylet_and_its_agent_on_a_free_port():
-    """A local instance started under the workaround while Ray's fixed agent port is taken:
-    its node starts the dashboard in a thread of its own and the raylet in the constructor's
-    thread; the dashboard answers at the address ray.init returns, a task runs, and the agent
-    listens on a port the OS chose, without retrying the taken one."""
+    """A local instance started as a job starts its own (``lstm.cluster.init_ray``) while Ray's
+    fixed agent port is taken: its node starts the dashboard in a thread of its own and the
+    raylet in the constructor's thread; the dashboard answers at the address ray.init returns,
+    and the agent listens on a port the OS chose, without retrying the taken one. A task runs
+    with the job's environment inherited, no runtime env (which would start its process
+    twice), and the driver's own environment is as it was."""
     import json
     import subprocess
     import sys
@@ -167,6 +173,7 @@ def test_a_local_instance_starts_its_dashboard_alongside_its_raylet_and_its_agen
     assert started_in == {"start_api_server": "ray-dashboard-start", "start_ray_processes": "MainThread"}
     assert result["url"] and result["status"] in (200, 401) and result["worker"] > 0
     assert result["agent"] not in (0, 52365) and not result["retried"]
+    assert result["env"] == {"worker": "inherited", "runtime_env": {}, "driver": None}
 
 
 def test_tunes_trial_file_writers_still_restore_through_the_method_the_search_overrides():
