@@ -81,7 +81,7 @@ def shapes_per_epoch(config: ShapeConfig, workers: int) -> int:
     return workers * (config.examples // config.epochs // workers // config.batch_size * config.batch_size)
 
 
-def test_two_workers_report_every_epoch_resume_the_same_architecture_only_and_keep_one_checkpoint(rect_base, tmp_path):
+def test_two_workers_report_every_epoch_resume_and_keep_one_checkpoint(rect_base, tmp_path):
     a, storage = rect_base  # conftest's: the test config on 2 workers
     first = rect_base_config()
     assert [e["epoch"] for e in a.history] == [1, 2]
@@ -106,7 +106,4 @@ def test_two_workers_report_every_epoch_resume_the_same_architecture_only_and_ke
         fit("rectangle", first, run)
     with pytest.raises(UserError, match="no run to resume"):
         fit("rectangle", first, settings(tmp_path, "never-ran"), resume=True)
-    # its checkpoint does not fit a wider model
-    wider = dataclasses.replace(longer, epochs=4, hidden_size=20)
-    with pytest.raises(UserError, match="does not match this model's architecture"):
-        fit("rectangle", wider, run, resume=True)
+    # a resume with another architecture: lstm.checkpoint.load_model refuses it for every task (test_ptb_job.py)
