@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Kinds of the processes that are not Ray's, by a word of their command line.
 OTHER_PROCESSES = {
     "pytest": "pytest",
-    "execnet": "pytest",  # pytest-xdist's workers
+    "exec(eval(sys.stdin.readline()))": "pytest",  # pytest-xdist's workers (execnet's bootstrap)
     "chrom": "chromium",
     "moto": "s3_server",
     "mlflow": "mlflow_server",
