@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from lstm import ray_private
+from lstm import ray_private, storage
 from lstm.checkpoint import MANIFEST_FILE
 
 EPOCH = "epoch"
@@ -74,8 +74,8 @@ def _resume(restore: Callable[[str, Any], None], file_name: str, trial: Any, thr
     if epoch is not None and local.exists():
         lines = local.read_text().splitlines(keepends=True)
         kept = through(lines, epoch)
-        if kept != lines:
-            local.write_text("".join(kept))
+        if kept != lines:  # atomically: a driver stopped meanwhile leaves the whole file
+            storage.atomic_write(local, lambda f: f.write("".join(kept).encode("utf-8")))
 
 
 class TrialResults(JsonLoggerCallback):
