@@ -62,8 +62,9 @@ def main() -> None:
     for pid, (cpu, cmdline) in sampler.last.items():
         spent = cpu - sampler.first.get(pid, 0.0)
         if spent >= 0.01:
-            kinds[kind(cmdline, pid)][0] += spent
-            kinds[kind(cmdline, pid)][1] += 1
+            counted = kinds[kind(cmdline, pid)]
+            counted[0] += spent
+            counted[1] += 1
     ranked = sorted(kinds.items(), key=lambda kv: -kv[1][0])
     out = {
         "bench": "suite_cpu",
