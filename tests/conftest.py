@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,9 +103,11 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
 
 
 # Ray prints the logs of its actors and workers on the driver's stdout/stderr, prefixed with the
-# process ("(PlacementGroupCleaner pid=123)", "(RayTrainWorker pid=7, ip=10.0.0.2)", often in
-# colour), whenever they arrive: a test of what the job itself printed leaves those lines out.
-RAY_LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:[^()]* )?pid=\d+(?:, ip=[^)]*)?\)")
+# process ("(PlacementGroupCleaner pid=123)", "(RayTrainWorker pid=7, ip=10.0.0.2)"), and its
+# raylets' and autoscaler's warnings ("(raylet) ... is over 95% full"), often in colour, whenever
+# they arrive (ray/_private/worker.py, print_worker_logs): a test of what the job itself printed
+# leaves those lines out.
+RAY_LOG_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:(?:[^()]* )?pid=\d+|raylet|autoscaler \+[^,)]*)(?:, ip=[^)]*)?\)")
 
 
 def own_lines(text: str) -> list[str]:
@@ -127,6 +130,13 @@ NO_DATA_ON_WORKERS = {
     "LSTM_CACHE_DIR": tempfile.mkdtemp(prefix="lstm-empty-cache-"),
     **{f"LSTM_{name.upper()}_URL": closed_url() for name in DATASETS},
 }
+
+
+def pytest_unconfigure(config):
+    """This process's temp dirs (Ray's session files are megabytes) go with it: a machine that
+    runs the suite day after day keeps none of them."""
+    for path in (os.environ["RAY_TMPDIR"], NO_DATA_ON_WORKERS["LSTM_CACHE_DIR"]):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_session_ray() -> None:
