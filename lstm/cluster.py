@@ -125,16 +125,17 @@ def set_defaults(env: dict[str, str]) -> None:
         os.environ.setdefault(key, value)
 
 
-def init_ray(address: Optional[str], env: dict[str, str]) -> Any:
+def init_ray(address: Optional[str], env: dict[str, str], **options: Any) -> Any:
     """``ray.init`` on ``address`` (None: a local instance, which inherits ``env``), else with ``env``
-    as the job's runtime env; Ray's context. A cluster refusing this process's token is one line."""
+    as the job's runtime env, and ``options`` (ray.init's); Ray's context. A cluster refusing
+    this process's token is one line."""
     import ray
 
     try:
         if address is None:
             with ray_private.local_instance_start(), environment(env):
-                return ray.init(address="local")
-        return ray.init(address=address, runtime_env={"env_vars": env})
+                return ray.init(address="local", **options)
+        return ray.init(address=address, runtime_env={"env_vars": env}, **options)
     except ConnectionError as e:
         if address and token_refused(e):
             mode = os.environ.get("RAY_AUTH_MODE", "unset")

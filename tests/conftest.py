@@ -27,8 +27,7 @@ import ray  # noqa: E402
 import ray.cloudpickle  # noqa: E402
 from processes import RayWatch  # noqa: E402
 
-from lstm import ray_private  # noqa: E402
-from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV, environment  # noqa: E402
+from lstm.cluster import LOCAL_DRIVER_ENV, LOCAL_RAY_CONFIG, WORKER_ENV, init_ray  # noqa: E402
 from lstm.data.download import DATASETS  # noqa: E402
 from lstm.ray_private import stop_autoscaler_monitor  # noqa: E402
 
@@ -155,7 +154,6 @@ def start_session_ray() -> None:
     Without a dashboard, Ray still records 127.0.0.1:8265 as the instance's state API, so no
     test may start another instance with a dashboard on that default port while the suite runs:
     the cleaner would ask that one, not find the controller, and remove a live run's workers."""
-    import ray
 
     port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
@@ -170,8 +168,7 @@ def start_session_ray() -> None:
     }
     try:
         # as a job starts its own: the agent on a free port, the workers' environment inherited
-        with ray_private.local_instance_start(), environment(env):
-            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        init_ray(None, env, num_cpus=4, include_dashboard=False, logging_level="WARNING")
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
 
